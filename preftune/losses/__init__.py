@@ -9,16 +9,8 @@
 tests are all generated from it.
 """
 
-from .registry import (
-    LOSSES,
-    RULES,
-    LossSpec,
-    Rule,
-    compute,
-    get_spec,
-    loss_table,
-    validate_hparams,
-)
+from .api import compute, loss_table, validate_hparams
+from .registry import LOSSES, RULES, LossSpec, Rule, get_spec
 from .tdpo import seq_kl_from_logits
 from .types import LossOutput, PreferenceLogps, UnpairedLogps
 
