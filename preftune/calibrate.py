@@ -84,13 +84,15 @@ def calibrated_step(
     eps: float,
     select: Selector,
     gather: Callable[[Tensor], Tensor] | None = None,
-    process_index: int = 0,
+    process_index: int | None = None,
     state: dict[str, Tensor] | None = None,
 ) -> tuple[LossOutput, float, float]:
     """One β-DPO step with the pair selection given by `select(weights, n) -> global indices`.
 
     Pure apart from `select`: returns (output, new M0, new sigma). BetaCalibration passes a
     seeded multinomial sampler; tests pass a fixed index set (see `fixed_selection`).
+    process_index: where this process's pairs sit in the gathered vector; None means the
+    torch.distributed rank when a `gather` is given and a process group is up, else 0.
     """
     spec = get_spec(name)
     if not spec.has_beta or spec.unpaired:
@@ -103,6 +105,8 @@ def calibrated_step(
     local = gaps_of(logps)
     everyone = local if gather is None else gather(local).detach()
     size, total = local.shape[0], everyone.shape[0]
+    if process_index is None:
+        process_index = _rank() if gather is not None else 0
     offset = process_index * size
     if offset + size > total:
         raise ValueError(
@@ -147,6 +151,11 @@ def calibrated_step(
     return output, M0, sigma
 
 
+def _rank() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
 def fixed_selection(index: Tensor | list[int]) -> Selector:
     """A selector that always keeps `index` (for tests and the METHODS vectors)."""
     kept = torch.as_tensor(index, dtype=torch.long)
@@ -167,9 +176,10 @@ class BetaCalibration:
     seed: seeds the private sampling generator. eps: floor on sigma in the Gaussian weights.
 
     Call it in place of `compute`: `out = calib("dpo", logps, {"beta": 0.1})`. Pass
-    `gather=accelerator.gather` and `process_index=accelerator.process_index` under several
-    processes (each with the same batch size): statistics and the mask are then global, and
-    each process keeps its own slice. Its `state_dict()` belongs in every checkpoint.
+    `gather=accelerator.gather` under several processes (each with the same batch size):
+    statistics and the mask are then global, and each process keeps its own slice, found from
+    the torch.distributed rank (or pass `process_index=accelerator.process_index`). Its
+    `state_dict()` belongs in every checkpoint.
     """
 
     def __init__(
@@ -212,7 +222,7 @@ class BetaCalibration:
         *,
         gather: Callable[[Tensor], Tensor] | None = None,
         state: dict[str, Tensor] | None = None,
-        process_index: int = 0,
+        process_index: int | None = None,
     ) -> LossOutput:
         """The calibrated loss: `losses.mean()` is the mean base loss over the kept pairs.
 

@@ -247,6 +247,22 @@ def test_gathered_processes_match_one_process():
         torch.testing.assert_close(average, whole.losses.mean())
 
 
+def test_process_index_defaults_to_the_distributed_rank(monkeypatch):
+    import preftune.calibrate as calibrate
+
+    full = random_pairs(8)
+    gaps = (full.policy_chosen_logps - full.policy_rejected_logps) - (
+        full.ref_chosen_logps - full.ref_rejected_logps
+    )
+    second_half = full.select(torch.arange(4, 8))
+    explicit = BetaCalibration(seed=2)(
+        "dpo", second_half, {}, gather=lambda _: gaps, process_index=1
+    )
+    monkeypatch.setattr(calibrate, "_rank", lambda: 1)
+    implicit = BetaCalibration(seed=2)("dpo", second_half, {}, gather=lambda _: gaps)
+    assert torch.equal(explicit.losses, implicit.losses)
+
+
 def test_gather_of_the_wrong_size_is_an_error():
     with pytest.raises(ValueError, match="same batch size"):
         BetaCalibration()("dpo", random_pairs(4), {}, gather=lambda x: x[:2], process_index=1)
