@@ -122,8 +122,8 @@ def calibrated_step(
 
     local_keep = keep[(keep >= offset) & (keep < offset + size)] - offset
     local_keep = local_keep.to(local.device)
-    scale = total / keep.numel()  # so losses.mean() (and its average over processes) is the
-    # mean over all kept pairs: sum_kept l_i / n_kept.
+    # Scaled so that losses.mean(), and its average over processes, is sum_kept l_i / n_kept.
+    scale = total / keep.numel()
     calibrated = {**hparams, "beta": beta}
     if local_keep.numel() == size:
         out = compute(name, logps, state=state, **calibrated)
