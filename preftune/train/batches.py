@@ -1,0 +1,91 @@
+"""Deterministic data order and the tensors one micro-batch needs.
+
+The order of epoch e is a permutation seeded by (seed, e), so a resumed run that skips the
+first k batches of an epoch sees exactly what an uninterrupted run saw. A global batch of
+`batch_size` examples is split across processes, then into `grad_accum` micro-batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from preftune.logps import TokenBatch, build_token_batch
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Full batches only: a ragged last batch would weigh its examples more; its count is reported."""
+    order = epoch_order(n, seed, epoch)
+    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def micro_batches(
+    batch: list[int], process_index: int, num_processes: int, grad_accum: int
+) -> list[list[int]]:
+    mine = batch[process_index::num_processes]
+    size = len(mine) // grad_accum
+    return [mine[i * size : (i + 1) * size] for i in range(grad_accum)]
+
+
+@dataclass
+class PairBatch:
+    tokens: TokenBatch  # 2B sequences: [chosen_0..chosen_B-1, rejected_0..rejected_B-1]
+    index: torch.Tensor  # (B,) dataset indices (keys into a reference cache)
+    chosen_lengths: torch.Tensor
+    rejected_lengths: torch.Tensor
+    margin: torch.Tensor | None
+    num_tokens: int  # real tokens: prompt + chosen + rejected
+
+
+def pair_batch(examples: list[dict], idx: list[int], pad_id: int, packed: bool) -> PairBatch:
+    exs = [examples[i] for i in idx]
+    prompts = [e["prompt_ids"] for e in exs] * 2
+    comps = [e["chosen_ids"] for e in exs] + [e["rejected_ids"] for e in exs]
+    tokens = build_token_batch(prompts, comps, pad_id, packed=packed)
+    margin = torch.tensor([e["margin"] for e in exs]) if all("margin" in e for e in exs) else None
+    return PairBatch(
+        tokens=tokens,
+        index=torch.tensor(idx, dtype=torch.long),
+        chosen_lengths=torch.tensor([len(e["chosen_ids"]) for e in exs]),
+        rejected_lengths=torch.tensor([len(e["rejected_ids"]) for e in exs]),
+        margin=margin,
+        num_tokens=sum(
+            len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in exs
+        ),
+    )
+
+
+@dataclass
+class UnpairedBatch:
+    tokens: TokenBatch  # B examples
+    kl_tokens: TokenBatch  # prompt_i with completion_(i+1 mod B): mismatched pairs for KTO's z0
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    num_tokens: int
+
+
+def unpaired_batch(
+    examples: list[dict], idx: list[int], pad_id: int, packed: bool
+) -> UnpairedBatch:
+    exs = [examples[i] for i in idx]
+    if len(exs) < 2:
+        raise ValueError(
+            "KTO needs at least 2 examples per micro-batch per process to build mismatched KL "
+            "pairs; raise batch_size or lower grad_accum / the number of processes"
+        )
+    prompts = [e["prompt_ids"] for e in exs]
+    comps = [e["completion_ids"] for e in exs]
+    shifted = comps[1:] + comps[:1]  # cyclic shift within the micro-batch, as in HALOs
+    return UnpairedBatch(
+        tokens=build_token_batch(prompts, comps, pad_id, packed=packed),
+        kl_tokens=build_token_batch(prompts, shifted, pad_id, packed=packed),
+        labels=torch.tensor([e["label"] for e in exs], dtype=torch.bool),
+        lengths=torch.tensor([len(c) for c in comps]),
+        num_tokens=sum(len(p) + len(c) for p, c in zip(prompts, comps)),
+    )

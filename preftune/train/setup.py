@@ -1,0 +1,151 @@
+"""Building the pieces of a run from a Config: data, model, optimizer, schedule, run directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from preftune.config import Config, ConfigError
+from preftune.data import arithmetic
+from preftune.data.records import load_records, unpair
+from preftune.data.tokenize import tokenize_records
+from preftune.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+BUNDLED = {"arithmetic": "onpolicy", "arithmetic_onpolicy": "onpolicy", "arithmetic_edit": "edit"}
+
+
+@dataclass
+class Datasets:
+    train: list[dict]  # tokenized examples
+    eval: list[dict]
+    task_problems: list[dict]  # held-out problems for task/accuracy ([] when no task)
+    verify: object  # (prompt, completion) -> bool, or None
+    notes: list[str]  # what the user should know: skipped, truncated
+
+
+def resolve_task(cfg: Config) -> str | None:
+    task = cfg.data.task
+    if task == "auto":
+        return "arithmetic" if cfg.data.data in BUNDLED else None
+    if task not in (None, "arithmetic"):
+        raise ConfigError(f"task must be 'arithmetic', 'auto' or null, got {task!r}")
+    return task
+
+
+def load_datasets(cfg: Config, tokenizer, unpaired: bool) -> Datasets:
+    d = cfg.data
+    source = arithmetic.bundled_path(BUNDLED[d.data]) if d.data in BUNDLED else d.data
+    records, report = load_records(source, skip_invalid=d.skip_invalid)
+    notes = [report.summary()] if report.skipped else []
+    if d.eval_data:
+        eval_records, eval_report = load_records(d.eval_data, skip_invalid=d.skip_invalid)
+        if eval_report.skipped:
+            notes.append(eval_report.summary())
+        train_records = records
+    else:
+        n_eval = min(d.num_eval, len(records) // 5)  # never eat more than a fifth of the data
+        eval_records, train_records = (
+            records[len(records) - n_eval :],
+            records[: len(records) - n_eval],
+        )
+    if d.num_train is not None:
+        train_records = train_records[: d.num_train]
+    if unpaired:
+        train_records, eval_records = unpair(train_records), unpair(eval_records)
+    elif any("completion" in r for r in train_records):
+        raise ConfigError(
+            f"loss '{cfg.loss.loss}' needs paired records (prompt, chosen, rejected); "
+            f"{d.data} holds unpaired ones (use loss=kto)"
+        )
+    train, stats = tokenize_records(train_records, tokenizer, d.max_length, d.max_prompt_length)
+    evald, eval_stats = tokenize_records(eval_records, tokenizer, d.max_length, d.max_prompt_length)
+    for s, name in ((stats, "train"), (eval_stats, "eval")):
+        if s.summary():
+            notes.append(f"{name}: {s.summary()}")
+    task = resolve_task(cfg)
+    problems = arithmetic.test_prompts()[: d.num_task_eval] if task == "arithmetic" else []
+    return Datasets(train, evald, problems, arithmetic.verify if task else None, notes)
+
+
+def load_policy(cfg: Config):
+    m = cfg.model
+    dtype = getattr(torch, m.dtype)
+    tokenizer = load_tokenizer(m.model, trust_remote_code=m.trust_remote_code)
+    model = load_causal_lm(m.model, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.lora:
+        from peft import LoraConfig, get_peft_model
+
+        target = m.lora_target_modules
+        lcfg = LoraConfig(
+            r=m.lora_r,
+            lora_alpha=m.lora_alpha,
+            lora_dropout=m.lora_dropout,
+            task_type="CAUSAL_LM",
+            target_modules=target
+            if target == "all-linear"
+            else [t.strip() for t in target.split(",")],
+        )
+        model = get_peft_model(model, lcfg)
+    return model, tokenizer, resolve_model_path(m.model)
+
+
+def build_optimizer(cfg: Config, model, total_steps: int):
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    if t.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    elif t.optimizer in ("sgd", "rmsprop"):
+        cls = torch.optim.SGD if t.optimizer == "sgd" else torch.optim.RMSprop
+        opt = cls(params, lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        raise ConfigError(f"optimizer must be adamw, rmsprop or sgd, got {t.optimizer!r}")
+    warmup = int(round(t.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if t.scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return (
+            max(0.0, 1 - progress)
+            if t.scheduler == "linear"
+            else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        )
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def run_dir_for(cfg: Config) -> Path:
+    t = cfg.train
+    if t.resume:
+        return Path(t.resume)
+    name = t.run_name or f"{cfg.loss.loss}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(t.output_dir) / name
+    if (path / "checkpoints").exists() and any((path / "checkpoints").iterdir()):
+        raise ConfigError(
+            f"{path} already holds a run; continue it with resume={path} or pick another run_name"
+        )
+    return path
+
+
+def trackers(cfg: Config) -> list[str]:
+    names = [n.strip() for n in cfg.train.report_to.split(",") if n.strip() and n.strip() != "none"]
+    for n in names:
+        module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}.get(n)
+        if module is None:
+            raise ConfigError(
+                f"report_to: unknown tracker {n!r}; use tensorboard, wandb, mlflow or none"
+            )
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"report_to={n} but the '{module}' package is not installed: pip install {module}"
+            )
+    return names

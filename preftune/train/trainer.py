@@ -1,0 +1,405 @@
+"""The offline preference trainer: one loop for every loss of the registry.
+
+The loop never branches on a loss's name; it reads what the loss declares (reference or not,
+TDPO's sequential KL, unpaired data, state). It runs under Hugging Face accelerate from the
+start, so nothing assumes one process: a global batch of pairs is split across processes and
+then into micro-batches, each micro-batch's summed loss is divided by the global number of
+examples, and metrics are gathered before they are averaged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from preftune.calibrate import BetaCalibration
+from preftune.config import Config, build_config
+from preftune.logps import sequence_logps, sequence_logps_and_kl
+from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
+from preftune.models import cache_dir
+from preftune.train import checkpoint as ckpt
+from preftune.train.batches import micro_batches, pair_batch, unpaired_batch
+from preftune.train.reference import (
+    CachedReference,
+    ModelReference,
+    cache_key,
+    choose_mode,
+    load_or_compute_cache,
+)
+from preftune.train.setup import build_optimizer, load_datasets, load_policy, run_dir_for, trackers
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: dict
+
+
+def _mean(values: list) -> float:
+    return (
+        float(torch.cat([v.reshape(-1).float() for v in values]).mean()) if values else float("nan")
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.spec = LOSSES[cfg.loss.loss]
+        self.run_dir = run_dir_for(cfg)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.acc = Accelerator(
+            log_with=trackers(cfg) or None,
+            project_dir=str(self.run_dir),
+            mixed_precision="bf16" if cfg.train.bf16 else "no",
+        )
+        torch.manual_seed(cfg.train.seed)
+        self.quiet = cfg.train.quiet or not self.acc.is_main_process
+        self.policy, self.tokenizer, self.model_path = load_policy(cfg)
+        self.data = load_datasets(cfg, self.tokenizer, unpaired=self.spec.unpaired)
+        for note in self.data.notes:
+            self.log_line(f"note: {note}")
+        t = cfg.train
+        self.per_epoch = len(self.data.train) // t.batch_size
+        if self.per_epoch == 0:
+            raise TrainingError(
+                f"{len(self.data.train)} training examples are fewer than batch_size={t.batch_size}"
+            )
+        self.total_steps = t.max_steps or self.per_epoch * t.epochs
+        if t.batch_size % (self.acc.num_processes * t.grad_accum):
+            raise TrainingError(
+                f"batch_size={t.batch_size} must split evenly over {self.acc.num_processes} "
+                f"processes x grad_accum={t.grad_accum}"
+            )
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.policy, self.total_steps)
+        self.policy, self.optimizer = self.acc.prepare(self.policy, self.optimizer)
+        self.calibration = (
+            BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
+        )
+        self.loss_state = self.spec.init_state() if self.spec.stateful else None
+        self.step = 0
+        self.reference = self._build_reference()
+
+    # ---- setup -------------------------------------------------------------------------------
+    def log_line(self, text: str) -> None:
+        if not self.quiet:
+            tqdm.write(f"[preftune] {text}")
+
+    def _build_reference(self):
+        mode, why = choose_mode(
+            self.cfg.train.reference,
+            needs_reference=self.spec.needs_reference,
+            needs_model=self.spec.needs_seq_kl or self.spec.unpaired,
+            lora=self.cfg.model.lora,
+        )
+        self.reference_mode = mode
+        self.log_line(f"reference: {mode} — {why}")
+        if mode == "none":
+            return None
+        if mode in ("frozen", "lora"):
+            return ModelReference(
+                self.acc.unwrap_model(self.policy), mode, self.cfg.train.chunk_size
+            )
+        return CachedReference(self._precompute())
+
+    def _precompute(self) -> dict[str, torch.Tensor]:
+        d, t = self.cfg.data, self.cfg.train
+        settings = {
+            "max_length": d.max_length,
+            "max_prompt_length": d.max_prompt_length,
+            "dtype": self.cfg.model.dtype,
+            "bf16": t.bf16,
+            "lora": self.cfg.model.lora,
+        }
+        tables = {}
+        self.cache_reused = {}
+        for split, examples in (("train", self.data.train), ("eval", self.data.eval)):
+            key = cache_key(self.model_path, examples, settings)
+            path = cache_dir() / "refcache" / f"{key}.safetensors"
+            table, reused = load_or_compute_cache(
+                path, lambda ex=examples, s=split: self._reference_table(ex, s)
+            )
+            self.log_line(
+                f"reference log-probs ({split}): {'reused cache' if reused else 'computed and cached'} {path.name}"
+            )
+            tables[split] = table
+            self.cache_reused[split] = reused
+        self.eval_reference = CachedReference(tables["eval"])
+        return tables["train"]
+
+    @torch.no_grad()
+    def _reference_table(self, examples: list[dict], split: str) -> dict[str, torch.Tensor]:
+        model = ModelReference(
+            self.acc.unwrap_model(self.policy),
+            "lora" if self.cfg.model.lora else "same",
+            self.cfg.train.chunk_size,
+        )
+        chosen = torch.zeros(len(examples), dtype=torch.float64)
+        rejected = torch.zeros(len(examples), dtype=torch.float64)
+        size = max(1, self.cfg.train.batch_size // self.cfg.train.grad_accum)
+        for s in tqdm(
+            range(0, len(examples), size),
+            desc=f"reference log-probs ({split})",
+            disable=self.quiet,
+            leave=False,
+        ):
+            idx = list(range(s, min(s + size, len(examples))))
+            batch = pair_batch(examples, idx, self.tokenizer.pad_token_id, self.cfg.train.packed)
+            with self.acc.autocast():
+                lp = model.logps(batch.tokens.to(self.acc.device)).double().cpu()
+            chosen[idx], rejected[idx] = lp[: len(idx)], lp[len(idx) :]
+        return {"chosen": chosen, "rejected": rejected}
+
+    # ---- one micro-batch -----------------------------------------------------------------------
+    def _paired_logps(self, examples, idx, reference) -> tuple[PreferenceLogps, int]:
+        b = pair_batch(examples, idx, self.tokenizer.pad_token_id, self.cfg.train.packed)
+        tokens = b.tokens.to(self.acc.device)
+        n = len(idx)
+        kl = None
+        if self.spec.needs_seq_kl:
+            ref_hidden = reference.hidden(tokens)
+            pol, kl = sequence_logps_and_kl(
+                self.policy, reference.head_model(), tokens, ref_hidden, self.cfg.train.chunk_size
+            )
+        else:
+            pol = sequence_logps(self.policy, tokens, self.cfg.train.chunk_size)
+        ref = reference.logps(tokens, (b.index, n)).to(pol) if reference is not None else None
+        logps = PreferenceLogps(
+            policy_chosen_logps=pol[:n],
+            policy_rejected_logps=pol[n:],
+            ref_chosen_logps=None if ref is None else ref[:n],
+            ref_rejected_logps=None if ref is None else ref[n:],
+            chosen_lengths=b.chosen_lengths.to(pol.device),
+            rejected_lengths=b.rejected_lengths.to(pol.device),
+            chosen_seq_kl=None if kl is None else kl[:n],
+            rejected_seq_kl=None if kl is None else kl[n:],
+        )
+        return logps, b.num_tokens
+
+    def _unpaired_logps(self, examples, idx, reference) -> tuple[UnpairedLogps, int]:
+        b = unpaired_batch(examples, idx, self.tokenizer.pad_token_id, self.cfg.train.packed)
+        tokens, kl_tokens = b.tokens.to(self.acc.device), b.kl_tokens.to(self.acc.device)
+        pol = sequence_logps(self.policy, tokens, self.cfg.train.chunk_size)
+        with torch.no_grad():  # KTO's z0 is a detached estimate (METHODS.md §12)
+            kl_pol = sequence_logps(self.policy, kl_tokens, self.cfg.train.chunk_size)
+        logps = UnpairedLogps(
+            policy_logps=pol,
+            ref_logps=reference.logps(tokens).to(pol),
+            labels=b.labels.to(pol.device),
+            kl_policy_logps=kl_pol,
+            kl_ref_logps=reference.logps(kl_tokens).to(pol),
+            lengths=b.lengths.to(pol.device),
+        )
+        return logps, b.num_tokens
+
+    def _loss(self, examples, idx, reference, train: bool):
+        with self.acc.autocast():
+            build = self._unpaired_logps if self.spec.unpaired else self._paired_logps
+            logps, ntok = build(examples, idx, reference)
+            hp = self.cfg.loss.loss_args
+            if self.calibration is not None and train:
+                out = self.calibration(
+                    self.cfg.loss.loss, logps, hp, gather=self.acc.gather, state=self.loss_state
+                )
+            else:
+                out = compute(self.cfg.loss.loss, logps, state=self.loss_state, **hp)
+        if train and out.state is not None:
+            self.loss_state = out.state  # eval reads the state but never moves it
+        return out, logps, ntok
+
+    # ---- one optimizer step ----------------------------------------------------------------------
+    def train_step(self, batch_idx: list[int]) -> dict:
+        t = self.cfg.train
+        P = self.acc.num_processes
+        micro = micro_batches(batch_idx, self.acc.process_index, P, t.grad_accum)
+        rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
+        extra: dict[str, list] = {}
+        ntok = 0
+        start = time.perf_counter()
+        for i, idx in enumerate(micro):
+            sync = i == len(micro) - 1
+            ctx = self.acc.no_sync(self.policy) if not sync and P > 1 else _null()
+            with ctx:
+                out, logps, n = self._loss(self.data.train, idx, self.reference, train=True)
+                # local sum over the global batch size; x P because DDP averages gradients over processes
+                loss = out.losses.sum() * P / len(batch_idx)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"non-finite loss ({loss.item()}) at step {self.step + 1}, micro-batch {i} "
+                        f"(examples {idx[:4]}...); step refused, last checkpoint kept"
+                    )
+                self.acc.backward(loss)
+            ntok += n
+            self._record(rec, extra, out, logps)
+        grad_norm = self._clip_and_check()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        metrics = self._summarise(rec, extra)
+        metrics.update(
+            {
+                "grad_norm": grad_norm,
+                "lr": self.scheduler.get_last_lr()[0],
+                "tokens_per_second": ntok * P / elapsed,
+                "step_time": elapsed,
+            }
+        )
+        return metrics
+
+    def _clip_and_check(self) -> float:
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not torch.isfinite(norm):
+            raise TrainingError(
+                f"non-finite gradient norm at step {self.step + 1}; step refused, the last "
+                f"checkpoint is intact. Lower lr, or check the data around this step."
+            )
+        return float(norm)
+
+    def _record(self, rec, extra, out, logps) -> None:
+        g = self.acc.gather
+        rec["loss"].append(g(out.losses.detach()))
+        rec["chosen"].append(g(out.chosen_rewards.detach()))
+        rec["rejected"].append(g(out.rejected_rewards.detach()))
+        if isinstance(logps, PreferenceLogps):
+            rec["lp_c"].append(g(logps.policy_chosen_logps.detach()))
+            rec["lp_r"].append(g(logps.policy_rejected_logps.detach()))
+        for k, v in out.metrics.items():
+            extra.setdefault(k, []).append(
+                torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1)
+            )
+
+    @staticmethod
+    def _summarise(rec, extra, prefix: str = "") -> dict:
+        m = {
+            "loss": _mean(rec["loss"]),
+            "rewards/chosen": _mean(rec["chosen"]),
+            "rewards/rejected": _mean(rec["rejected"]),
+        }
+        if (
+            rec["chosen"]
+            and rec["rejected"]
+            and len(torch.cat(rec["chosen"])) == len(torch.cat(rec["rejected"]))
+        ):
+            c, r = torch.cat(rec["chosen"]), torch.cat(rec["rejected"])
+            m["rewards/margins"] = float((c - r).mean())
+            m["rewards/accuracies"] = float((c > r).float().mean())
+        if rec["lp_c"]:
+            m["logps/chosen"], m["logps/rejected"] = _mean(rec["lp_c"]), _mean(rec["lp_r"])
+        for k, v in extra.items():
+            m[k] = _mean(v)
+        return {prefix + k: v for k, v in m.items()}
+
+    # ---- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_pairs(self) -> dict:
+        if not self.data.eval:
+            return {}
+        reference = getattr(self, "eval_reference", self.reference)
+        rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
+        extra: dict[str, list] = {}
+        size = max(2, self.cfg.train.batch_size // self.cfg.train.grad_accum)
+        was = self.policy.training
+        self.policy.eval()
+        mine = list(range(self.acc.process_index, len(self.data.eval), self.acc.num_processes))
+        for s in range(0, len(mine), size):
+            idx = mine[s : s + size]
+            if self.spec.unpaired and len(idx) < 2:
+                continue
+            out, logps, _ = self._loss(self.data.eval, idx, reference, train=False)
+            self._record(rec, extra, out, logps)
+        self.policy.train(was)
+        return self._summarise(rec, extra, prefix="eval/")
+
+    def task_accuracy(self, tag: str) -> tuple[float | None, list]:
+        if not self.data.task_problems:
+            return None, []
+        from preftune.evaluate import task_accuracy
+
+        e = self.cfg.eval
+        acc, samples = task_accuracy(
+            self.acc.unwrap_model(self.policy),
+            self.tokenizer,
+            self.data.task_problems,
+            self.data.verify,
+            e.eval_max_new_tokens,
+            e.eval_batch_size,
+            desc=f"task accuracy ({tag})",
+            quiet=self.quiet,
+        )
+        return acc, samples
+
+    # ---- state ------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        tensors = {"loss_state": self.loss_state}
+        if self.calibration is not None:
+            tensors["calibration"] = self.calibration.state_dict()
+        return {"step": self.step, "loss": self.cfg.loss.loss, "tensors": tensors}
+
+    def load_state(self, state: dict) -> None:
+        self.step = state["step"]
+        self.loss_state = state["tensors"].get("loss_state")
+        if self.calibration is not None and "calibration" in state["tensors"]:
+            self.calibration.load_state_dict(state["tensors"]["calibration"])
+
+    def save(self) -> Path | None:
+        if not self.acc.is_main_process:
+            return None
+        return ckpt.save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.step,
+            self.acc.unwrap_model(self.policy),
+            self.optimizer,
+            self.scheduler,
+            self.state(),
+            self.cfg.train.keep_checkpoints,
+        )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def train(config=None, overrides=None) -> TrainResult:
+    """Train with `config` (a Config, a dict, a YAML path or None for the defaults) plus
+    `overrides` (['key=value', ...] or a dict). Returns the run directory and final metrics."""
+    from preftune.train.loop import run
+
+    cfg = build_config(config, overrides)
+    if cfg.train.resume:
+        saved = Path(cfg.train.resume) / "config.yaml"
+        if not saved.exists():
+            raise TrainingError(
+                f"resume={cfg.train.resume}: no config.yaml there; is it a preftune run directory?"
+            )
+        extra = dict(overrides) if isinstance(overrides, dict) else {}
+        if not isinstance(overrides, dict):
+            for item in overrides or []:
+                k, v = item.split("=", 1)
+                extra[k.strip().lstrip("-").replace("-", "_")] = v
+        import yaml
+
+        base = yaml.safe_load(saved.read_text())
+        base.update({k: (yaml.safe_load(v) if isinstance(v, str) else v) for k, v in extra.items()})
+        base["resume"] = cfg.train.resume
+        cfg = build_config(base)
+    return run(Trainer(cfg))
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str))

@@ -1,0 +1,39 @@
+"""Shared fixtures: the default model's tokenizer (converted once into the cache) and tiny
+random-weight models with the same tokenizer, so most tests run in seconds."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def default_dir():
+    from preftune.models import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_dir):
+    from preftune.models import load_tokenizer
+
+    return load_tokenizer(str(default_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, default_dir):
+    from preftune.models import save_tiny_model_dir
+
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", seed=0)
+
+
+@pytest.fixture
+def tiny_model(tiny_dir):
+    from preftune.models import load_causal_lm
+
+    return load_causal_lm(str(tiny_dir))
