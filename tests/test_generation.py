@@ -1,0 +1,146 @@
+"""Batched sampling: EOS truncation, has_eos, left padding, num_return_sequences, greedy."""
+
+import pytest
+import torch
+from online_helpers import BOS, EOS, PAD, word_tokenizer
+
+from preftune.generation import (
+    Completion,
+    GenerationEngine,
+    HFEngine,
+    SamplingConfig,
+    VLLMEngine,
+    generate,
+    truncate_at_eos,
+)
+from preftune.models import tiny_causal_lm
+
+PROMPTS = ["a", "one plus two equals", "b c d e f g h"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """A 32-wide model gains nothing from threads; on a busy 2-core machine two threads make
+    each matmul ~30x slower (spin-waiting), so these tests run single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_causal_lm(
+        len(tok), seed=0, hidden_size=32, layers=1, heads=2, eos_token_id=EOS, pad_token_id=PAD
+    )
+
+
+def test_truncate_at_eos():
+    assert truncate_at_eos([5, 6, 1, 0, 0], [1]) == ([5, 6, 1], True)
+    assert truncate_at_eos([5, 1, 1, 1], [1]) == ([5, 1], True)  # pad == eos
+    assert truncate_at_eos([5, 6, 7], [1]) == ([5, 6, 7], False)
+    assert truncate_at_eos([5, 9, 1, 9], [1, 9]) == ([5, 9], True)  # several stop ids
+    assert truncate_at_eos([1], [1]) == ([1], True)
+
+
+def _greedy_reference(model, prompt_ids, max_new_tokens):
+    """Plain argmax loop without KV cache or padding: what greedy decoding must return."""
+    ids = list(prompt_ids)
+    out = []
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        nxt = int(logits.argmax())
+        out.append(nxt)
+        ids.append(nxt)
+        if nxt == EOS:
+            break
+    return out
+
+
+def test_greedy_batched_left_padded_equals_unpadded_reference(model, tok):
+    cfg = SamplingConfig(do_sample=False, max_new_tokens=6)
+    batched = generate(model, tok, PROMPTS, cfg)
+    assert [c.prompt_index for c in batched] == [0, 1, 2]
+    for i, c in enumerate(batched):
+        prompt_ids = tok(PROMPTS[i], add_special_tokens=False)["input_ids"]
+        assert c.prompt_token_ids == prompt_ids and BOS not in c.prompt_token_ids
+        assert c.token_ids == _greedy_reference(model, prompt_ids, 6), i
+        assert c.has_eos == (c.token_ids[-1] == EOS)
+    again = generate(model, tok, PROMPTS, cfg, batch_size=1)  # deterministic, any batching
+    assert [c.token_ids for c in again] == [c.token_ids for c in batched]
+
+
+def test_sampling_truncates_at_first_eos_and_flags_missing_eos(model, tok):
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=8, num_return_sequences=5)
+    torch.manual_seed(0)
+    out = generate(model, tok, PROMPTS, cfg)
+    assert len(out) == 15 and all(isinstance(c, Completion) for c in out)
+    assert [c.prompt_index for c in out] == [0] * 5 + [1] * 5 + [2] * 5
+    for c in out:
+        if c.has_eos:
+            assert c.token_ids[-1] == EOS and EOS not in c.token_ids[:-1]
+            assert len(c.token_ids) <= 8
+        else:
+            assert EOS not in c.token_ids and len(c.token_ids) == 8
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+        assert "<eos>" not in c.text and "<pad>" not in c.text
+    flags = {c.has_eos for c in out}
+    assert flags == {True, False}, "the seed should give both endings; pick another seed"
+
+
+def test_num_return_sequences_are_prompt_major(model, tok):
+    """At a tiny temperature sampling is greedy, so every sample of prompt i must equal
+    prompt i's greedy completion: this pins the prompt-major order."""
+    greedy = generate(model, tok, PROMPTS, SamplingConfig(do_sample=False, max_new_tokens=5))
+    cfg = SamplingConfig(temperature=1e-4, max_new_tokens=5, num_return_sequences=3)
+    torch.manual_seed(0)
+    out = generate(model, tok, PROMPTS, cfg, batch_size=2)
+    assert [c.token_ids for c in out] == [g.token_ids for g in greedy for _ in range(3)]
+
+
+def test_sampling_is_reproducible_under_a_seed_and_restores_train_mode(model, tok):
+    cfg = SamplingConfig(temperature=1.0, max_new_tokens=6, num_return_sequences=2)
+    model.train()
+    torch.manual_seed(3)
+    a = generate(model, tok, PROMPTS, cfg)
+    assert model.training
+    model.eval()
+    torch.manual_seed(3)
+    b = generate(model, tok, PROMPTS, cfg)
+    assert not model.training
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+
+
+def test_engine_protocol_and_config_checks(model, tok):
+    engine = HFEngine(model, tok, batch_size=2)
+    assert isinstance(engine, GenerationEngine)
+    out = engine.generate(["a b"], SamplingConfig(do_sample=False, max_new_tokens=3))
+    assert len(out) == 1 and out[0].prompt_index == 0
+    assert engine.generate([], SamplingConfig()) == []
+    base = SamplingConfig(temperature=1.0, top_p=0.9, num_return_sequences=4)
+    g = base.greedy()
+    assert (g.do_sample, g.num_return_sequences, g.top_p) == (False, 1, 0.9)
+    with pytest.raises(ValueError, match="temperature=0"):
+        SamplingConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="num_return_sequences=1 or do_sample"):
+        SamplingConfig(do_sample=False, num_return_sequences=2)
+    with pytest.raises(ValueError, match=r"top_p=1.5.*max_new_tokens=0"):
+        SamplingConfig(top_p=1.5, max_new_tokens=0)
+    with pytest.raises(TypeError, match="list of prompt strings"):
+        generate(model, tok, "a b", SamplingConfig())
+
+
+def test_vllm_engine_explains_missing_vllm():
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install vllm"):
+            VLLMEngine("some/model")
+    else:
+        pytest.skip("vllm is installed; the missing-package error cannot be shown here")
