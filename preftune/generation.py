@@ -164,36 +164,33 @@ def generate(
     if empty:
         raise ValueError(f"prompts at indices {empty} tokenize to nothing; nothing to condition on")
     step = batch_size or len(prompts)
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out: list[Completion] = []
     try:
-        with torch.no_grad():
-            for start in range(0, len(prompts), step):
-                rows = encoded[start : start + step]
-                ids, mask = _left_pad(rows, pad_id)
-                seqs = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    **_hf_kwargs(cfg, eos, pad_id),
-                )
-                new_tokens = seqs[:, ids.shape[1] :].tolist()
-                for j, toks in enumerate(new_tokens):
-                    local = j // cfg.num_return_sequences
-                    kept, has_eos = truncate_at_eos(toks, eos)
-                    out.append(
-                        Completion(
-                            text=tokenizer.decode(kept, skip_special_tokens=True),
-                            token_ids=kept,
-                            has_eos=has_eos,
-                            prompt_index=start + local,
-                            prompt_token_ids=list(rows[local]),
-                        )
-                    )
+        for start in range(0, len(prompts), step):
+            rows = encoded[start : start + step]
+            for j, toks in enumerate(_generate_rows(model, rows, cfg, eos, pad_id)):
+                local = j // cfg.num_return_sequences  # HF repeats each prompt n times in place
+                kept, has_eos = truncate_at_eos(toks, eos)
+                text = tokenizer.decode(kept, skip_special_tokens=True)
+                out.append(Completion(text, kept, has_eos, start + local, list(rows[local])))
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def _generate_rows(
+    model: Any, rows: list[list[int]], cfg: SamplingConfig, eos: list[int], pad_id: int
+) -> list[list[int]]:
+    """New tokens of one left-padded `generate` call, `len(rows) * n` lists, prompt-major."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(rows, pad_id)
+    seqs = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), **_hf_kwargs(cfg, eos, pad_id)
+    )
+    return seqs[:, ids.shape[1] :].tolist()
 
 
 class HFEngine:
