@@ -147,9 +147,15 @@ def _owner() -> dict[str, str]:
 def parse_value(text: str) -> Any:
     """'0.1' -> 0.1, 'true' -> True, 'null' -> None, '{a: 1}' -> dict; anything else a string."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 leaves '1e-5' a string
+        except ValueError:
+            pass
+    return value
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -162,6 +168,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if isinstance(value, str) and (t.startswith("int") or t.startswith("float")):
+        try:  # YAML 1.1 reads '1e-5' as a string
+            value = float(value) if t.startswith("float") or not value.lstrip("-").isdigit() else int(value)
+        except ValueError:
+            pass
     if t.startswith("int"):
         if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
             raise ConfigError(f"'{key}' must be an integer, got {value!r}")
