@@ -96,12 +96,42 @@ class EvalConfig:
     eval_batch_size: int = 64
 
 
+@dataclass
+class OnlineConfig:
+    """`preftune online`: generation, judging and the online method's own knobs."""
+
+    method: str = "online_dpo"  # online_dpo | rso | remax
+    judge: str = "verifier"  # verifier | a reward-model directory | module:function
+    temperature: float = 0.9
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 16
+    missing_eos_penalty: float | None = None
+    skip_ties: bool = True
+    rso_num_candidates: int = 8
+    rso_num_samples: int = 4
+    rso_beta: float = 0.5
+    remax_kl_ctl: float = 0.1
+    remax_gamma: float = 0.95
+    remax_clip_reward: float = 5.0
+    log_samples: int = 4  # completions with their scores written per eval
+
+
+@dataclass
+class RewardConfig:
+    """`preftune reward`: Bradley-Terry reward-model training."""
+
+    center_rewards_coefficient: float | None = None
+
+
 SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
     "loss": LossConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "online": OnlineConfig,
+    "reward": RewardConfig,
 }
 
 
@@ -112,6 +142,8 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
     def flat(self) -> dict:
         out = {}

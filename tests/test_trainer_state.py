@@ -1,0 +1,130 @@
+"""Reference modes, the reference cache, LoRA output, and resume (SIGKILL and a kill while a
+checkpoint is being written)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from preftune.config import build_config
+from preftune.logps import sequence_logps
+from preftune.train import checkpoint as ckpt
+from preftune.train.batches import pair_batch
+from preftune.train.loop import run
+from preftune.train.trainer import Trainer, train
+
+
+def cfg(tiny_dir, tmp_path, name, **extra):
+    base = {"model": str(tiny_dir), "data": "arithmetic_edit", "output_dir": str(tmp_path), "run_name": name,
+            "num_train": 16, "num_eval": 4, "batch_size": 4, "max_steps": 2, "num_task_eval": 0,
+            "eval_before": False, "quiet": True, "report_to": "none", "lr": 1e-3}
+    base.update(extra)
+    return build_config(base)
+
+
+def first_loss(run_dir):
+    return json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
+def test_reference_modes_agree(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    trainers = {mode: Trainer(cfg(tiny_dir, tmp_path, mode, reference=mode, lora=(mode == "lora")))
+                for mode in ("frozen", "precompute", "lora")}
+    t0 = trainers["frozen"]
+    idx = [3, 0, 7]
+    batch = pair_batch(t0.data.train, idx, t0.tokenizer.pad_token_id, packed=True)
+    want = sequence_logps(t0.reference.model, batch.tokens).double()
+    for mode, t in trainers.items():
+        got = t.reference.logps(batch.tokens, (batch.index, len(idx))).double()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5, msg=f"reference mode {mode}")
+    for t in trainers.values():
+        res = run(t)
+        assert first_loss(res.run_dir) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_reference_cache_is_reused_and_invalidated(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    a = Trainer(cfg(tiny_dir, tmp_path, "a", reference="precompute"))
+    assert a.cache_reused == {"train": False, "eval": False}
+    b = Trainer(cfg(tiny_dir, tmp_path, "b", reference="precompute"))
+    assert b.cache_reused == {"train": True, "eval": True}
+    c = Trainer(cfg(tiny_dir, tmp_path, "c", reference="precompute", num_train=12))  # the data changed
+    assert c.cache_reused["train"] is False
+
+
+def test_lora_saves_adapter_and_merged_model(tiny_dir, tmp_path):
+    from peft import PeftModel
+
+    res = train(cfg(tiny_dir, tmp_path, "lora", lora=True, lora_r=4, max_steps=3, lr=5e-2))
+    final = res.run_dir / "final"
+    merged = AutoModelForCausalLM.from_pretrained(final).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), final / "adapter").eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    t = Trainer(cfg(tiny_dir, tmp_path, "probe"))
+    batch = pair_batch(t.data.train, [0, 1, 2], t.tokenizer.pad_token_id, packed=False)
+    with torch.no_grad():
+        lm, la, lb = (sequence_logps(m, batch.tokens) for m in (merged, adapted, base))
+    torch.testing.assert_close(lm, la, rtol=1e-5, atol=1e-4)
+    assert (lm - lb).abs().max() > 1e-3, "the adapter changed nothing: the test could not fail"
+
+
+def weights(run_dir):
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same_weights(a, b):
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
+    common = {"max_steps": 8, "num_train": 32, "save_every": 1, "keep_checkpoints": 2}
+    full = train(cfg(tiny_dir, tmp_path, "full", **common))
+    args = [f"{k}={v}" for k, v in cfg(tiny_dir, tmp_path, "killed", **common).flat().items()
+            if k in ("model", "data", "output_dir", "run_name", "num_train", "num_eval", "batch_size", "max_steps",
+                     "num_task_eval", "eval_before", "quiet", "report_to", "lr", "save_every", "keep_checkpoints")]
+    proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", "train", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckroot = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckroot / "step-3").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = ckpt.latest_checkpoint(ckroot)
+    assert done is not None and int(done.name.split("-")[1]) < 8, "the kill came too late to test anything"
+    resumed = train(None, [f"resume={tmp_path / 'killed'}"])
+    assert resumed.metrics["steps"] == 8
+    assert_same_weights(weights(full.run_dir), weights(resumed.run_dir))
+    steps = [json.loads(x)["step"] for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in x and "eval/loss" not in x]
+    assert steps == list(range(1, 9)), "metrics.jsonl has each step once"
+
+
+def test_kill_while_writing_checkpoint_leaves_run_resumable(tiny_dir, tmp_path, monkeypatch):
+    common = {"max_steps": 5, "num_train": 20, "save_every": 1}
+    full = train(cfg(tiny_dir, tmp_path, "full", **common))
+    real = ckpt._fsync_dir
+
+    def crash_at_step_3(path):
+        real(path)
+        if path.name == ".tmp-step-3":
+            raise KeyboardInterrupt("simulated kill inside save_checkpoint")
+
+    monkeypatch.setattr(ckpt, "_fsync_dir", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tiny_dir, tmp_path, "crash", **common))
+    monkeypatch.setattr(ckpt, "_fsync_dir", real)
+    root = tmp_path / "crash" / "checkpoints"
+    assert (root / ".tmp-step-3").exists() and not (root / "step-3").exists()
+    assert ckpt.latest_checkpoint(root).name == "step-2"
+    resumed = train(None, [f"resume={tmp_path / 'crash'}"])
+    assert_same_weights(weights(full.run_dir), weights(resumed.run_dir))
