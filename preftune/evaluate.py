@@ -4,55 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from tqdm.auto import tqdm
 
 from preftune.data.tokenize import render_prompt
 
 
-@torch.no_grad()
-def greedy_completions(
-    model,
-    tokenizer,
-    prompts: list,
-    max_new_tokens: int = 16,
-    batch_size: int = 64,
-    desc: str | None = None,
-    quiet: bool = False,
-) -> list[str]:
-    """Greedy decode each prompt (a string or a message list) with a KV cache; left-padded batches."""
-    was_training = model.training
-    model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int = 16, batch_size: int = 64,
+                       desc: str | None = None, quiet: bool = False) -> list[str]:
+    """Greedy decode each prompt (a string or a message list) with a KV cache, in batches."""
+    from preftune.generation import SamplingConfig, generate
+
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens).greedy()
     texts = [render_prompt(tokenizer, p) for p in prompts]
     out: list[str] = []
-    try:
-        for s in tqdm(
-            range(0, len(texts), batch_size), desc=desc, disable=quiet or desc is None, leave=False
-        ):
-            chunk = texts[s : s + batch_size]
-            add_special = not isinstance(prompts[s], list)
-            enc = tokenizer(
-                chunk, return_tensors="pt", padding=True, add_special_tokens=add_special
-            )
-            enc = {k: v.to(model.device) for k, v in enc.items()}
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                top_p=None,
-                top_k=None,
-                temperature=None,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            out += tokenizer.batch_decode(
-                gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
+    for s in tqdm(range(0, len(texts), batch_size), desc=desc, disable=quiet or desc is None, leave=False):
+        out += [c.text for c in generate(model, tokenizer, texts[s:s + batch_size], cfg)]
     return out
 
 
