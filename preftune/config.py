@@ -114,14 +114,17 @@ class OnlineConfig:
     remax_kl_ctl: float = 0.1
     remax_gamma: float = 0.95
     remax_clip_reward: float = 5.0
-    log_samples: int = 4  # completions with their scores written per eval
+    log_samples: int = 4  # prompts whose completions (with scores) go to samples.jsonl per eval
+    generation_batch_size: int | None = None  # prompts per generate call (None = all at once)
+    rso_output: str | None = None  # `preftune data rso`: the preference JSONL to write
 
 
 @dataclass
 class RewardConfig:
     """`preftune reward`: Bradley-Terry reward-model training."""
 
-    center_rewards_coefficient: float | None = None
+    center_rewards_coefficient: float | None = None  # Eisenstein et al. centering; 0.01 is usual
+    use_margin: bool = True  # subtract a record's `margin` column (Llama 2) when the data has one
 
 
 SECTIONS = {

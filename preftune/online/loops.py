@@ -1,0 +1,375 @@
+"""The online trainers: each step generates, judges, and takes one optimizer step on the result.
+
+- `OnlineDPOTrainer` — online DPO / OAIF (Guo et al. 2024; METHODS.md §13): two samples per
+  prompt from the current policy, labelled by the judge, any pairwise loss of the registry.
+- `RSOTrainer` — RSO (Liu et al., ICLR 2024; §4): N samples per prompt from the reference
+  (SFT) policy, k kept by the statistical rejection sampler, ranked into pairs by the judge,
+  trained with sigmoid-norm (`loss=dpo`) or hinge-norm (`loss=hinge`), `beta` being the paper's
+  gamma.
+- `ReMaxTrainer` (in `preftune.online.remax_loop`) — REINFORCE with a greedy baseline (§14).
+
+They are `Trainer`s with prompts as their data: `preftune.train.loop.run` drives them exactly as
+it drives offline training (data order, progress bar, eval, checkpoints, resume, final/), and
+the pairwise ones reuse `Trainer._loss` (so β calibration and every loss declaration apply).
+Every step logs `reward/mean`, `kl`, `completion_length`, `pairs/ties`; on the first, the last
+and every `eval_every`-th step a few prompts' completions and scores go to samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+
+import torch
+
+from preftune.config import Config, ConfigError
+from preftune.data import arithmetic
+from preftune.data.tokenize import tokenize_records
+from preftune.generation import Completion, SamplingConfig, generate
+from preftune.judges import RewardModelJudge, load_judge
+from preftune.online.base import append_jsonl, prepare_trainer, split_even
+from preftune.online.labels import label_online_pairs
+from preftune.online.prompts import load_prompts, user_text
+from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
+from preftune.train.reference import ModelReference
+from preftune.train.setup import Datasets, load_policy, resolve_task
+from preftune.train.trainer import Trainer, TrainingError
+
+
+def pair_example(chosen: Completion, rejected: Completion) -> dict:
+    """A generated pair in the tokenized-example form `Trainer._loss` reads."""
+    return {
+        "prompt_ids": list(chosen.prompt_token_ids),
+        "chosen_ids": list(chosen.token_ids),
+        "rejected_ids": list(rejected.token_ids),
+    }
+
+
+class OnlineTrainer(Trainer):
+    """Shared setup and bookkeeping; subclasses implement `train_step(batch_idx)`."""
+
+    method = "online"
+    pairwise = True  # trains a registry loss on pairs, so held-out pairs give eval/ metrics
+
+    def __init__(self, cfg: Config):  # Trainer.__init__ would load tokenized pairs, not prompts
+        judge = load_judge(cfg.online.judge, batch_size=max(1, cfg.eval.eval_batch_size))
+        prepare_trainer(self, cfg, lambda: load_policy(cfg), self._load_data)
+        if isinstance(judge, RewardModelJudge):
+            judge.model.to(self.acc.device)
+        self.judge = judge
+        if self.acc.num_processes > 1 and cfg.loss.beta_calibration:
+            raise ConfigError(
+                "beta_calibration in an online run needs one process: the number of pairs per "
+                "process changes every step, and the calibration gathers equal-sized batches"
+            )
+        o = cfg.online
+        self.sampling = SamplingConfig(
+            temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, max_new_tokens=o.max_new_tokens
+        )
+        self.reference = self._build_reference()
+        self.sample_rng = torch.Generator().manual_seed(cfg.train.seed)  # RSO's uniforms
+        self.samples_path = self.run_dir / "samples.jsonl"
+        self.log_line(f"{self.method}: judge {o.judge}, {len(self.data.train)} prompts")
+
+    # ---- setup -----------------------------------------------------------------------------
+    def _load_data(self, tokenizer) -> Datasets:
+        cfg, d = self.cfg, self.cfg.data
+        ps = load_prompts(cfg, tokenizer)
+        evald: list[dict] = []
+        if self.pairwise and ps.eval_records:
+            evald, stats = tokenize_records(
+                ps.eval_records, tokenizer, d.max_length, d.max_prompt_length
+            )
+            if stats.summary():
+                ps.notes.append(f"eval: {stats.summary()}")
+        task = resolve_task(cfg)
+        problems = arithmetic.test_prompts()[: d.num_task_eval] if task == "arithmetic" else []
+        return Datasets(ps.prompts, evald, problems, arithmetic.verify if task else None, ps.notes)
+
+    def needs_reference(self) -> bool:
+        """Whether reference=none is an error."""
+        return True
+
+    def wants_reference(self) -> bool:
+        """Whether reference=auto loads one (for the `kl` metric even when nothing needs it)."""
+        return self.needs_reference()
+
+    def _build_reference(self):
+        mode = self.cfg.train.reference
+        if mode == "precompute":
+            raise ConfigError(
+                "reference=precompute cannot serve an online run: its completions are new every "
+                "step; use auto, frozen or lora"
+            )
+        if mode == "none" or (mode == "auto" and not self.wants_reference()):
+            if self.needs_reference():
+                raise ConfigError(
+                    f"reference=none, but {self.method} needs the reference model here; "
+                    f"use auto, frozen or lora"
+                )
+            self.reference_mode = "none"
+            self.log_line("reference: none (nothing here reads it)")
+            return None
+        if mode == "auto":
+            mode = "lora" if self.cfg.model.lora else "frozen"
+        self.reference_mode = mode
+        self.log_line(f"reference: {mode} — the initial model, fixed for the whole run")
+        return ModelReference(self.acc.unwrap_model(self.policy), mode, self.cfg.train.chunk_size)
+
+    # ---- generation and judging ------------------------------------------------------------
+    def _my_prompts(self, batch_idx: list[int]) -> list[dict]:
+        mine = batch_idx[self.acc.process_index :: self.acc.num_processes]
+        return [self.data.train[i] for i in mine]
+
+    def _generate(
+        self, prompts: list[dict], cfg: SamplingConfig, from_reference: bool = False
+    ) -> list[Completion]:
+        """Completions of the current policy, or of the reference (RSO's proposal pi_sft)."""
+        texts = [p["text"] for p in prompts]
+        bs = self.cfg.online.generation_batch_size
+        model, ctx = self.acc.unwrap_model(self.policy), contextlib.nullcontext()
+        if from_reference:
+            if self.reference.mode == "lora":
+                ctx = model.disable_adapter()
+            else:
+                model = self.reference.model
+        with ctx, self.acc.autocast():
+            return generate(model, self.tokenizer, texts, cfg, batch_size=bs)
+
+    def _score(self, prompts: list[dict], comps: list[Completion]) -> torch.Tensor:
+        texts = [prompts[c.prompt_index]["text"] for c in comps]
+        return torch.tensor(self.judge.score(texts, [c.text for c in comps]), dtype=torch.float64)
+
+    # ---- one optimizer step on generated pairs ---------------------------------------------
+    def _train_on_pairs(self, pairs: list[dict]) -> dict:
+        """One optimizer step on this process's pairs, as `Trainer.train_step` does on dataset
+        pairs; the global number of pairs, known only after judging, normalises the loss."""
+        t, P = self.cfg.train, self.acc.num_processes
+        n_global = sum(self._gather_list([len(pairs)]))
+        rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
+        extra: dict[str, list] = {}
+        log_ratios: list[torch.Tensor] = []
+        ntok, start = 0, time.perf_counter()
+        for i, idx in enumerate(split_even(list(range(len(pairs))), t.grad_accum)):
+            if not idx:
+                continue
+            out, logps, n = self._loss(pairs, idx, self.reference, train=True)
+            loss = out.losses.sum() * P / n_global  # x P: DDP averages gradients over processes
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at step {self.step + 1}, micro-batch {i}; "
+                    f"step refused, last checkpoint kept"
+                )
+            self.acc.backward(loss)
+            ntok += n
+            self._record_local(rec, extra, out, logps)
+            if logps.ref_chosen_logps is not None:
+                log_ratios += [
+                    (logps.policy_chosen_logps - logps.ref_chosen_logps).detach(),
+                    (logps.policy_rejected_logps - logps.ref_rejected_logps).detach(),
+                ]
+        if not pairs and P > 1:  # keep DDP's gradient all-reduce in step with the other processes
+            self.acc.backward(sum(p.sum() for p in self.policy.parameters() if p.requires_grad) * 0)
+        metrics = self._finish_step(start, ntok)
+        summary = self._summarise(self._gather_rec(rec), self._gather_rec(extra))
+        # a step without pairs (all ties) trains nothing: its loss is NaN, the rest is left out
+        metrics.update({k: v for k, v in summary.items() if k == "loss" or v == v})
+        if log_ratios:  # completions sampled from the policy: mean of log pi/pi_ref = KL estimate
+            metrics["kl"] = self._gmean(torch.cat(log_ratios))
+        return metrics
+
+    def _finish_step(self, start: float, ntok: int) -> dict:
+        grad_norm = self._clip_and_check()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        return {
+            "grad_norm": grad_norm,
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens_per_second": sum(self._gather_list([ntok])) / max(elapsed, 1e-9),
+        }
+
+    # ---- metrics that hold under several processes with different batch sizes ---------------
+    def _record_local(self, rec, extra, out, logps) -> None:
+        rec["loss"].append(out.losses.detach())
+        rec["chosen"].append(out.chosen_rewards.detach())
+        rec["rejected"].append(out.rejected_rewards.detach())
+        rec["lp_c"].append(logps.policy_chosen_logps.detach())
+        rec["lp_r"].append(logps.policy_rejected_logps.detach())
+        for k, v in out.metrics.items():
+            extra.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32).reshape(-1))
+
+    def _gather_list(self, values: list) -> list:
+        if self.acc.num_processes == 1:
+            return list(values)
+        from accelerate.utils import gather_object
+
+        return gather_object(list(values))
+
+    def _gather_rec(self, rec: dict[str, list]) -> dict[str, list]:
+        """Each key's values from every process, as one CPU tensor (or none)."""
+        out = {}
+        for k, parts in rec.items():
+            local = (
+                torch.cat([p.reshape(-1).float().cpu() for p in parts]).tolist() if parts else []
+            )
+            values = self._gather_list(local)
+            out[k] = [torch.tensor(values)] if values else []
+        return out
+
+    def _gmean(self, values: torch.Tensor | list) -> float:
+        local = values.reshape(-1).float().tolist() if torch.is_tensor(values) else list(values)
+        values = self._gather_list(local)
+        return sum(values) / len(values) if values else float("nan")
+
+    def _generation_metrics(self, comps: list[Completion], scores: torch.Tensor) -> dict:
+        return {
+            "reward/mean": self._gmean(scores),
+            "completion_length": self._gmean([len(c.token_ids) for c in comps]),
+            "completion/eos_fraction": self._gmean([float(c.has_eos) for c in comps]),
+        }
+
+    # ---- samples.jsonl -------------------------------------------------------------------------
+    def _log_samples(self, rows: list[dict]) -> None:
+        """On the first, the last and every eval_every-th step: what was generated and scored."""
+        s, every = self.step + 1, self.cfg.train.eval_every
+        if not self.acc.is_main_process or not rows:
+            return
+        if s == 1 or s == self.total_steps or (every and s % every == 0):
+            append_jsonl(self.samples_path, [{"step": s, "method": self.method, **r} for r in rows])
+
+    @staticmethod
+    def _sample_row(prompt: dict, comp: Completion, score: float, role: str) -> dict:
+        return {
+            "prompt": user_text(prompt["prompt"]),
+            "completion": comp.text,
+            "score": float(score),
+            "has_eos": comp.has_eos,
+            "num_tokens": len(comp.token_ids),
+            "role": role,
+        }
+
+    # ---- state -----------------------------------------------------------------------------------
+    def state(self) -> dict:
+        """The offline trainer's state plus the RSO sampler's generator (torch's global RNG,
+        which `generate` draws from, is in every checkpoint already)."""
+        state = super().state()
+        state["tensors"]["sample_rng"] = self.sample_rng.get_state()
+        state["method"] = self.method
+        return state
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        if "sample_rng" in state["tensors"]:
+            self.sample_rng.set_state(state["tensors"]["sample_rng"])
+        if self.acc.is_main_process and self.samples_path.exists():  # as loop.run does for metrics
+            kept = [
+                ln
+                for ln in self.samples_path.read_text().splitlines()
+                if ln and json.loads(ln)["step"] <= self.step
+            ]
+            self.samples_path.write_text("".join(ln + "\n" for ln in kept))
+
+    def evaluate_pairs(self) -> dict:
+        return super().evaluate_pairs() if self.pairwise else {}
+
+
+class OnlineDPOTrainer(OnlineTrainer):
+    """Online DPO / OAIF (Guo et al. 2024, "Direct Language Model Alignment from Online AI
+    Feedback"), METHODS.md §13 (a): sample two completions per prompt from the current policy,
+    judge them, subtract `missing_eos_penalty` from those without EOS, chosen = the higher score
+    (ties to the first; skipped and counted with skip_ties), then the configured pairwise loss
+    on log-probs recomputed with gradient. Reference code: TRL `OnlineDPOTrainer.training_step`.
+    """
+
+    method = "online_dpo"
+
+    def needs_reference(self) -> bool:
+        return self.spec.needs_reference
+
+    def train_step(self, batch_idx: list[int]) -> dict:
+        start = time.perf_counter()
+        o = self.cfg.online
+        prompts = self._my_prompts(batch_idx)
+        comps = self._generate(prompts, dataclasses.replace(self.sampling, num_return_sequences=2))
+        scores = self._score(prompts, comps)
+        first, second = comps[0::2], comps[1::2]  # prompt-major: samples 2i and 2i+1 of prompt i
+        labels = label_online_pairs(
+            scores[0::2],
+            scores[1::2],
+            torch.tensor([c.has_eos for c in first]),
+            torch.tensor([c.has_eos for c in second]),
+            o.missing_eos_penalty,
+            o.skip_ties,
+        )
+        both = first + second  # label indices point into [first; second]
+        chosen, rejected = labels.chosen_index.tolist(), labels.rejected_index.tolist()
+        kept = [i for i, k in enumerate(labels.keep.tolist()) if k]
+        pairs = [pair_example(both[chosen[i]], both[rejected[i]]) for i in kept]
+        gen_time = time.perf_counter() - start
+        metrics = self._train_on_pairs(pairs)
+        metrics.update(self._generation_metrics(comps, scores))
+        metrics["pairs/ties"] = sum(self._gather_list([labels.num_ties]))
+        metrics["pairs/trained"] = sum(self._gather_list([len(pairs)]))
+        metrics["generation_time"] = gen_time
+        metrics["step_time"] = time.perf_counter() - start
+        raw = torch.cat([scores[0::2], scores[1::2]])  # judge scores in the [first; second] layout
+        rows = []
+        for i in range(min(o.log_samples, len(prompts))):
+            tie = bool(labels.chosen_scores[i] == labels.rejected_scores[i])  # after the penalty
+            for j, role in ((chosen[i], "chosen"), (rejected[i], "rejected")):
+                rows.append(self._sample_row(prompts[i], both[j], raw[j], "tie" if tie else role))
+        self._log_samples(rows)
+        return metrics
+
+
+class RSOTrainer(OnlineTrainer):
+    """RSO as an online loop (Liu et al., ICLR 2024, "Statistical Rejection Sampling Improves
+    Preference Optimization", Algorithm 1 and §3; METHODS.md §4): per prompt,
+    `rso_num_candidates` samples of the reference policy, `rso_num_samples` of them accepted by
+    the rejection sampler at `rso_beta`, paired first-round-rank by the judge's scores."""
+
+    method = "rso"
+
+    def train_step(self, batch_idx: list[int]) -> dict:
+        start = time.perf_counter()
+        o = self.cfg.online
+        prompts = self._my_prompts(batch_idx)
+        sampling = dataclasses.replace(self.sampling, num_return_sequences=o.rso_num_candidates)
+        cands = self._generate(prompts, sampling, from_reference=True)
+        scores = self._score(prompts, cands)
+        judged = apply_eos_penalty(scores, cands, o.missing_eos_penalty)
+        sel = select_rso_pairs(
+            cands,
+            judged,
+            o.rso_num_candidates,
+            o.rso_num_samples,
+            o.rso_beta,
+            self.sample_rng,
+            keep_ties=not o.skip_ties,
+        )
+        pairs = [pair_example(c, r) for c, r in sel.pairs]
+        gen_time = time.perf_counter() - start
+        metrics = self._train_on_pairs(pairs)
+        if "kl" in metrics:  # the pairs come from pi_ref: -mean log pi/pi_ref estimates KL(ref||pi)
+            metrics["kl"] = -metrics["kl"]
+        metrics.update(self._generation_metrics(cands, scores))
+        metrics["reward/accepted"] = self._gmean(sel.chosen_scores + sel.rejected_scores)
+        metrics["pairs/ties"] = sum(self._gather_list([sel.num_ties]))
+        metrics["pairs/trained"] = sum(self._gather_list([len(pairs)]))
+        metrics["generation_time"] = gen_time
+        metrics["step_time"] = time.perf_counter() - start
+        rows = []
+        for (c, r), sc, sr in list(zip(sel.pairs, sel.chosen_scores, sel.rejected_scores))[
+            : o.log_samples
+        ]:
+            prompt = prompts[c.prompt_index]
+            rows += [
+                self._sample_row(prompt, c, sc, "chosen"),
+                self._sample_row(prompt, r, sr, "rejected"),
+            ]
+        self._log_samples(rows)
+        return metrics

@@ -1,0 +1,112 @@
+"""`preftune reward`: train a Bradley–Terry reward model on preference pairs (METHODS.md §16).
+
+    L = -logsig(r(x, y_w) - r(x, y_l) - m) + c * (r_w + r_l)^2
+
+r is a one-output `AutoModelForSequenceClassification` built from the same base models as
+`preftune train` (including 'default'), read at the last real token; m is the record's optional
+`margin` (Llama 2), c is `center_rewards_coefficient` (Eisenstein et al.). Reference code: TRL
+`RewardTrainer.compute_loss`, OpenRLHF `PairWiseLoss`.
+
+The trainer is the offline `Trainer` with another model and another `_loss`: same data formats,
+batching, accumulation, accelerate, checkpoints and run directory (config.yaml, metrics.jsonl,
+summary.json, final/ loadable by `AutoModelForSequenceClassification`). `eval/rewards/accuracies`
+(also `eval/accuracy`) is the held-out pairwise accuracy: the fraction of pairs with r_w > r_l.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from preftune.config import Config
+from preftune.losses import LossOutput
+from preftune.models import load_tokenizer, resolve_model_path
+from preftune.online.base import prepare_trainer, relabel_summary, resolve_config, split_argv
+from preftune.reward.loss import bradley_terry_loss
+from preftune.reward.model import load_reward_model, pad_right, sequence_rewards
+from preftune.train.setup import load_datasets
+from preftune.train.trainer import Trainer, TrainResult
+
+
+def _load_model(cfg: Config):
+    m = cfg.model
+    tokenizer = load_tokenizer(m.model, trust_remote_code=m.trust_remote_code)
+    model = load_reward_model(
+        m.model, tokenizer.pad_token_id, getattr(torch, m.dtype), m.trust_remote_code
+    )
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if m.lora:
+        from peft import LoraConfig, get_peft_model
+
+        target = m.lora_target_modules
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=m.lora_r,
+                lora_alpha=m.lora_alpha,
+                lora_dropout=m.lora_dropout,
+                task_type="SEQ_CLS",  # keeps the new score head fully trainable
+                target_modules=target
+                if target == "all-linear"
+                else [t.strip() for t in target.split(",")],
+            ),
+        )
+    return model, tokenizer, resolve_model_path(m.model)
+
+
+class RewardTrainer(Trainer):
+    """Bradley–Terry reward-model training; every step, eval and checkpoint is `Trainer`'s."""
+
+    method = "reward"
+
+    def __init__(self, cfg: Config):  # Trainer.__init__ would load a causal LM
+        prepare_trainer(
+            self,
+            cfg,
+            lambda: _load_model(cfg),
+            lambda tok: load_datasets(cfg, tok, unpaired=False),
+        )
+        self.reference, self.reference_mode = None, "none"
+        self.log_line("reward model: one score read at the last real token (no reference)")
+
+    def _loss(self, examples, idx, reference, train: bool):
+        """Per-pair Bradley–Terry losses of examples[idx]: one forward over [chosen; rejected]."""
+        exs = [examples[i] for i in idx]
+        rows = [e["prompt_ids"] + e["chosen_ids"] for e in exs]
+        rows += [e["prompt_ids"] + e["rejected_ids"] for e in exs]
+        ids, mask = pad_right(rows, self.tokenizer.pad_token_id)
+        with self.acc.autocast():
+            rewards = sequence_rewards(
+                self.policy, ids.to(self.acc.device), mask.to(self.acc.device)
+            )
+        n = len(exs)
+        chosen, rejected = rewards[:n], rewards[n:]
+        margin = None
+        if self.cfg.reward.use_margin and all("margin" in e for e in exs):
+            margin = torch.tensor([e["margin"] for e in exs], dtype=chosen.dtype).to(chosen.device)
+        losses = bradley_terry_loss(
+            chosen, rejected, margin, self.cfg.reward.center_rewards_coefficient
+        )
+        accuracy = (chosen > rejected).float().detach()
+        out = LossOutput(losses, chosen.detach(), rejected.detach(), {"accuracy": accuracy})
+        return out, None, int(mask.sum())
+
+    def task_accuracy(self, tag: str):
+        return None, []  # a reward model does not generate
+
+
+def train_reward(config=None, overrides=None) -> TrainResult:
+    """Train a reward model with `config` (a Config, dict, YAML path or None) plus `overrides`
+    (['key=value', ...] or a dict). Returns the run directory and the final metrics."""
+    from preftune.train.loop import run
+
+    cfg = resolve_config(config, overrides, lambda c: "reward")
+    trainer = RewardTrainer(cfg)
+    return relabel_summary(trainer, run(trainer), "reward", "bradley_terry")
+
+
+def main(argv: list[str]) -> int:
+    """`preftune reward [config.yaml] key=value ...`"""
+    config, overrides = split_argv(argv)
+    train_reward(config, overrides)
+    return 0
