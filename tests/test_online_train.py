@@ -23,9 +23,15 @@ JUDGE = "online_helpers:length_score"
 COMMON_KEYS = {"loss", "reward/mean", "kl", "completion_length", "pairs/ties", "grad_norm", "lr"}
 
 
+
+@pytest.fixture(autouse=True)
+def _no_html_report(monkeypatch):
+    """The run report (plots, seconds per run) is tested with the report; not needed here."""
+    monkeypatch.setattr("preftune.report.write_report", lambda run_dir: None)
+
 def online_args(tiny_dir, tmp_path, name, **extra):
     args = {"model": str(tiny_dir), "output_dir": str(tmp_path), "run_name": name,
-            "data": "arithmetic_edit", "num_train": 16, "num_eval": 8, "batch_size": 4,
+            "data": "arithmetic_edit", "num_train": 16, "num_eval": 0, "batch_size": 4,
             "max_steps": 2, "num_task_eval": 0, "eval_before": False, "quiet": True,
             "report_to": "none", "lr": 1e-3, "max_new_tokens": 6, "judge": JUDGE}
     args.update(extra)
@@ -59,7 +65,7 @@ def test_cli_online_dpo_with_a_trained_reward_model_as_judge(tiny_dir, tmp_path)
                        "max_steps": 1, "quiet": True, "report_to": "none"})
     args = online_args(tiny_dir, tmp_path, "odpo", judge=rm.run_dir / "final",
                        missing_eos_penalty=1.0, num_task_eval=4, eval_max_new_tokens=3,
-                       eval_before=True)
+                       eval_before=True, num_eval=8)
     assert main(["online", "method=online_dpo", *cli(args)]) == 0
     run = tmp_path / "odpo"
     check_run(run, "online_dpo", COMMON_KEYS | {"rewards/margins", "pairs/trained"})
@@ -72,11 +78,14 @@ def test_cli_online_dpo_with_a_trained_reward_model_as_judge(tiny_dir, tmp_path)
     assert "task/accuracy_before" in summary and "task/accuracy_after" in summary
 
 
-def test_cli_online_rso_hinge(tiny_dir, tmp_path):
-    args = online_args(tiny_dir, tmp_path, "rso", loss="hinge", beta=0.05,
+def test_cli_online_rso_hinge_with_lora(tiny_dir, tmp_path):
+    """LoRA: the reference (and RSO's proposal) is the model with its adapter off."""
+    args = online_args(tiny_dir, tmp_path, "rso", loss="hinge", beta=0.05, lora=True,
                        rso_num_candidates=4, rso_num_samples=2)
     assert main(["online", "method=rso", *cli(args)]) == 0
     check_run(tmp_path / "rso", "rso", COMMON_KEYS | {"reward/accepted"})
+    assert (tmp_path / "rso" / "final" / "adapter").is_dir()
+    assert json.loads((tmp_path / "rso" / "summary.json").read_text())["reference"] == "lora"
     first = metric_lines(tmp_path / "rso")[0]
     if first["pairs/trained"]:
         assert first["loss"] == pytest.approx(1.0, abs=1e-5)  # relu(1 - gamma*h) at h = 0

@@ -90,12 +90,12 @@ def generate_rso_dataset(cfg, out_path: Path) -> dict:
     `judge`, the sampling keys, `rso_*`, `missing_eos_penalty`, `skip_ties`."""
     from tqdm.auto import tqdm
 
-    from preftune.generation import SamplingConfig, generate
     from preftune.judges import load_judge
     from preftune.models import load_causal_lm, load_tokenizer
     from preftune.online.prompts import load_prompts
 
     o, m = cfg.online, cfg.model
+    judge = load_judge(o.judge, batch_size=max(1, cfg.eval.eval_batch_size))
     torch.manual_seed(cfg.train.seed)
     gen = torch.Generator().manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(m.model, trust_remote_code=m.trust_remote_code)
@@ -103,37 +103,15 @@ def generate_rso_dataset(cfg, out_path: Path) -> dict:
     prompts = load_prompts(cfg, tokenizer)
     for note in prompts.notes:
         print(f"[preftune] note: {note}", flush=True)
-    judge = load_judge(o.judge, batch_size=max(1, cfg.eval.eval_batch_size))
-    sampling = SamplingConfig(
-        temperature=o.temperature,
-        top_p=o.top_p,
-        top_k=o.top_k,
-        max_new_tokens=o.max_new_tokens,
-        num_return_sequences=o.rso_num_candidates,
-    )
     step = o.generation_batch_size or 8
     counts = {"prompts": len(prompts.prompts), "pairs": 0, "ties": 0, "empty": 0}
-    score_sum, score_n = 0.0, 0
-    records = []
+    scores, records = [], []
     for s in tqdm(
         range(0, len(prompts.prompts), step), desc="rso", disable=cfg.train.quiet, leave=False
     ):
         batch = prompts.prompts[s : s + step]
-        cands = generate(model, tokenizer, [p["text"] for p in batch], sampling)
-        raw = torch.tensor(
-            judge.score([batch[c.prompt_index]["text"] for c in cands], [c.text for c in cands]),
-            dtype=torch.float64,
-        )
-        score_sum, score_n = score_sum + float(raw.sum()), score_n + len(cands)
-        sel = select_rso_pairs(
-            cands,
-            apply_eos_penalty(raw, cands, o.missing_eos_penalty),
-            o.rso_num_candidates,
-            o.rso_num_samples,
-            o.rso_beta,
-            gen,
-            keep_ties=not o.skip_ties,
-        )
+        sel, raw = _select_for_batch(model, tokenizer, judge, batch, o, gen)
+        scores += raw.tolist()
         counts["ties"] += sel.num_ties
         for (c, r), sc, sr in zip(sel.pairs, sel.chosen_scores, sel.rejected_scores):
             if not c.text.strip() or not r.text.strip():
@@ -141,12 +119,40 @@ def generate_rso_dataset(cfg, out_path: Path) -> dict:
                 continue
             records.append(_as_record(batch[c.prompt_index]["prompt"], c.text, r.text, sc, sr))
     counts["pairs"] = len(records)
-    counts["reward_mean"] = score_sum / max(score_n, 1)
+    counts["reward_mean"] = sum(scores) / max(len(scores), 1)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     tmp.rename(out_path)
     return counts
+
+
+def _select_for_batch(model, tokenizer, judge, batch, o, gen) -> tuple[RSOSelection, torch.Tensor]:
+    """Candidates of the SFT model for a batch of prompts, judged, rejection-sampled, paired."""
+    from preftune.generation import SamplingConfig, generate
+
+    sampling = SamplingConfig(
+        temperature=o.temperature,
+        top_p=o.top_p,
+        top_k=o.top_k,
+        max_new_tokens=o.max_new_tokens,
+        num_return_sequences=o.rso_num_candidates,
+    )
+    cands = generate(model, tokenizer, [p["text"] for p in batch], sampling)
+    raw = torch.tensor(
+        judge.score([batch[c.prompt_index]["text"] for c in cands], [c.text for c in cands]),
+        dtype=torch.float64,
+    )
+    sel = select_rso_pairs(
+        cands,
+        apply_eos_penalty(raw, cands, o.missing_eos_penalty),
+        o.rso_num_candidates,
+        o.rso_num_samples,
+        o.rso_beta,
+        gen,
+        keep_ties=not o.skip_ties,
+    )
+    return sel, raw
 
 
 def main(overrides: list[str]) -> int:
