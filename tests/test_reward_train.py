@@ -23,6 +23,7 @@ def _no_html_report(monkeypatch):
     """The run report (plots, seconds per run) is tested with the report; not needed here."""
     monkeypatch.setattr("preftune.report.write_report", lambda run_dir: None)
 
+
 def reward_args(tiny_dir, tmp_path, name="rm", **extra):
     args = {"model": str(tiny_dir), "output_dir": str(tmp_path), "run_name": name,
             "data": "arithmetic_edit", "num_train": 16, "num_eval": 8, "batch_size": 4,
