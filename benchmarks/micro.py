@@ -1,0 +1,125 @@
+"""Micro-benchmarks behind the core changes the benchmark report proposes. They call preftune's
+own log-prob engine (`preftune.logps`) on one batch and change only the layout or the optimizer,
+so a difference is the layout's or the optimizer's, nothing else's.
+
+Layouts of one batch of B pairs (2B sequences), forward + backward of `sequence_logps`:
+- padded: one sequence per row (preftune `packed=false`);
+- packed: every sequence in one row, position ids restarting (preftune `packed=true` today);
+- packed-capN: first-fit into rows of at most N tokens (`build_token_batch(max_row=N)`, which the
+  trainer does not expose yet);
+- prefix-shared: one row per pair, [prompt; chosen; rejected], the prompt run once. A 4-D mask
+  stops rejected tokens from seeing chosen ones and rejected positions restart after the prompt,
+  so every scored token sees exactly the context it has in the padded layout.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from preftune.logps import TokenBatch, build_token_batch, sequence_logps
+
+
+def prefix_shared_batch(prompts, chosen, rejected, pad_id: int) -> TokenBatch:
+    """Rows [p; c; r] per pair; sequence order [chosen_0..B-1, rejected_0..B-1] as in pair_batch."""
+    B = len(prompts)
+    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, width), dtype=torch.long)
+    allowed = torch.zeros((B, 1, width, width), dtype=torch.bool)
+    tpos, tids, sidx = [], [], []
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for b, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        P, C, R = len(p), len(c), len(r)
+        n = P + C + R
+        ids[b, :n] = torch.tensor(p + c + r)
+        pos[b, :P] = torch.arange(P)
+        pos[b, P : P + C] = torch.arange(P, P + C)
+        pos[b, P + C : n] = torch.arange(P, P + R)
+        m = causal.clone()
+        m[P + C : n, P : P + C] = False  # rejected never sees chosen
+        m[n:, :] = False
+        m[:, n:] = False
+        m[torch.arange(n, width), torch.arange(n, width)] = True  # pad rows see themselves: no NaN
+        allowed[b, 0] = m
+        # token t of a completion is predicted at the position before it; the first one at the
+        # prompt's last position, for chosen and rejected alike
+        for t in range(C):
+            tpos.append(b * width + (P - 1 if t == 0 else P + t - 1))
+            tids.append(c[t])
+            sidx.append(b)
+        for t in range(R):
+            tpos.append(b * width + (P - 1 if t == 0 else P + C + t - 1))
+            tids.append(r[t])
+            sidx.append(B + b)
+    return TokenBatch(
+        input_ids=ids,
+        attention_mask=allowed,
+        position_ids=pos,
+        target_pos=torch.tensor(tpos),
+        target_ids=torch.tensor(tids),
+        seq_index=torch.tensor(sidx),
+        num_seqs=2 * B,
+    )
+
+
+def _time_fwd_bwd(model, batch: TokenBatch, reps: int) -> tuple[list[float], torch.Tensor]:
+    times, out = [], None
+    for _ in range(reps + 1):  # the first repetition warms up and is dropped
+        t = time.perf_counter()
+        lp = sequence_logps(model, batch)
+        lp.sum().backward()
+        times.append(time.perf_counter() - t)
+        model.zero_grad(set_to_none=True)
+        out = lp.detach()
+    return times[1:], out
+
+
+def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int = 3) -> dict:
+    prompts = [e["prompt_ids"] for e in examples]
+    chosen = [e["chosen_ids"] for e in examples]
+    rejected = [e["rejected_ids"] for e in examples]
+    P2, C2 = prompts * 2, chosen + rejected
+    batches = {
+        "padded": build_token_batch(P2, C2, pad_id, packed=False),
+        "packed": build_token_batch(P2, C2, pad_id, packed=True),
+        **{
+            f"packed-cap{n}": build_token_batch(P2, C2, pad_id, packed=True, max_row=n)
+            for n in caps
+        },
+        "prefix-shared": prefix_shared_batch(prompts, chosen, rejected, pad_id),
+    }
+    model.train()
+    out, ref = {}, None
+    for name, batch in batches.items():
+        times, lp = _time_fwd_bwd(model, batch, reps)
+        ref = lp if ref is None else ref
+        shape = tuple(batch.input_ids.shape)
+        out[name] = {
+            "rows_x_width": shape,
+            "tokens_in_rows": shape[0] * shape[1],
+            "real_tokens": int(sum(len(p) + len(c) for p, c in zip(P2, C2)))
+            if name != "prefix-shared"
+            else int(sum(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))),
+            "fwd_bwd_s": {"median": statistics.median(times), "min": min(times), "max": max(times)},
+            "max_abs_logp_diff_vs_padded": float((lp - ref).abs().max()),
+        }
+    return out
+
+
+def optimizer_step(model, variant: str, reps: int = 3) -> dict:
+    """Seconds per AdamW step over all parameters. variant: 'default' (preftune's call today:
+    torch picks the single-tensor loop on CPU), 'foreach', or 'fused' (TRL's default)."""
+    kwargs = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[variant]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opt = torch.optim.AdamW(params, lr=5e-7, weight_decay=0.0, **kwargs)
+    times = []
+    for _ in range(reps + 1):
+        t = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return {"median": statistics.median(times[1:]), "min": min(times[1:]), "max": max(times[1:])}
