@@ -142,14 +142,16 @@ def test_resumed_rso_run_equals_uninterrupted(tiny_dir, tmp_path):
         assert got[1][k] == pytest.approx(want[1][k], rel=1e-9, abs=1e-12), k
 
 
-def test_online_dpo_reads_prompt_only_records(tiny_dir, tmp_path):
+def test_online_dpo_reads_prompt_only_records_with_beta_calibration(tiny_dir, tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Say {w}."}]})
                             + "\n" for w in ["one", "two", "three", "four", "one"]))
     res = train_online(online_args(tiny_dir, tmp_path, "po", data=str(data), task=None,
-                                   max_steps=1, log_samples=1))
+                                   max_steps=1, log_samples=1,
+                                   beta_calibration={"alpha": 0.6, "filter_ratio": 0.2}))
     first = metric_lines(res.run_dir)[0]
     assert first["pairs/trained"] + first["pairs/ties"] == 4  # 4 distinct prompts, one step
+    assert "beta" in first and "filtered_fraction" in first  # beta-DPO ran on the online pairs
     assert len((res.run_dir / "samples.jsonl").read_text().splitlines()) == 2
 
 
