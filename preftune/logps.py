@@ -26,7 +26,9 @@ class TokenBatch:
 
     input_ids, position_ids: (R, T) — R rows; padded layout has one sequence per row, packed
         layout several sequences per row with position ids restarting at 0.
-    attention_mask: (R, T) or None (packed: attention stays within a sequence through position ids).
+    attention_mask: (R, T), None (packed: attention stays within a sequence through position
+        ids), or a boolean (R, 1, T, T) mask (True = may attend) for the shared-prompt layout,
+        where several completions branch from one copy of their prompt.
     target_pos: (N,) flat indices into (R*T) of the positions whose next token is scored.
     target_ids: (N,) the scored next tokens.  seq_index: (N,) which sequence each belongs to.
     num_seqs: S sequences in all.
@@ -121,6 +123,100 @@ def build_token_batch(
     return _layout(seqs, pad_id, packed, max_row)
 
 
+def build_shared_prompt_batch(
+    prompts: list[list[int]],
+    branches: list[list[list[int]]],
+    pad_id: int,
+    packed: bool = False,
+) -> TokenBatch:
+    """Each prompt once, its K completions branching from it: [prompt | c_1 | c_2 | ...].
+
+    Completion k of prompt i is sequence k * n + i (so for pairs: chosen 0..n-1, rejected
+    n..2n-1, the order of `build_token_batch(prompts * 2, chosen + rejected)`). Every branch
+    continues the prompt's position ids (len(prompt), len(prompt) + 1, ...) and a boolean 4-D
+    mask lets a branch token see its prompt and the earlier tokens of its own branch only, so
+    each completion's log-prob is that of prompt + completion alone, while the prompt's
+    forward (and backward) is done once instead of K times. `packed` puts all groups in one
+    row (block-diagonal mask); otherwise one group per row, padded.
+    """
+    n = len(prompts)
+    if n == 0 or len(branches) != n:
+        raise ValueError(f"need one list of completions per prompt, got {len(branches)} for {n}")
+    K = len(branches[0])
+    if K == 0 or any(len(b) != K for b in branches):
+        raise ValueError("every prompt needs the same number (>= 1) of completions")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError(
+            "every sequence needs at least one prompt token (a BOS or chat header) to condition on"
+        )
+    # per group: token ids, position ids, branch id (-1 = prompt), (source offset, target, seq)
+    groups = []
+    for i, (p, comps) in enumerate(zip(prompts, branches)):
+        ids, pos, br, tg = list(p), list(range(len(p))), [-1] * len(p), []
+        for k, c in enumerate(comps):
+            off = len(ids)
+            for j, tok in enumerate(c):
+                tg.append((len(p) - 1 if j == 0 else off + j - 1, tok, k * n + i))
+            ids += c
+            pos += range(len(p), len(p) + len(c))
+            br += [k] * len(c)
+        groups.append((ids, pos, br, tg))
+    rows = [list(range(n))] if packed else [[i] for i in range(n)]
+    width = max(sum(len(groups[g][0]) for g in row) for row in rows)
+    R = len(rows)
+    input_ids = torch.full((R, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((R, width), dtype=torch.long)
+    group_of = torch.full((R, width), -1, dtype=torch.long)
+    branch_of = torch.full((R, width), -2, dtype=torch.long)
+    pos_t, tgt, sidx = [], [], []
+    for r, row in enumerate(rows):
+        off = 0
+        for g in row:
+            ids, pos, br, tg = groups[g]
+            L = len(ids)
+            input_ids[r, off : off + L] = torch.tensor(ids)
+            position_ids[r, off : off + L] = torch.tensor(pos)
+            group_of[r, off : off + L] = g
+            branch_of[r, off : off + L] = torch.tensor(br)
+            for src, tok, seq in tg:
+                pos_t.append(r * width + off + src)
+                tgt.append(tok)
+                sidx.append(seq)
+            off += L
+    q_group, k_group = group_of[:, :, None], group_of[:, None, :]
+    q_branch, k_branch = branch_of[:, :, None], branch_of[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    mask = (
+        (q_group == k_group)
+        & (k_group >= 0)
+        & ((k_branch == -1) | (k_branch == q_branch))
+        & causal
+    )
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax row
+    return TokenBatch(
+        input_ids=input_ids,
+        attention_mask=mask[:, None],
+        position_ids=position_ids,
+        target_pos=torch.tensor(pos_t, dtype=torch.long),
+        target_ids=torch.tensor(tgt, dtype=torch.long),
+        seq_index=torch.tensor(sidx, dtype=torch.long),
+        num_seqs=n * K,
+    )
+
+
+def _model_mask(model, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean 4-D mask as the model's attention implementation wants it: SDPA and flex take
+    booleans; eager adds the mask to the scores, so it gets 0 / the dtype's minimum."""
+    if mask is None or mask.dim() != 4 or mask.dtype != torch.bool:
+        return mask
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+    return mask
+
+
 def _split_causal_lm(model):
     """(decoder that returns hidden states, lm_head, logit post-processing) of a causal LM."""
     base = (
@@ -140,15 +236,22 @@ def _split_causal_lm(model):
 
 def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
     """(N, H) final hidden states at the scored positions. Prompt positions get no head work."""
-    decoder, _, _, _ = _split_causal_lm(model)
+    decoder, head, _, _ = _split_causal_lm(model)
+    mask = _model_mask(decoder, batch.attention_mask, _compute_dtype(head.weight.dtype))
     out = decoder(
         input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        attention_mask=mask,
         position_ids=batch.position_ids,
         use_cache=False,
     )
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_pos)
+
+
+def _compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    if torch.is_autocast_enabled("cpu") and weight_dtype == torch.float32:
+        return torch.get_autocast_dtype("cpu")
+    return weight_dtype
 
 
 def _head_logits(head, hidden, softcap, scale) -> torch.Tensor:

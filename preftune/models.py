@@ -148,8 +148,10 @@ def tiny_causal_lm(
     heads: int = 4,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    attn: str | None = None,
 ):
-    """A random-weight Llama with the given vocabulary, for tests that must run in seconds."""
+    """A random-weight Llama with the given vocabulary, for tests that must run in seconds.
+    `attn` picks the attention implementation ("sdpa", "eager"; None = transformers' default)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -165,6 +167,8 @@ def tiny_causal_lm(
         pad_token_id=pad_token_id,
         bos_token_id=None,
     )
+    if attn is not None:
+        config._attn_implementation = attn
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     disable_dropout(model)
