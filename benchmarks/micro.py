@@ -3,13 +3,15 @@ own log-prob engine (`preftune.logps`) on one batch and change only the layout o
 so a difference is the layout's or the optimizer's, nothing else's.
 
 Layouts of one batch of B pairs (2B sequences), forward + backward of `sequence_logps`:
-- padded: one sequence per row (preftune `packed=false`);
-- packed: every sequence in one row, position ids restarting (preftune `packed=true` today);
+- padded: one sequence per row (preftune `share_prompt=false`);
+- packed: every sequence in one row, position ids restarting (`share_prompt=false packed=true`);
 - packed-capN: first-fit into rows of at most N tokens (`build_token_batch(max_row=N)`, which the
   trainer does not expose yet);
-- prefix-shared: one row per pair, [prompt; chosen; rejected], the prompt run once. A 4-D mask
-  stops rejected tokens from seeing chosen ones and rejected positions restart after the prompt,
-  so every scored token sees exactly the context it has in the padded layout.
+- shared-padded / shared-packed: [prompt; chosen; rejected], the prompt run once
+  (`build_shared_prompt_batch`, preftune's default `share_prompt=true`): a 4-D mask stops
+  rejected tokens from seeing chosen ones and rejected positions continue the prompt's, so every
+  scored token sees exactly the context it has in the padded layout; one pair per row, or all
+  pairs in one row.
 """
 
 from __future__ import annotations
@@ -19,50 +21,12 @@ import time
 
 import torch
 
-from preftune.logps import TokenBatch, build_token_batch, sequence_logps
-
-
-def prefix_shared_batch(prompts, chosen, rejected, pad_id: int) -> TokenBatch:
-    """Rows [p; c; r] per pair; sequence order [chosen_0..B-1, rejected_0..B-1] as in pair_batch."""
-    B = len(prompts)
-    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
-    ids = torch.full((B, width), pad_id, dtype=torch.long)
-    pos = torch.zeros((B, width), dtype=torch.long)
-    allowed = torch.zeros((B, 1, width, width), dtype=torch.bool)
-    tpos, tids, sidx = [], [], []
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    for b, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        P, C, R = len(p), len(c), len(r)
-        n = P + C + R
-        ids[b, :n] = torch.tensor(p + c + r)
-        pos[b, :P] = torch.arange(P)
-        pos[b, P : P + C] = torch.arange(P, P + C)
-        pos[b, P + C : n] = torch.arange(P, P + R)
-        m = causal.clone()
-        m[P + C : n, P : P + C] = False  # rejected never sees chosen
-        m[n:, :] = False
-        m[:, n:] = False
-        m[torch.arange(n, width), torch.arange(n, width)] = True  # pad rows see themselves: no NaN
-        allowed[b, 0] = m
-        # token t of a completion is predicted at the position before it; the first one at the
-        # prompt's last position, for chosen and rejected alike
-        for t in range(C):
-            tpos.append(b * width + (P - 1 if t == 0 else P + t - 1))
-            tids.append(c[t])
-            sidx.append(b)
-        for t in range(R):
-            tpos.append(b * width + (P - 1 if t == 0 else P + C + t - 1))
-            tids.append(r[t])
-            sidx.append(B + b)
-    return TokenBatch(
-        input_ids=ids,
-        attention_mask=allowed,
-        position_ids=pos,
-        target_pos=torch.tensor(tpos),
-        target_ids=torch.tensor(tids),
-        seq_index=torch.tensor(sidx),
-        num_seqs=2 * B,
-    )
+from preftune.logps import (
+    TokenBatch,
+    build_shared_prompt_batch,
+    build_token_batch,
+    sequence_logps,
+)
 
 
 def _time_fwd_bwd(model, batch: TokenBatch, reps: int) -> tuple[list[float], torch.Tensor]:
@@ -89,7 +53,12 @@ def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int
             f"packed-cap{n}": build_token_batch(P2, C2, pad_id, packed=True, max_row=n)
             for n in caps
         },
-        "prefix-shared": prefix_shared_batch(prompts, chosen, rejected, pad_id),
+        **{
+            f"shared-{'packed' if packed else 'padded'}": build_shared_prompt_batch(
+                prompts, [[c, r] for c, r in zip(chosen, rejected)], pad_id, packed=packed
+            )
+            for packed in (False, True)
+        },
     }
     model.train()
     out, ref = {}, None
@@ -101,7 +70,7 @@ def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int
             "rows_x_width": shape,
             "tokens_in_rows": shape[0] * shape[1],
             "real_tokens": int(sum(len(p) + len(c) for p, c in zip(P2, C2)))
-            if name != "prefix-shared"
+            if not name.startswith("shared")
             else int(sum(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))),
             "fwd_bwd_s": {"median": statistics.median(times), "min": min(times), "max": max(times)},
             "max_abs_logp_diff_vs_padded": float((lp - ref).abs().max()),

@@ -50,8 +50,10 @@ GB = 1e9
 # precomputes for DPO) against `trl` (DPOTrainer at its fastest honest setting on this machine:
 # precompute_ref_log_probs, no gradient checkpointing). The others explain the numbers.
 VARIANTS = {
-    "preftune": {"tool": "preftune"},
-    "preftune-padded": {"tool": "preftune", "packed": False},
+    "preftune": {"tool": "preftune"},  # the defaults: shared prompt, one pair per row
+    "preftune-packed": {"tool": "preftune", "packed": True},  # all pairs in one masked row
+    "preftune-unshared": {"tool": "preftune", "share_prompt": False},  # prompt run twice, as TRL
+
     "preftune-gc": {"tool": "preftune", "gradient_checkpointing": True},
     "trl": {"tool": "trl", "trl_precompute": True, "gradient_checkpointing": False},
     "trl-gc": {"tool": "trl", "trl_precompute": True, "gradient_checkpointing": True},

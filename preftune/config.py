@@ -77,7 +77,12 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
     reference: str = "auto"  # auto | frozen | lora | precompute | none
-    packed: bool = True  # padding-free packing of the [chosen; rejected] batch
+    # One row per sequence (or per prompt group), padded; `packed` puts the whole micro-batch
+    # in one row with a block-diagonal mask. On CPU, SDPA with a mask materialises the T x T
+    # attention of that row, so packing is slower than padding here (docs/benchmarks.md).
+    packed: bool = False
+    share_prompt: bool = True  # one copy of each prompt, chosen and rejected branch from it
+    group_by_length: bool = False  # batches of similar lengths (less padding), order still random
     bf16: bool = False  # bf16 autocast (CPU with AVX-512 BF16 or a GPU)
     chunk_size: int = 1024  # completion tokens per LM-head chunk
     log_every: int = 1

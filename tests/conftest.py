@@ -3,8 +3,6 @@ random-weight models with the same tokenizer, so most tests run in seconds."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 

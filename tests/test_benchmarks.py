@@ -1,19 +1,15 @@
 """The benchmark harness on a tiny model: the same work for both tools (per-step losses agree),
-the FLOP model, and the prefix-shared layout of the micro-benchmark equals the padded one."""
+the FLOP model."""
 
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 from common import model_flops, run_worker  # noqa: E402
-from micro import prefix_shared_batch  # noqa: E402
-
-from preftune.logps import build_token_batch, sequence_logps  # noqa: E402
 
 
 def spec(tiny_dir, tool):
@@ -57,15 +53,3 @@ def test_both_tools_do_the_same_work(tiny_dir):
 def test_model_flops_counts_dense_and_attention_terms():
     # 6P + 2P per counted token; attention (12 + 4) L d n^2 per sequence
     assert model_flops(10, 2, 4, counted_tokens=5, seq_lengths=[3]) == 8 * 10 * 5 + 16 * 2 * 4 * 9
-
-
-def test_prefix_shared_layout_equals_padded(tiny_model):
-    prompts = [[5, 6, 7], [8, 9]]
-    chosen = [[10, 11, 2], [12, 2]]
-    rejected = [[13, 2], [14, 15, 16, 2]]
-    padded = build_token_batch(prompts * 2, chosen + rejected, pad_id=2, packed=False)
-    shared = prefix_shared_batch(prompts, chosen, rejected, pad_id=2)
-    tiny_model.double()
-    a = sequence_logps(tiny_model, padded)
-    b = sequence_logps(tiny_model, shared)
-    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -20,8 +20,9 @@ from accelerate import Accelerator
 from preftune.calibrate import BetaCalibration
 from preftune.config import Config, build_config
 from preftune.losses import LOSSES
+from preftune.train.batches import example_lengths
 from preftune.train.setup import Datasets, build_optimizer, run_dir_for, trackers
-from preftune.train.trainer import TrainingError
+from preftune.train.trainer import TrainingError, place_for_training
 
 
 def resolve_config(config, overrides, default_name: Callable[[Config], str]) -> Config:
@@ -86,13 +87,16 @@ def prepare_trainer(
             f"{len(trainer.data.train)} training examples are fewer than batch_size={t.batch_size}"
         )
     trainer.total_steps = t.max_steps or trainer.per_epoch * t.epochs
+    trainer.lengths = example_lengths(trainer.data.train) if t.group_by_length else None
     if t.batch_size % (trainer.acc.num_processes * t.grad_accum):
         raise TrainingError(
             f"batch_size={t.batch_size} must split evenly over {trainer.acc.num_processes} "
             f"processes x grad_accum={t.grad_accum}"
         )
     trainer.optimizer, trainer.scheduler = build_optimizer(cfg, trainer.policy, trainer.total_steps)
-    trainer.policy, trainer.optimizer = trainer.acc.prepare(trainer.policy, trainer.optimizer)
+    trainer.policy, trainer.optimizer = place_for_training(
+        trainer.acc, trainer.policy, trainer.optimizer
+    )
     trainer.calibration = (
         BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
     )

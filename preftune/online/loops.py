@@ -156,7 +156,7 @@ class OnlineTrainer(Trainer):
             if not idx:
                 continue
             out, logps, n = self._loss(pairs, idx, self.reference, train=True)
-            loss = out.losses.sum() * P / n_global  # x P: DDP averages gradients over processes
+            loss = out.losses.sum() * P / n_global  # x P: gradients are averaged over processes
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"non-finite loss ({loss.item()}) at step {self.step + 1}, micro-batch {i}; "
@@ -170,7 +170,7 @@ class OnlineTrainer(Trainer):
                     (logps.policy_chosen_logps - logps.ref_chosen_logps).detach(),
                     (logps.policy_rejected_logps - logps.ref_rejected_logps).detach(),
                 ]
-        if not pairs and P > 1:  # keep DDP's gradient all-reduce in step with the other processes
+        if not pairs and P > 1:  # zero gradients, so every process has all of them
             self.acc.backward(sum(p.sum() for p in self.policy.parameters() if p.requires_grad) * 0)
         metrics = self._finish_step(start, ntok)
         summary = self._summarise(self._gather_rec(rec), self._gather_rec(extra))
@@ -181,6 +181,7 @@ class OnlineTrainer(Trainer):
         return metrics
 
     def _finish_step(self, start: float, ntok: int) -> dict:
+        self._sync_gradients()
         grad_norm = self._clip_and_check()
         self.optimizer.step()
         self.scheduler.step()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.logps import TokenBatch, build_token_batch
+from preftune.logps import TokenBatch, build_shared_prompt_batch, build_token_batch
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -19,10 +19,36 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Full batches only: a ragged last batch would weigh its examples more; its count is reported."""
+def example_lengths(examples: list[dict]) -> list[int]:
+    """Tokens each example lays out (prompt + completions): the key of group_by_length."""
+    return [sum(len(v) for k, v in e.items() if k.endswith("_ids")) for e in examples]
+
+
+MEGABATCH = 50  # batches per length-sorted group, as in transformers' LengthGroupedSampler
+
+
+def global_batches(
+    n: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None
+) -> list[list[int]]:
+    """Full batches only: a ragged last batch would weigh its examples more; its count is reported.
+
+    With `lengths` (group_by_length), the epoch's permutation is cut into groups of
+    MEGABATCH x batch_size examples, each group sorted by length and split into batches, and the
+    batches are then shuffled (seeded by seed and epoch): batches of similar lengths waste less
+    compute on padding, while their order stays random.
+    """
     order = epoch_order(n, seed, epoch)
-    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    full = n - n % batch_size
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, full, batch_size)]
+    kept = order[:full]
+    group = MEGABATCH * batch_size
+    batches = []
+    for g in range(0, full, group):
+        part = sorted(kept[g : g + group], key=lambda i: -lengths[i])
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    shuffle = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7919)
+    return [batches[i] for i in torch.randperm(len(batches), generator=shuffle).tolist()]
 
 
 def micro_batches(
@@ -43,11 +69,24 @@ class PairBatch:
     num_tokens: int  # real tokens: prompt + chosen + rejected
 
 
-def pair_batch(examples: list[dict], idx: list[int], pad_id: int, packed: bool) -> PairBatch:
+def pair_batch(
+    examples: list[dict], idx: list[int], pad_id: int, packed: bool, share_prompt: bool = False
+) -> PairBatch:
+    """Sequences 0..n-1 are the chosen, n..2n-1 the rejected. With `share_prompt` each prompt is
+    laid out once and both completions branch from it (same log-probs, ~1/3 fewer tokens on the
+    bundled set); otherwise prompt + chosen and prompt + rejected are separate sequences."""
     exs = [examples[i] for i in idx]
-    prompts = [e["prompt_ids"] for e in exs] * 2
-    comps = [e["chosen_ids"] for e in exs] + [e["rejected_ids"] for e in exs]
-    tokens = build_token_batch(prompts, comps, pad_id, packed=packed)
+    if share_prompt:
+        tokens = build_shared_prompt_batch(
+            [e["prompt_ids"] for e in exs],
+            [[e["chosen_ids"], e["rejected_ids"]] for e in exs],
+            pad_id,
+            packed=packed,
+        )
+    else:
+        prompts = [e["prompt_ids"] for e in exs] * 2
+        comps = [e["chosen_ids"] for e in exs] + [e["rejected_ids"] for e in exs]
+        tokens = build_token_batch(prompts, comps, pad_id, packed=packed)
     margin = torch.tensor([e["margin"] for e in exs]) if all("margin" in e for e in exs) else None
     return PairBatch(
         tokens=tokens,

@@ -78,7 +78,9 @@ def run(trainer: Trainer) -> TrainResult:
         )
     trainer.log_line(
         f"training {cfg.loss.loss} on {len(trainer.data.train)} examples: {trainer.total_steps} steps "
-        f"of {t.batch_size} ({t.grad_accum} micro-batches), run dir {trainer.run_dir}"
+        f"of {t.batch_size} ({t.grad_accum} micro-batches"
+        f"{f' in each of {trainer.acc.num_processes} processes' if trainer.acc.num_processes > 1 else ''}"
+        f"), run dir {trainer.run_dir}"
     )
     bar = tqdm(
         total=trainer.total_steps,
@@ -91,7 +93,9 @@ def run(trainer: Trainer) -> TrainResult:
     last: dict = {}
     while trainer.step < trainer.total_steps:
         epoch, offset = divmod(trainer.step, trainer.per_epoch)
-        batch = global_batches(len(trainer.data.train), t.batch_size, t.seed, epoch)[offset]
+        batch = global_batches(
+            len(trainer.data.train), t.batch_size, t.seed, epoch, trainer.lengths
+        )[offset]
         last = trainer.train_step(batch)
         trainer.step += 1
         last["epoch"] = trainer.step / trainer.per_epoch
@@ -121,6 +125,7 @@ def run(trainer: Trainer) -> TrainResult:
             "steps": trainer.step,
             "train_seconds": train_time,
             "reference": trainer.reference_mode,
+            "num_processes": trainer.acc.num_processes,
             "loss_name": cfg.loss.loss,
             "run_dir": str(trainer.run_dir),
         }

@@ -24,7 +24,7 @@ from preftune.logps import sequence_logps, sequence_logps_and_kl
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
 from preftune.models import cache_dir
 from preftune.train import checkpoint as ckpt
-from preftune.train.batches import micro_batches, pair_batch, unpaired_batch
+from preftune.train.batches import example_lengths, micro_batches, pair_batch, unpaired_batch
 from preftune.train.reference import (
     CachedReference,
     ModelReference,
@@ -43,6 +43,16 @@ class TrainingError(RuntimeError):
 class TrainResult:
     run_dir: Path
     metrics: dict
+
+
+def place_for_training(acc, policy, optimizer):
+    """The policy on the accelerator's device, NOT wrapped in DistributedDataParallel:
+    preftune.logps calls the decoder and head submodules directly (prompt tokens get no head
+    work), so DDP's forward would never run and its reducer never average anything. Gradients
+    are averaged explicitly by Trainer._sync_gradients, once per optimizer step (so gradient
+    accumulation needs no no_sync)."""
+    policy.to(acc.device)
+    return policy, acc.prepare(optimizer)
 
 
 def _mean(values: list) -> float:
@@ -75,13 +85,14 @@ class Trainer:
                 f"{len(self.data.train)} training examples are fewer than batch_size={t.batch_size}"
             )
         self.total_steps = t.max_steps or self.per_epoch * t.epochs
+        self.lengths = example_lengths(self.data.train) if t.group_by_length else None
         if t.batch_size % (self.acc.num_processes * t.grad_accum):
             raise TrainingError(
                 f"batch_size={t.batch_size} must split evenly over {self.acc.num_processes} "
                 f"processes x grad_accum={t.grad_accum}"
             )
         self.optimizer, self.scheduler = build_optimizer(cfg, self.policy, self.total_steps)
-        self.policy, self.optimizer = self.acc.prepare(self.policy, self.optimizer)
+        self.policy, self.optimizer = place_for_training(self.acc, self.policy, self.optimizer)
         self.calibration = (
             BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
         )
@@ -153,15 +164,19 @@ class Trainer:
             leave=False,
         ):
             idx = list(range(s, min(s + size, len(examples))))
-            batch = pair_batch(examples, idx, self.tokenizer.pad_token_id, self.cfg.train.packed)
+            batch = self._pair_batch(examples, idx)
             with self.acc.autocast():
                 lp = model.logps(batch.tokens.to(self.acc.device)).double().cpu()
             chosen[idx], rejected[idx] = lp[: len(idx)], lp[len(idx) :]
         return {"chosen": chosen, "rejected": rejected}
 
+    def _pair_batch(self, examples, idx):
+        t = self.cfg.train
+        return pair_batch(examples, idx, self.tokenizer.pad_token_id, t.packed, t.share_prompt)
+
     # ---- one micro-batch -----------------------------------------------------------------------
     def _paired_logps(self, examples, idx, reference) -> tuple[PreferenceLogps, int]:
-        b = pair_batch(examples, idx, self.tokenizer.pad_token_id, self.cfg.train.packed)
+        b = self._pair_batch(examples, idx)
         tokens = b.tokens.to(self.acc.device)
         n = len(idx)
         kl = None
@@ -226,20 +241,19 @@ class Trainer:
         ntok = 0
         start = time.perf_counter()
         for i, idx in enumerate(micro):
-            sync = i == len(micro) - 1
-            ctx = self.acc.no_sync(self.policy) if not sync and P > 1 else _null()
-            with ctx:
-                out, logps, n = self._loss(self.data.train, idx, self.reference, train=True)
-                # local sum over the global batch size; x P because DDP averages gradients over processes
-                loss = out.losses.sum() * P / len(batch_idx)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"non-finite loss ({loss.item()}) at step {self.step + 1}, micro-batch {i} "
-                        f"(examples {idx[:4]}...); step refused, last checkpoint kept"
-                    )
-                self.acc.backward(loss)
+            out, logps, n = self._loss(self.data.train, idx, self.reference, train=True)
+            # local sum over the global batch size; x P because the gradients are then averaged
+            # over processes
+            loss = out.losses.sum() * P / len(batch_idx)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"non-finite loss ({loss.item()}) at step {self.step + 1}, micro-batch {i} "
+                    f"(examples {idx[:4]}...); step refused, last checkpoint kept"
+                )
+            self.acc.backward(loss)
             ntok += n
             self._record(rec, extra, out, logps)
+        self._sync_gradients()
         grad_norm = self._clip_and_check()
         self.optimizer.step()
         self.scheduler.step()
@@ -255,6 +269,37 @@ class Trainer:
             }
         )
         return metrics
+
+    def _sync_gradients(self, bucket_elems: int = 1 << 24) -> None:
+        """Average gradients over processes: flattened into buckets (one all-reduce per ~64 MB
+        of fp32, not one per tensor), reduced, divided by the process count, copied back."""
+        P = self.acc.num_processes
+        if P == 1:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [
+            p.grad if p.grad is not None else torch.zeros_like(p)
+            for p in self.policy.parameters()
+            if p.requires_grad
+        ]
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        start = 0
+        while start < len(grads):
+            end, size = start, 0
+            while end < len(grads) and (end == start or size + grads[end].numel() <= bucket_elems):
+                size += grads[end].numel()
+                end += 1
+            flat = _flatten_dense_tensors(grads[start:end])
+            dist.all_reduce(flat)
+            flat.div_(P)
+            for p, g in zip(params[start:end], _unflatten_dense_tensors(flat, grads[start:end])):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.copy_(g)
+            start = end
 
     def _clip_and_check(self) -> float:
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -365,14 +410,6 @@ class Trainer:
             self.state(),
             self.cfg.train.keep_checkpoints,
         )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def train(config=None, overrides=None) -> TrainResult:

@@ -1,0 +1,41 @@
+"""Data order: plain and length-grouped batches, and the micro-batch split."""
+
+import random
+
+from preftune.train.batches import global_batches, micro_batches
+
+
+def padding(batches, lengths):
+    return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+
+def test_plain_batches_are_the_seeded_permutation_in_full_batches():
+    batches = global_batches(21, 4, seed=3, epoch=0)
+    assert [len(b) for b in batches] == [4] * 5  # the ragged last example is left out, not padded
+    flat = sum(batches, [])
+    assert len(set(flat)) == 20
+    assert batches == global_batches(21, 4, seed=3, epoch=0)
+    assert batches != global_batches(21, 4, seed=3, epoch=1)
+
+
+def test_length_grouped_batches_keep_the_examples_and_cut_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 400) for _ in range(1003)]
+    plain = global_batches(1003, 8, seed=1, epoch=2)
+    grouped = global_batches(1003, 8, seed=1, epoch=2, lengths=lengths)
+    # the same examples (the same ragged remainder left out), only regrouped
+    assert sorted(sum(grouped, [])) == sorted(sum(plain, []))
+    assert all(len(b) == 8 for b in grouped)
+    assert padding(grouped, lengths) < 0.2 * padding(plain, lengths)
+    # deterministic per (seed, epoch); the batch order is shuffled, not longest-first
+    assert grouped == global_batches(1003, 8, seed=1, epoch=2, lengths=lengths)
+    assert grouped != global_batches(1003, 8, seed=1, epoch=3, lengths=lengths)
+    firsts = [max(lengths[i] for i in b) for b in grouped[:50]]
+    assert firsts != sorted(firsts, reverse=True)
+
+
+def test_micro_batches_split_processes_then_accumulation():
+    batch = list(range(8))
+    assert micro_batches(batch, 0, 2, 2) == [[0, 2], [4, 6]]
+    assert micro_batches(batch, 1, 2, 2) == [[1, 3], [5, 7]]
+    assert micro_batches(batch, 0, 1, 1) == [batch]
