@@ -180,16 +180,50 @@ def generate(
     return out
 
 
+MIN_SHARED_PREFIX = 8  # tokens; below this a separate prefix forward does not pay
+
+
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for k in range(max(n, 0)):
+        if any(r[k] != first[k] for r in rows):
+            return k
+    return max(n, 0)
+
+
+def _mid_pad(rows: list[list[int]], prefix: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[shared prefix | padding | own suffix]: the prefix sits at the same columns in every row,
+    so its KV cache can be computed once; masked padding keeps each row's positions intact."""
+    ids, mask = _left_pad([r[prefix:] for r in rows], pad_id)
+    head = torch.tensor(rows[0][:prefix], dtype=torch.long).expand(len(rows), prefix)
+    return torch.cat([head, ids], 1), torch.cat([torch.ones_like(head), mask], 1)
+
+
 @torch.no_grad()
 def _generate_rows(
     model: Any, rows: list[list[int]], cfg: SamplingConfig, eos: list[int], pad_id: int
 ) -> list[list[int]]:
-    """New tokens of one left-padded `generate` call, `len(rows) * n` lists, prompt-major."""
+    """New tokens of one `generate` call, `len(rows) * n` lists, prompt-major.
+
+    Chat prompts share a long head (system prompt, turn markers): when every row starts with
+    the same >= MIN_SHARED_PREFIX tokens (and one sample per prompt is asked), that prefix runs
+    once at batch size 1, its KV cache is repeated over the batch, and only the rest of each
+    prompt is prefilled — the same tokens a plain left-padded call would produce, for a
+    fraction of the prefill work."""
     device = next(model.parameters()).device
-    ids, mask = _left_pad(rows, pad_id)
-    seqs = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), **_hf_kwargs(cfg, eos, pad_id)
-    )
+    prefix = common_prefix_length(rows) if len(rows) > 1 else 0
+    kwargs = _hf_kwargs(cfg, eos, pad_id)
+    if prefix >= MIN_SHARED_PREFIX and cfg.num_return_sequences == 1:
+        ids, mask = _mid_pad(rows, prefix, pad_id)
+        out = model(input_ids=ids[:1, :prefix].to(device), use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(len(rows))
+        kwargs["past_key_values"] = cache
+    else:
+        ids, mask = _left_pad(rows, pad_id)
+    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
     return seqs[:, ids.shape[1] :].tolist()
 
 
