@@ -710,7 +710,7 @@ def main(argv=None) -> None:
         "--chunk-budget",
         type=int,
         default=0,
-        help="W3: also run preftune with chunk_size = budget // vocab (a fixed logit budget per chunk)",
+        help="W3: also run preftune with an explicit chunk_size = budget // vocab (the default already keeps 2^25 logits per chunk)",
     )
     args = p.parse_args(argv)
     if args.steps is None:

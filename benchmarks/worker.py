@@ -66,7 +66,7 @@ def run_preftune(spec: dict) -> dict:
             "packed": spec.get("packed", False),
             "share_prompt": spec.get("share_prompt", True),
             "bf16": spec["bf16"],
-            "chunk_size": spec.get("chunk_size", 1024),
+            "chunk_size": spec.get("chunk_size"),  # None: the vocab-aware default
             "gradient_checkpointing": spec.get("gradient_checkpointing", False),
             "seed": spec["seed"],
             "quiet": True,

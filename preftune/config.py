@@ -84,7 +84,8 @@ class TrainConfig:
     share_prompt: bool = True  # one copy of each prompt, chosen and rejected branch from it
     group_by_length: bool = False  # batches of similar lengths (less padding), order still random
     bf16: bool = False  # bf16 autocast (CPU with AVX-512 BF16 or a GPU)
-    chunk_size: int = 1024  # completion tokens per LM-head chunk
+    # completion tokens per LM-head chunk; null = 2^25 logits // vocab (fixed logit memory)
+    chunk_size: int | None = None
     log_every: int = 1
     eval_every: int | None = None
     save_every: int | None = None
@@ -340,7 +341,10 @@ def validate(cfg: Config) -> None:
             t.reference in ("auto", "frozen", "lora", "precompute", "none"),
             f"reference must be auto, frozen, lora, precompute or none, got {t.reference!r}",
         ),
-        (t.chunk_size >= 1, f"chunk_size must be >= 1, got {t.chunk_size}"),
+        (
+            t.chunk_size is None or t.chunk_size >= 1,
+            f"chunk_size must be >= 1 (or null: 2^25 logits per chunk), got {t.chunk_size}",
+        ),
         (
             d.max_length > 1 and d.max_prompt_length >= 1,
             "max_length must be > 1 and max_prompt_length >= 1",

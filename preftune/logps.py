@@ -3,8 +3,9 @@
 Only completion positions get LM-head work: hidden states are gathered at the positions whose
 *next* token is a completion token (the shift-by-one of METHODS.md §0), and the head +
 fp32 log-softmax runs over chunks of those tokens under activation checkpointing, so the
-(tokens, vocab) logits exist one chunk at a time in forward and again in backward. Memory for
-logits is therefore chunk_size x vocab, whatever the batch, length or vocabulary.
+(tokens, vocab) logits exist one chunk at a time in forward and again in backward. By default a
+chunk holds LOGIT_BUDGET logits (chunk tokens = LOGIT_BUDGET // vocab), so memory for logits is
+fixed whatever the batch, length or vocabulary; an explicit chunk_size fixes tokens instead.
 
 Policy, reference, reference precompute, TDPO's sequential KL and evaluation all call this.
 """
@@ -17,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK = 1024
+LOGIT_BUDGET = 1 << 25  # logits per chunk (128 MB in fp32): 1024 tokens of a 32k vocabulary
+MIN_CHUNK = 16
+
+
+def chunk_tokens(head, chunk_size: int | None) -> int:
+    """Tokens per LM-head chunk: `chunk_size` if given, else LOGIT_BUDGET // vocab (>= MIN_CHUNK)."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(MIN_CHUNK, LOGIT_BUDGET // head.weight.shape[0])
 
 
 @dataclass
@@ -271,10 +280,11 @@ def _chunk_token_logps(head, softcap, scale, hidden, targets):
 
 
 def token_logps(
-    model, batch: TokenBatch, hidden: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK
+    model, batch: TokenBatch, hidden: torch.Tensor | None = None, chunk_size: int | None = None
 ) -> torch.Tensor:
     """(N,) log-prob of every scored token, chunked with recomputation in backward."""
     _, head, softcap, scale = _split_causal_lm(model)
+    chunk_size = chunk_tokens(head, chunk_size)
     if hidden is None:
         hidden = hidden_at_targets(model, batch)
     parts = []
@@ -289,7 +299,7 @@ def token_logps(
     return torch.cat(parts) if parts else hidden.new_zeros(0)
 
 
-def sequence_logps(model, batch: TokenBatch, chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+def sequence_logps(model, batch: TokenBatch, chunk_size: int | None = None) -> torch.Tensor:
     """(S,) log-probs of each sequence's completion, summed over its completion tokens."""
     tok = token_logps(model, batch, chunk_size=chunk_size)
     return torch.zeros(batch.num_seqs, dtype=tok.dtype, device=tok.device).index_add(
@@ -305,7 +315,11 @@ def _chunk_kl(ref_head, ref_cap, ref_scale, pol_head, pol_cap, pol_scale, ref_h,
 
 
 def sequence_logps_and_kl(
-    policy, reference, batch: TokenBatch, ref_hidden: torch.Tensor, chunk_size: int = DEFAULT_CHUNK
+    policy,
+    reference,
+    batch: TokenBatch,
+    ref_hidden: torch.Tensor,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Policy sequence log-probs and TDPO's sequential KL, sum_t KL(p_ref || p_theta), per sequence.
 
@@ -317,6 +331,7 @@ def sequence_logps_and_kl(
     tok = token_logps(policy, batch, hidden=pol_hidden, chunk_size=chunk_size)
     _, ref_head, ref_cap, ref_scale = _split_causal_lm(reference)
     _, pol_head, pol_cap, pol_scale = _split_causal_lm(policy)
+    chunk_size = chunk_tokens(pol_head, chunk_size)
     kls = []
     for s in range(0, pol_hidden.shape[0], chunk_size):
         args = (

@@ -160,3 +160,13 @@ def test_shared_prompt_bad_shapes():
         build_shared_prompt_batch([[1], [2]], [[[3]], [[4], [5]]], pad_id=0)
     with pytest.raises(ValueError, match="prompt token"):
         build_shared_prompt_batch([[]], [[[3], [4]]], pad_id=0)
+
+
+def test_default_chunk_holds_a_fixed_logit_budget():
+    from preftune.logps import LOGIT_BUDGET, MIN_CHUNK, chunk_tokens
+
+    for vocab, want in ((32768, 1024), (49152, 682), (262144, 128), (1 << 24, 2)):
+        head = torch.nn.Linear(8, vocab, bias=False, device="meta")
+        assert chunk_tokens(head, None) == max(MIN_CHUNK, want)
+        assert chunk_tokens(head, None) * vocab <= max(LOGIT_BUDGET, MIN_CHUNK * vocab)
+        assert chunk_tokens(head, 7) == 7  # an explicit size wins
