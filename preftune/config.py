@@ -81,7 +81,9 @@ class TrainConfig:
     # in one row with a block-diagonal mask. On CPU, SDPA with a mask materialises the T x T
     # attention of that row, so packing is slower than padding here (docs/benchmarks.md).
     packed: bool = False
-    share_prompt: bool = True  # one copy of each prompt, chosen and rejected branch from it
+    # one copy of each prompt, chosen and rejected branching from it: true | false | auto
+    # (auto: per micro-batch, when a cost model says it saves work; see train/batches.py)
+    share_prompt: str = "auto"
     group_by_length: bool = False  # batches of similar lengths (less padding), order still random
     bf16: bool = False  # bf16 autocast (CPU with AVX-512 BF16 or a GPU)
     # completion tokens per LM-head chunk; null = 2^25 logits // vocab (fixed logit memory)
@@ -223,7 +225,7 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"'{key}' must be a number, got {value!r}")
         return float(value)
     if t.startswith("str"):
-        return str(value)
+        return str(value).lower() if isinstance(value, bool) else str(value)  # true -> "true"
     if t.startswith("dict"):
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a mapping such as {{alpha: 0.6}}, got {value!r}")
@@ -340,6 +342,10 @@ def validate(cfg: Config) -> None:
         (
             t.reference in ("auto", "frozen", "lora", "precompute", "none"),
             f"reference must be auto, frozen, lora, precompute or none, got {t.reference!r}",
+        ),
+        (
+            t.share_prompt in ("auto", "true", "false"),
+            f"share_prompt must be auto, true or false, got {t.share_prompt!r}",
         ),
         (
             t.chunk_size is None or t.chunk_size >= 1,

@@ -288,9 +288,13 @@ def token_logps(
     if hidden is None:
         hidden = hidden_at_targets(model, batch)
     parts = []
+    last = (hidden.shape[0] - 1) // chunk_size * chunk_size
     for s in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[s : s + chunk_size], batch.target_ids[s : s + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        # The last chunk keeps its logits for backward (which visits it first and frees them
+        # before recomputing any other chunk): one chunk of logits alive, as with recomputation
+        # everywhere, and a batch that fits one chunk never runs its LM head twice.
+        if torch.is_grad_enabled() and h.requires_grad and s != last:
             parts.append(
                 checkpoint(_chunk_token_logps, head, softcap, scale, h, t, use_reentrant=False)
             )

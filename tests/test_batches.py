@@ -39,3 +39,20 @@ def test_micro_batches_split_processes_then_accumulation():
     assert micro_batches(batch, 0, 2, 2) == [[0, 2], [4, 6]]
     assert micro_batches(batch, 1, 2, 2) == [[1, 3], [5, 7]]
     assert micro_batches(batch, 0, 1, 1) == [batch]
+
+
+def test_sharing_pays_for_long_prompts_not_for_long_completions():
+    from preftune.train.batches import pair_batch, sharing_pays
+
+    def ex(p, c, r):
+        return {"prompt_ids": [5] * p, "chosen_ids": [6] * c, "rejected_ids": [7] * r}
+
+    chat = [ex(40, 10, 14)] * 8  # the bundled set's shape: the prompt is most of each sequence
+    long = [ex(64, 2048, 2048)]  # W2's longest case: one row of 4160 would cost 2x the attention
+    assert sharing_pays(chat, packed=False, hidden_size=576)
+    assert not sharing_pays(long, packed=False, hidden_size=576)
+    examples = chat + long
+    auto_chat = pair_batch(examples, list(range(8)), 0, False, "auto", 576)
+    auto_long = pair_batch(examples, [8], 0, False, "auto", 576)
+    assert auto_chat.tokens.input_ids.shape[0] == 8  # one row per pair: shared
+    assert auto_long.tokens.input_ids.shape[0] == 2  # prompt + chosen, prompt + rejected

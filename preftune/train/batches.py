@@ -69,13 +69,43 @@ class PairBatch:
     num_tokens: int  # real tokens: prompt + chosen + rejected
 
 
+def sharing_pays(exs: list[dict], packed: bool, hidden_size: int) -> bool:
+    """Whether laying each prompt out once costs less than prompt + chosen, prompt + rejected.
+
+    Per layer, dense work is ~24 d^2 FLOPs per laid-out token and attention ~4 d W^2 per row of
+    width W: a row with a custom mask is computed in full (the CPU SDPA kernels cannot skip its
+    masked blocks). Sharing saves the second prompt copy but puts both completions in one row,
+    so it pays for short completions after long prompts (chat data, the bundled set) and loses
+    for long completions after short prompts (W2 in docs/benchmarks.md).
+    """
+    P = [len(e["prompt_ids"]) for e in exs]
+    C = [len(e["chosen_ids"]) for e in exs]
+    R = [len(e["rejected_ids"]) for e in exs]
+    shared = [p + c + r for p, c, r in zip(P, C, R)]
+    separate = [p + c for p, c in zip(P, C)] + [p + r for p, r in zip(P, R)]
+
+    def cost(lengths: list[int]) -> int:
+        rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))
+        return rows * (6 * hidden_size * width + width * width)
+
+    return cost(shared) <= cost(separate)
+
+
 def pair_batch(
-    examples: list[dict], idx: list[int], pad_id: int, packed: bool, share_prompt: bool = False
+    examples: list[dict],
+    idx: list[int],
+    pad_id: int,
+    packed: bool,
+    share_prompt: bool | str = False,
+    hidden_size: int = 1024,
 ) -> PairBatch:
     """Sequences 0..n-1 are the chosen, n..2n-1 the rejected. With `share_prompt` each prompt is
     laid out once and both completions branch from it (same log-probs, ~1/3 fewer tokens on the
-    bundled set); otherwise prompt + chosen and prompt + rejected are separate sequences."""
+    bundled set); otherwise prompt + chosen and prompt + rejected are separate sequences.
+    share_prompt="auto" decides per micro-batch with `sharing_pays` (model width `hidden_size`)."""
     exs = [examples[i] for i in idx]
+    if share_prompt == "auto":
+        share_prompt = sharing_pays(exs, packed, hidden_size)
     if share_prompt:
         tokens = build_shared_prompt_batch(
             [e["prompt_ids"] for e in exs],

@@ -172,7 +172,9 @@ class Trainer:
 
     def _pair_batch(self, examples, idx):
         t = self.cfg.train
-        return pair_batch(examples, idx, self.tokenizer.pad_token_id, t.packed, t.share_prompt)
+        share = {"true": True, "false": False}.get(t.share_prompt, "auto")
+        width = getattr(self.acc.unwrap_model(self.policy).config, "hidden_size", 1024)
+        return pair_batch(examples, idx, self.tokenizer.pad_token_id, t.packed, share, width)
 
     # ---- one micro-batch -----------------------------------------------------------------------
     def _paired_logps(self, examples, idx, reference) -> tuple[PreferenceLogps, int]:
