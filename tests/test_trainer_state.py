@@ -164,3 +164,24 @@ def test_two_processes_equal_one_on_the_same_global_batch(tiny_dir, tmp_path):
     for a, b in zip(*losses):
         assert math.isclose(a, b, rel_tol=1e-9)
     assert_same_weights(weights(one.run_dir), weights(tmp_path / "two"), atol=1e-9)
+
+
+def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(tiny_dir, tmp_path, monkeypatch):
+    """from_pretrained hands back an eval-mode model, where transformers skips checkpointing:
+    the trainer must train in train mode, so each layer really runs twice, for the same step."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    results = {}
+    for gc in (False, True):
+        t = Trainer(cfg(tiny_dir, tmp_path, f"gc{gc}", gradient_checkpointing=gc, dtype="float64"))
+        assert t.policy.training
+        calls = []
+        # a pre-hook inside the checkpointed forward: the recomputation stops early after the
+        # last saved tensor, before any post-hook of the layer or its MLP could fire
+        layer = t.policy.model.layers[0].mlp
+        handle = layer.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+        m = t.train_step([0, 1, 2, 3])
+        handle.remove()
+        results[gc] = (len(calls), m["loss"], m["grad_norm"])
+    assert results[False][0] == 1 and results[True][0] == 2  # forward, and its recomputation
+    assert math.isclose(results[False][1], results[True][1], rel_tol=1e-12)
+    assert math.isclose(results[False][2], results[True][2], rel_tol=1e-9)

@@ -77,6 +77,9 @@ def load_policy(cfg: Config):
     dtype = getattr(torch, m.dtype)
     tokenizer = load_tokenizer(m.model, trust_remote_code=m.trust_remote_code)
     model = load_causal_lm(m.model, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    # from_pretrained returns eval mode, where transformers skips gradient checkpointing;
+    # train mode changes nothing else here (dropout is disabled)
+    model.train()
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.lora:
