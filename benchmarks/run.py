@@ -600,7 +600,7 @@ def micro(args) -> None:
     model = args.model or default_model()
     rec = header(args)
     layouts, optims = {}, {}
-    for data in ("arithmetic_edit", "spread"):
+    for data in args.micro_data.split(","):
         print(f"[bench] layouts on {data} ...", flush=True)
         r = run_worker(
             {
@@ -702,6 +702,12 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
     p.add_argument("--variants", default="preftune,trl", help=f"W1 variants: {', '.join(VARIANTS)}")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--micro-data",
+        default="arithmetic_onpolicy",
+        help="micro: bundled sets and/or 'spread' (synthetic, wide length spread; its one-row "
+        "packed layouts need ~11 GB)",
+    )
     p.add_argument("--tools", default="preftune,trl", help="W2/W3 tools")
     p.add_argument("--lengths", default="128,512,1024,2048")
     p.add_argument("--budget", type=int, default=4096, help="W2 completion tokens per batch")
