@@ -74,7 +74,7 @@ def base_spec(args) -> dict:
 
 def matmul(args, bf16: bool = False) -> dict:
     r = run_worker(
-        {"tool": "matmul", "threads": args.threads, "bf16": bf16, "reps": 5},
+        {"tool": "matmul", "threads": args.threads, "bf16": bf16, "reps": args.matmul_reps},
         omp_wait_policy=args.omp_wait_policy,
     )
     if not r["ok"]:
@@ -702,6 +702,12 @@ def main(argv=None) -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "both"])
     p.add_argument("--variants", default="preftune,trl", help=f"W1 variants: {', '.join(VARIANTS)}")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument(
+        "--matmul-reps",
+        type=int,
+        default=5,
+        help="timed 2048³ matmuls per probe (a bf16 one takes ~90 s on a CPU without bf16 units)",
+    )
     p.add_argument(
         "--micro-data",
         default="arithmetic_onpolicy",

@@ -33,6 +33,7 @@ def _load_model(cfg: Config):
     model = load_reward_model(
         m.model, tokenizer.pad_token_id, getattr(torch, m.dtype), m.trust_remote_code
     )
+    model.train()  # as load_policy: checkpointing only acts in train mode; dropout is off
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if m.lora:
