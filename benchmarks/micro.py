@@ -8,7 +8,7 @@ Layouts of one batch of B pairs (2B sequences), forward + backward of `sequence_
 - packed-capN: first-fit into rows of at most N tokens (`build_token_batch(max_row=N)`, which the
   trainer does not expose yet);
 - shared-padded / shared-packed: [prompt; chosen; rejected], the prompt run once
-  (`build_shared_prompt_batch`, preftune's default `share_prompt=true`): a 4-D mask stops
+  (`build_shared_prompt_batch`; preftune's default `share_prompt=auto` picks it on this data): a 4-D mask stops
   rejected tokens from seeing chosen ones and rejected positions continue the prompt's, so every
   scored token sees exactly the context it has in the padded layout; one pair per row, or all
   pairs in one row.

@@ -64,7 +64,7 @@ def run_preftune(spec: dict) -> dict:
             "loss": "dpo",
             "reference": spec.get("reference", "auto"),
             "packed": spec.get("packed", False),
-            "share_prompt": spec.get("share_prompt", True),
+            "share_prompt": spec.get("share_prompt", "auto"),  # the library default
             "bf16": spec["bf16"],
             "chunk_size": spec.get("chunk_size"),  # None: the vocab-aware default
             "gradient_checkpointing": spec.get("gradient_checkpointing", False),
