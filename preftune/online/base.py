@@ -1,9 +1,9 @@
 """What the online and reward trainers share with the offline `Trainer`, minus its model and data.
 
 `Trainer.__init__` loads a causal LM and tokenized pairs; the online trainers need prompts
-instead, the reward trainer a sequence classifier. `prepare_trainer` does the rest of that
-setup identically (accelerate, seed, optimizer and schedule, calibration, step counter), so the
-subclasses keep every other `Trainer` method and the one loop in `preftune.train.loop.run`.
+instead, the reward trainer a sequence classifier. They call `preftune.train.trainer.
+prepare_trainer` with their own loaders (the same setup `Trainer.__init__` runs), so they keep
+every other `Trainer` method and the one loop in `preftune.train.loop.run`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 import yaml
-from accelerate import Accelerator
 
-from preftune.calibrate import BetaCalibration
 from preftune.config import Config, build_config
-from preftune.losses import LOSSES
-from preftune.train.batches import example_lengths
-from preftune.train.setup import Datasets, build_optimizer, run_dir_for, trackers
-from preftune.train.trainer import TrainingError, place_for_training
+from preftune.train.trainer import TrainingError
 
 
 def resolve_config(config, overrides, default_name: Callable[[Config], str]) -> Config:
@@ -52,56 +46,6 @@ def resolve_config(config, overrides, default_name: Callable[[Config], str]) -> 
     elif cfg.train.run_name is None:
         cfg.train.run_name = f"{default_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg
-
-
-def prepare_trainer(
-    trainer,
-    cfg: Config,
-    load_model: Callable[[], tuple],
-    load_data: Callable[[object], Datasets],
-) -> None:
-    """Set the attributes `Trainer` methods and `loop.run` read, as `Trainer.__init__` does.
-
-    load_model() -> (model, tokenizer, model_path); load_data(tokenizer) -> Datasets whose
-    `train` list is what `loop.run` batches over (pairs, or prompts for the online methods).
-    """
-    trainer.cfg = cfg
-    trainer.spec = LOSSES[cfg.loss.loss]
-    trainer.run_dir = run_dir_for(cfg)
-    trainer.run_dir.mkdir(parents=True, exist_ok=True)
-    trainer.acc = Accelerator(
-        log_with=trackers(cfg) or None,
-        project_dir=str(trainer.run_dir),
-        mixed_precision="bf16" if cfg.train.bf16 else "no",
-    )
-    torch.manual_seed(cfg.train.seed)
-    trainer.quiet = cfg.train.quiet or not trainer.acc.is_main_process
-    trainer.policy, trainer.tokenizer, trainer.model_path = load_model()
-    trainer.data = load_data(trainer.tokenizer)
-    for note in trainer.data.notes:
-        trainer.log_line(f"note: {note}")
-    t = cfg.train
-    trainer.per_epoch = len(trainer.data.train) // t.batch_size
-    if trainer.per_epoch == 0:
-        raise TrainingError(
-            f"{len(trainer.data.train)} training examples are fewer than batch_size={t.batch_size}"
-        )
-    trainer.total_steps = t.max_steps or trainer.per_epoch * t.epochs
-    trainer.lengths = example_lengths(trainer.data.train) if t.group_by_length else None
-    if t.batch_size % (trainer.acc.num_processes * t.grad_accum):
-        raise TrainingError(
-            f"batch_size={t.batch_size} must split evenly over {trainer.acc.num_processes} "
-            f"processes x grad_accum={t.grad_accum}"
-        )
-    trainer.optimizer, trainer.scheduler = build_optimizer(cfg, trainer.policy, trainer.total_steps)
-    trainer.policy, trainer.optimizer = place_for_training(
-        trainer.acc, trainer.policy, trainer.optimizer
-    )
-    trainer.calibration = (
-        BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
-    )
-    trainer.loss_state = trainer.spec.init_state() if trainer.spec.stateful else None
-    trainer.step = 0
 
 
 def split_even(items: list, parts: int) -> list[list]:

@@ -29,13 +29,13 @@ from preftune.data import arithmetic
 from preftune.data.tokenize import tokenize_records
 from preftune.generation import Completion, SamplingConfig, generate
 from preftune.judges import RewardModelJudge, load_judge
-from preftune.online.base import append_jsonl, prepare_trainer, split_even
+from preftune.online.base import append_jsonl, split_even
 from preftune.online.labels import label_online_pairs
 from preftune.online.prompts import load_prompts, user_text
 from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
 from preftune.train.reference import ModelReference
 from preftune.train.setup import Datasets, load_policy, resolve_task
-from preftune.train.trainer import Trainer, TrainingError
+from preftune.train.trainer import Trainer, TrainingError, prepare_trainer
 
 
 def pair_example(chosen: Completion, rejected: Completion) -> dict:

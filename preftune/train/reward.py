@@ -20,11 +20,11 @@ import torch
 from preftune.config import Config
 from preftune.losses import LossOutput
 from preftune.models import load_tokenizer, resolve_model_path
-from preftune.online.base import prepare_trainer, relabel_summary, resolve_config, split_argv
+from preftune.online.base import relabel_summary, resolve_config, split_argv
 from preftune.reward.loss import bradley_terry_loss
 from preftune.reward.model import load_reward_model, pad_right, sequence_rewards
 from preftune.train.setup import load_datasets
-from preftune.train.trainer import Trainer, TrainResult
+from preftune.train.trainer import Trainer, TrainResult, prepare_trainer
 
 
 def _load_model(cfg: Config):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,14 @@ from preftune.train.reference import (
     choose_mode,
     load_or_compute_cache,
 )
-from preftune.train.setup import build_optimizer, load_datasets, load_policy, run_dir_for, trackers
+from preftune.train.setup import (
+    Datasets,
+    build_optimizer,
+    load_datasets,
+    load_policy,
+    run_dir_for,
+    trackers,
+)
 
 
 class TrainingError(RuntimeError):
@@ -61,43 +69,65 @@ def _mean(values: list) -> float:
     )
 
 
+def prepare_trainer(
+    trainer,
+    cfg: Config,
+    load_model: Callable[[], tuple],
+    load_data: Callable[[object], Datasets],
+) -> None:
+    """Set the attributes `Trainer` methods and `loop.run` read: `Trainer.__init__` is this plus
+    the reference; the online and reward trainers bring their own model and data loaders.
+
+    load_model() -> (model, tokenizer, model_path); load_data(tokenizer) -> Datasets whose
+    `train` list is what `loop.run` batches over (pairs, or prompts for the online methods).
+    """
+    trainer.cfg = cfg
+    trainer.spec = LOSSES[cfg.loss.loss]
+    trainer.run_dir = run_dir_for(cfg)
+    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    trainer.acc = Accelerator(
+        log_with=trackers(cfg) or None,
+        project_dir=str(trainer.run_dir),
+        mixed_precision="bf16" if cfg.train.bf16 else "no",
+    )
+    torch.manual_seed(cfg.train.seed)
+    trainer.quiet = cfg.train.quiet or not trainer.acc.is_main_process
+    trainer.policy, trainer.tokenizer, trainer.model_path = load_model()
+    trainer.data = load_data(trainer.tokenizer)
+    for note in trainer.data.notes:
+        trainer.log_line(f"note: {note}")
+    t = cfg.train
+    trainer.per_epoch = len(trainer.data.train) // t.batch_size
+    if trainer.per_epoch == 0:
+        raise TrainingError(
+            f"{len(trainer.data.train)} training examples are fewer than batch_size={t.batch_size}"
+        )
+    trainer.total_steps = t.max_steps or trainer.per_epoch * t.epochs
+    trainer.lengths = example_lengths(trainer.data.train) if t.group_by_length else None
+    if t.batch_size % (trainer.acc.num_processes * t.grad_accum):
+        raise TrainingError(
+            f"batch_size={t.batch_size} must split evenly over {trainer.acc.num_processes} "
+            f"processes x grad_accum={t.grad_accum}"
+        )
+    trainer.optimizer, trainer.scheduler = build_optimizer(cfg, trainer.policy, trainer.total_steps)
+    trainer.policy, trainer.optimizer = place_for_training(
+        trainer.acc, trainer.policy, trainer.optimizer
+    )
+    trainer.calibration = (
+        BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
+    )
+    trainer.loss_state = trainer.spec.init_state() if trainer.spec.stateful else None
+    trainer.step = 0
+
+
 class Trainer:
     def __init__(self, cfg: Config):
-        self.cfg = cfg
-        self.spec = LOSSES[cfg.loss.loss]
-        self.run_dir = run_dir_for(cfg)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.acc = Accelerator(
-            log_with=trackers(cfg) or None,
-            project_dir=str(self.run_dir),
-            mixed_precision="bf16" if cfg.train.bf16 else "no",
+        prepare_trainer(
+            self,
+            cfg,
+            lambda: load_policy(cfg),
+            lambda tok: load_datasets(cfg, tok, unpaired=LOSSES[cfg.loss.loss].unpaired),
         )
-        torch.manual_seed(cfg.train.seed)
-        self.quiet = cfg.train.quiet or not self.acc.is_main_process
-        self.policy, self.tokenizer, self.model_path = load_policy(cfg)
-        self.data = load_datasets(cfg, self.tokenizer, unpaired=self.spec.unpaired)
-        for note in self.data.notes:
-            self.log_line(f"note: {note}")
-        t = cfg.train
-        self.per_epoch = len(self.data.train) // t.batch_size
-        if self.per_epoch == 0:
-            raise TrainingError(
-                f"{len(self.data.train)} training examples are fewer than batch_size={t.batch_size}"
-            )
-        self.total_steps = t.max_steps or self.per_epoch * t.epochs
-        self.lengths = example_lengths(self.data.train) if t.group_by_length else None
-        if t.batch_size % (self.acc.num_processes * t.grad_accum):
-            raise TrainingError(
-                f"batch_size={t.batch_size} must split evenly over {self.acc.num_processes} "
-                f"processes x grad_accum={t.grad_accum}"
-            )
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.policy, self.total_steps)
-        self.policy, self.optimizer = place_for_training(self.acc, self.policy, self.optimizer)
-        self.calibration = (
-            BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
-        )
-        self.loss_state = self.spec.init_state() if self.spec.stateful else None
-        self.step = 0
         self.reference = self._build_reference()
 
     # ---- setup -------------------------------------------------------------------------------
@@ -281,12 +311,11 @@ class Trainer:
         import torch.distributed as dist
         from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-        grads = [
-            p.grad if p.grad is not None else torch.zeros_like(p)
-            for p in self.policy.parameters()
-            if p.requires_grad
-        ]
         params = [p for p in self.policy.parameters() if p.requires_grad]
+        for p in params:  # every process must send every tensor, trained this step or not
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
         start = 0
         while start < len(grads):
             end, size = start, 0
@@ -296,11 +325,8 @@ class Trainer:
             flat = _flatten_dense_tensors(grads[start:end])
             dist.all_reduce(flat)
             flat.div_(P)
-            for p, g in zip(params[start:end], _unflatten_dense_tensors(flat, grads[start:end])):
-                if p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.copy_(g)
+            for g, reduced in zip(grads[start:end], _unflatten_dense_tensors(flat, grads[start:end])):
+                g.copy_(reduced)
             start = end
 
     def _clip_and_check(self) -> float:
