@@ -12,6 +12,8 @@ Layouts of one batch of B pairs (2B sequences), forward + backward of `sequence_
   rejected tokens from seeing chosen ones and rejected positions continue the prompt's, so every
   scored token sees exactly the context it has in the padded layout; one pair per row, or all
   pairs in one row.
+- ...+prefix: the same with `share_prefix=True` (preftune's default): the tokens every prompt of
+  the batch starts with (a chat system prompt) run once and their KV cache serves every row.
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int
             )
             for packed in (False, True)
         },
+        "padded+prefix": build_token_batch(P2, C2, pad_id, packed=False, share_prefix=True),
+        **{
+            f"shared-{'packed' if packed else 'padded'}+prefix": build_shared_prompt_batch(
+                prompts,
+                [[c, r] for c, r in zip(chosen, rejected)],
+                pad_id,
+                packed=packed,
+                share_prefix=True,
+            )
+            for packed in (False, True)
+        },
     }
     model.train()
     out, ref = {}, None
@@ -66,12 +79,15 @@ def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int
         times, lp = _time_fwd_bwd(model, batch, reps)
         ref = lp if ref is None else ref
         shape = tuple(batch.input_ids.shape)
+        shared = name.startswith("shared")
+        real = sum(map(len, C2)) + sum(map(len, prompts if shared else P2))
+        L0 = 0 if batch.prefix_ids is None else batch.prefix_ids.numel()
+        real -= L0 * (len(prompts if shared else P2) - 1)  # the prefix runs once
         out[name] = {
             "rows_x_width": shape,
+            "prefix": L0,
             "tokens_in_rows": shape[0] * shape[1],
-            "real_tokens": int(sum(len(p) + len(c) for p, c in zip(P2, C2)))
-            if not name.startswith("shared")
-            else int(sum(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))),
+            "real_tokens": real,
             "fwd_bwd_s": {"median": statistics.median(times), "min": min(times), "max": max(times)},
             "max_abs_logp_diff_vs_padded": float((lp - ref).abs().max()),
         }

@@ -632,7 +632,8 @@ def micro(args) -> None:
                 [
                     data,
                     name,
-                    "x".join(map(str, d["rows_x_width"])),
+                    "x".join(map(str, d["rows_x_width"]))
+                    + (f" + prefix {d['prefix']}" if d.get("prefix") else ""),
                     d["real_tokens"],
                     fmt_range({**d["fwd_bwd_s"], "n": 3}, digits=2),
                     f"{d['max_abs_logp_diff_vs_padded']:.1e}",

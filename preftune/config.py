@@ -84,6 +84,9 @@ class TrainConfig:
     # one copy of each prompt, chosen and rejected branching from it: true | false | auto
     # (auto: per micro-batch, when a cost model says it saves work; see train/batches.py)
     share_prompt: str = "auto"
+    # the leading tokens every prompt of a micro-batch shares (a chat template's system prompt
+    # and turn header) run once, their keys/values reused by every row; same log-probs
+    share_prefix: bool = True
     group_by_length: bool = False  # batches of similar lengths (less padding), order still random
     bf16: bool = False  # bf16 autocast (CPU with AVX-512 BF16 or a GPU)
     # completion tokens per LM-head chunk; null = 2^25 logits // vocab (fixed logit memory)

@@ -20,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from preftune.logps import MIN_SHARED_PREFIX, common_prefix_length
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -178,19 +180,6 @@ def generate(
     finally:
         model.train(was_training)
     return out
-
-
-MIN_SHARED_PREFIX = 8  # tokens; below this a separate prefix forward does not pay
-
-
-def common_prefix_length(rows: list[list[int]]) -> int:
-    """Tokens every row starts with, leaving each row at least one token of its own."""
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for k in range(max(n, 0)):
-        if any(r[k] != first[k] for r in rows):
-            return k
-    return max(n, 0)
 
 
 def _mid_pad(rows: list[list[int]], prefix: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,13 @@ fp32 log-softmax runs over chunks of those tokens under activation checkpointing
 chunk holds LOGIT_BUDGET logits (chunk tokens = LOGIT_BUDGET // vocab), so memory for logits is
 fixed whatever the batch, length or vocabulary; an explicit chunk_size fixes tokens instead.
 
+Shared prefix: when every sequence of a batch starts with the same tokens (a chat template's
+system prompt and turn header: 27 of the 40 prompt tokens of the bundled set), the builders can
+lay out only what follows it and keep the prefix apart (`TokenBatch.prefix_ids`); the decoder
+then runs the prefix once, repeats its keys and values over the rows and runs the rows on top
+of them, with gradients flowing back through the repeat into the one prefix forward. The
+log-probs are those of the full sequences (tests/test_logps.py).
+
 Policy, reference, reference precompute, TDPO's sequential KL and evaluation all call this.
 """
 
@@ -20,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 LOGIT_BUDGET = 1 << 25  # logits per chunk (128 MB in fp32): 1024 tokens of a 32k vocabulary
 MIN_CHUNK = 16
+MIN_SHARED_PREFIX = 8  # tokens; below this a separate prefix forward does not pay
 
 
 def chunk_tokens(head, chunk_size: int | None) -> int:
@@ -41,6 +49,9 @@ class TokenBatch:
     target_pos: (N,) flat indices into (R*T) of the positions whose next token is scored.
     target_ids: (N,) the scored next tokens.  seq_index: (N,) which sequence each belongs to.
     num_seqs: S sequences in all.
+    prefix_ids: (L0,) tokens every sequence starts with, laid out once and not in the rows (whose
+        position ids then start at L0); None when the batch has no shared prefix. target_pos
+        indexes the rows only: the prefix's own tokens are never scored.
     """
 
     input_ids: torch.Tensor
@@ -50,6 +61,7 @@ class TokenBatch:
     target_ids: torch.Tensor
     seq_index: torch.Tensor
     num_seqs: int
+    prefix_ids: torch.Tensor | None = None
 
     def to(self, device) -> TokenBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -61,17 +73,77 @@ class TokenBatch:
             move(self.target_ids),
             move(self.seq_index),
             self.num_seqs,
+            move(self.prefix_ids),
         )
 
     @property
     def lengths(self) -> torch.Tensor:
         return torch.bincount(self.seq_index, minlength=self.num_seqs)
 
+    def without_prefix(self) -> TokenBatch:
+        """The same sequences with the shared prefix laid out at the start of every row: what a
+        decoder that cannot take a KV cache (gradient checkpointing in training) runs, and the
+        plain form the tests compare the cached one with."""
+        if self.prefix_ids is None:
+            return self
+        L0, (R, T) = self.prefix_ids.numel(), self.input_ids.shape
+        dev = self.input_ids.device
+        input_ids = torch.cat([self.prefix_ids.expand(R, L0), self.input_ids], 1)
+        position_ids = torch.cat([torch.arange(L0, device=dev).expand(R, L0), self.position_ids], 1)
+        if self.attention_mask.dim() == 2:
+            mask = with_prefix_columns(self.attention_mask, L0)
+        else:  # the prefix attends causally to itself; every row token sees all of it
+            mask = torch.zeros(R, 1, L0 + T, L0 + T, dtype=torch.bool, device=dev)
+            mask[..., :L0, :L0] = torch.ones(L0, L0, dtype=torch.bool, device=dev).tril()
+            mask[..., L0:, :] = with_prefix_columns(self.attention_mask, L0)
+        row, col = self.target_pos // T, self.target_pos % T
+        return TokenBatch(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            target_pos=row * (L0 + T) + L0 + col,
+            target_ids=self.target_ids,
+            seq_index=self.seq_index,
+            num_seqs=self.num_seqs,
+        )
+
+
+def with_prefix_columns(mask: torch.Tensor, prefix: int) -> torch.Tensor:
+    """A row mask (R, T) or (R, 1, T, T) widened by `prefix` leading key columns, all visible."""
+    ones = torch.ones(mask.shape[:-1] + (prefix,), dtype=mask.dtype, device=mask.device)
+    return torch.cat([ones, mask], -1)
+
+
+def common_prefix_length(rows: list[list[int]]) -> int:
+    """Tokens every row starts with, leaving each row at least one token of its own."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for k in range(max(n, 0)):
+        if any(r[k] != first[k] for r in rows):
+            return k
+    return max(n, 0)
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Leading tokens to lay out once for a batch of `prompts`: their common prefix, each prompt
+    keeping at least one token (the position that predicts its first completion token); 0 for a
+    single prompt or a prefix shorter than MIN_SHARED_PREFIX, where a separate forward costs
+    more than it saves."""
+    if len(prompts) < 2:
+        return 0
+    n = common_prefix_length(prompts)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
 
 def _layout(
-    seqs: list[tuple[list[int], int]], pad_id: int, packed: bool, max_row: int | None = None
+    seqs: list[tuple[list[int], int]],
+    pad_id: int,
+    packed: bool,
+    max_row: int | None = None,
+    first_position: int = 0,
 ) -> TokenBatch:
-    """seqs: (token ids, completion start). Builds the padded or packed TokenBatch."""
+    """seqs: (token ids, completion start). Builds the padded or packed TokenBatch; position ids
+    start at `first_position` (the length of a shared prefix kept apart)."""
     rows: list[list[tuple[int, list[int], int]]] = []  # per row: (seq idx, ids, comp start)
     if packed:
         limit = max_row or sum(len(s) for s, _ in seqs)
@@ -97,7 +169,7 @@ def _layout(
         for i, ids, start in row:
             n = len(ids)
             input_ids[r, off : off + n] = torch.tensor(ids)
-            position_ids[r, off : off + n] = torch.arange(n)
+            position_ids[r, off : off + n] = torch.arange(first_position, first_position + n)
             attention_mask[r, off : off + n] = 1
             # position t predicts token t+1: score tokens start..n-1 from positions start-1..n-2
             for t in range(start, n):
@@ -122,14 +194,24 @@ def build_token_batch(
     pad_id: int,
     packed: bool = False,
     max_row: int | None = None,
+    share_prefix: bool = False,
 ) -> TokenBatch:
-    """prompt_i + completion_i for every i; only completion tokens are scored."""
+    """prompt_i + completion_i for every i; only completion tokens are scored.
+
+    `share_prefix`: the prompts' common leading tokens (`shared_prefix_length`) are kept apart
+    in `prefix_ids` and run once. Padded layout only: the packed layout has no mask (sequences
+    are told apart by their position ids), which a KV cache cannot serve.
+    """
     if any(len(p) == 0 for p in prompts):
         raise ValueError(
             "every sequence needs at least one prompt token (a BOS or chat header) to condition on"
         )
-    seqs = [(p + c, len(p)) for p, c in zip(prompts, completions)]
-    return _layout(seqs, pad_id, packed, max_row)
+    L0 = shared_prefix_length(prompts) if share_prefix and not packed else 0
+    seqs = [(p[L0:] + c, len(p) - L0) for p, c in zip(prompts, completions)]
+    batch = _layout(seqs, pad_id, packed, max_row, first_position=L0)
+    if L0:
+        batch.prefix_ids = torch.tensor(prompts[0][:L0], dtype=torch.long)
+    return batch
 
 
 def build_shared_prompt_batch(
@@ -137,6 +219,7 @@ def build_shared_prompt_batch(
     branches: list[list[list[int]]],
     pad_id: int,
     packed: bool = False,
+    share_prefix: bool = False,
 ) -> TokenBatch:
     """Each prompt once, its K completions branching from it: [prompt | c_1 | c_2 | ...].
 
@@ -146,7 +229,9 @@ def build_shared_prompt_batch(
     mask lets a branch token see its prompt and the earlier tokens of its own branch only, so
     each completion's log-prob is that of prompt + completion alone, while the prompt's
     forward (and backward) is done once instead of K times. `packed` puts all groups in one
-    row (block-diagonal mask); otherwise one group per row, padded.
+    row (block-diagonal mask); otherwise one group per row, padded. `share_prefix`: the
+    prompts' common leading tokens are kept apart in `prefix_ids`, run once and seen by every
+    group (in both layouts).
     """
     n = len(prompts)
     if n == 0 or len(branches) != n:
@@ -159,13 +244,15 @@ def build_shared_prompt_batch(
             "every sequence needs at least one prompt token (a BOS or chat header) to condition on"
         )
     # per group: token ids, position ids, branch id (-1 = prompt), (source offset, target, seq)
+    L0 = shared_prefix_length(prompts) if share_prefix else 0
     groups = []
     for i, (p, comps) in enumerate(zip(prompts, branches)):
-        ids, pos, br, tg = list(p), list(range(len(p))), [-1] * len(p), []
+        own = p[L0:]
+        ids, pos, br, tg = list(own), list(range(L0, len(p))), [-1] * len(own), []
         for k, c in enumerate(comps):
             off = len(ids)
             for j, tok in enumerate(c):
-                tg.append((len(p) - 1 if j == 0 else off + j - 1, tok, k * n + i))
+                tg.append((len(own) - 1 if j == 0 else off + j - 1, tok, k * n + i))
             ids += c
             pos += range(len(p), len(p) + len(c))
             br += [k] * len(c)
@@ -210,6 +297,7 @@ def build_shared_prompt_batch(
         target_ids=torch.tensor(tgt, dtype=torch.long),
         seq_index=torch.tensor(sidx, dtype=torch.long),
         num_seqs=n * K,
+        prefix_ids=torch.tensor(prompts[0][:L0], dtype=torch.long) if L0 else None,
     )
 
 
@@ -243,15 +331,42 @@ def _split_causal_lm(model):
     return decoder, head, softcap, scale
 
 
+def _checkpointing(decoder) -> bool:
+    """Whether the decoder's layers recompute in backward: transformers then drops any KV cache
+    passed to them, so a shared prefix must be laid out in the rows instead."""
+    return decoder.training and any(
+        getattr(m, "gradient_checkpointing", False) for m in decoder.modules()
+    )
+
+
 def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
-    """(N, H) final hidden states at the scored positions. Prompt positions get no head work."""
+    """(N, H) final hidden states at the scored positions. Prompt positions get no head work.
+
+    A batch with a shared prefix runs it once (batch size 1, `use_cache`), repeats its keys and
+    values over the R rows and runs the rows against that cache; autograd carries the rows'
+    gradients back through the repeat (a sum over rows) into the prefix forward.
+    """
     decoder, head, _, _ = _split_causal_lm(model)
-    mask = _model_mask(decoder, batch.attention_mask, _compute_dtype(head.weight.dtype))
+    dtype = _compute_dtype(head.weight.dtype)
+    if batch.prefix_ids is not None and _checkpointing(decoder):
+        batch = batch.without_prefix()
+    cache, mask = None, batch.attention_mask
+    if batch.prefix_ids is not None:
+        L0 = batch.prefix_ids.numel()
+        pre = decoder(
+            input_ids=batch.prefix_ids[None],
+            position_ids=torch.arange(L0, device=batch.input_ids.device)[None],
+            use_cache=True,
+        )
+        cache = pre.past_key_values
+        cache.batch_repeat_interleave(batch.input_ids.shape[0])
+        mask = with_prefix_columns(mask, L0)
     out = decoder(
         input_ids=batch.input_ids,
-        attention_mask=mask,
+        attention_mask=_model_mask(decoder, mask, dtype),
         position_ids=batch.position_ids,
-        use_cache=False,
+        past_key_values=cache,
+        use_cache=cache is not None,
     )
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_pos)

@@ -56,3 +56,17 @@ def test_sharing_pays_for_long_prompts_not_for_long_completions():
     auto_long = pair_batch(examples, [8], 0, False, "auto", 576)
     assert auto_chat.tokens.input_ids.shape[0] == 8  # one row per pair: shared
     assert auto_long.tokens.input_ids.shape[0] == 2  # prompt + chosen, prompt + rejected
+
+
+def test_length_sorted_batches_cover_everything_within_the_token_budget():
+    from preftune.train.batches import length_sorted_batches
+
+    lengths = [5, 40, 12, 12, 3, 700, 64, 9, 33, 12]
+    batches = length_sorted_batches(lengths, tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
+        # padded size within budget, except an example longer than the budget, alone
+        assert len(b) * lengths[b[0]] <= 100 or len(b) == 1
+    assert [5] in batches  # the 700-token example is alone
+    assert len(batches) == 4  # [700] [64] [40 33] [12 12 12 9 5 3]

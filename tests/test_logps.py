@@ -170,3 +170,97 @@ def test_default_chunk_holds_a_fixed_logit_budget():
         assert chunk_tokens(head, None) == max(MIN_CHUNK, want)
         assert chunk_tokens(head, None) * vocab <= max(LOGIT_BUDGET, MIN_CHUNK * vocab)
         assert chunk_tokens(head, 7) == 7  # an explicit size wins
+
+
+# A chat-like batch: every prompt starts with the same 10-token head (a system prompt).
+HEAD = list(range(50, 60))
+PREFIXED = [HEAD + p for p in SHARED_PROMPTS]
+
+
+def _prefixed_batches(packed):
+    """(shared-prefix batch, the same sequences built without a prefix) for each layout."""
+    pairs = [[c, r] for c, r in zip(CHOSEN, REJECTED)]
+    out = [
+        (
+            build_shared_prompt_batch(PREFIXED, pairs, 0, packed=packed, share_prefix=True),
+            build_shared_prompt_batch(PREFIXED, pairs, 0, packed=packed),
+        )
+    ]
+    if not packed:
+        out.append(
+            (
+                build_token_batch(PREFIXED * 2, CHOSEN + REJECTED, 0, share_prefix=True),
+                build_token_batch(PREFIXED * 2, CHOSEN + REJECTED, 0),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_shared_prefix_equals_full_sequences(attn, packed):
+    """The prefix run once, its KV cache repeated over the rows, gives every completion the
+    log-prob of its full prompt + completion."""
+    model = tiny_causal_lm(64, seed=8, eos_token_id=2, pad_token_id=0, attn=attn).double()
+    want = per_example(model, PREFIXED * 2, CHOSEN + REJECTED)
+    for cached, full in _prefixed_batches(packed):
+        assert cached.prefix_ids.tolist() == HEAD
+        assert cached.input_ids.shape[1] < full.input_ids.shape[1]  # the head left the rows
+        tol = 1e-10 if attn == "sdpa" else 1e-7  # eager: fp32 softmax, as above
+        torch.testing.assert_close(sequence_logps(model, cached, 3), want, rtol=0, atol=tol)
+        torch.testing.assert_close(
+            sequence_logps(model, cached.without_prefix(), 3), want, rtol=0, atol=tol
+        )
+
+
+def test_shared_prefix_gradients_and_kl_match_full_sequences():
+    pol = tiny_causal_lm(64, seed=9, eos_token_id=2, pad_token_id=0).double()
+    ref = tiny_causal_lm(64, seed=10, eos_token_id=2, pad_token_id=0).double()
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.25, 2.0, -0.5], dtype=torch.float64)
+
+    def run(batch):
+        pol.zero_grad()
+        with torch.no_grad():
+            ref_h = hidden_at_targets(ref, batch)
+        lp, kl = sequence_logps_and_kl(pol, ref, batch, ref_h, chunk_size=4)
+        ((lp + kl) * w).sum().backward()
+        return lp.detach(), kl.detach(), [p.grad.clone() for p in pol.parameters()]
+
+    for cached, full in _prefixed_batches(packed=False):
+        (lp_a, kl_a, g_a), (lp_b, kl_b, g_b) = run(cached), run(full)
+        torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-10)
+        torch.testing.assert_close(kl_a, kl_b, rtol=1e-9, atol=1e-10)
+        # the prefix's gradient is the sum over rows through the cache repeat; RMSNorm's fp32
+        # internals round that sum differently from per-row copies (as for the shared prompt)
+        for a, b in zip(g_a, g_b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+        assert all(g.abs().sum() > 0 for g in g_a)  # every weight, embeddings included, is reached
+
+
+def test_shared_prefix_under_gradient_checkpointing_is_laid_out_in_the_rows():
+    """transformers drops a KV cache inside checkpointed layers; the engine then lays the prefix
+    out in every row instead of silently losing it."""
+    model = tiny_causal_lm(64, seed=11, eos_token_id=2, pad_token_id=0).double()
+    cached, full = _prefixed_batches(packed=False)[0]
+    want = sequence_logps(model, full)
+    model.gradient_checkpointing_enable()
+    model.train()
+    got = sequence_logps(model, cached)
+    got.sum().backward()
+    torch.testing.assert_close(got.detach(), want.detach(), rtol=0, atol=1e-10)
+
+
+def test_shared_prefix_length_rules():
+    from preftune.logps import MIN_SHARED_PREFIX, shared_prefix_length
+
+    long = list(range(100, 100 + MIN_SHARED_PREFIX + 4))
+    assert shared_prefix_length([long + [1], long + [2]]) == len(long)
+    assert shared_prefix_length([long, long]) == len(long) - 1  # each keeps a token of its own
+    assert shared_prefix_length([long + [1]]) == 0  # one row: nothing to share
+    short = long[: MIN_SHARED_PREFIX - 1]
+    assert shared_prefix_length([short + [1], short + [2]]) == 0  # too short to pay
+    # no common head: the builders fall back to the plain layout
+    b = build_token_batch([[1, 2], [3, 4]], [[5], [6]], 0, share_prefix=True)
+    assert b.prefix_ids is None
+    # the packed separate layout has no mask a cache could extend: never shared
+    assert build_token_batch(PREFIXED, CHOSEN, 0, packed=True, share_prefix=True).prefix_ids is None

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.logps import TokenBatch, build_shared_prompt_batch, build_token_batch
+from preftune.logps import (
+    TokenBatch,
+    build_shared_prompt_batch,
+    build_token_batch,
+    shared_prefix_length,
+)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -51,6 +56,24 @@ def global_batches(
     return [batches[i] for i in torch.randperm(len(batches), generator=shuffle).tolist()]
 
 
+PRECOMPUTE_TOKENS = 8192  # laid-out tokens per batch of a pass without gradients
+
+
+def length_sorted_batches(lengths: list[int], tokens: int = PRECOMPUTE_TOKENS) -> list[list[int]]:
+    """All indices, longest first, cut into batches of at most `tokens` padded tokens (at least
+    one example each). For passes without gradients (the reference precompute), where the order
+    does not matter and memory is one layer's activations: large, evenly long batches keep the
+    matmuls large, the padding small and a shared prefix run once per batch."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 def micro_batches(
     batch: list[int], process_index: int, num_processes: int, grad_accum: int
 ) -> list[list[int]]:
@@ -69,16 +92,17 @@ class PairBatch:
     num_tokens: int  # real tokens: prompt + chosen + rejected
 
 
-def sharing_pays(exs: list[dict], packed: bool, hidden_size: int) -> bool:
+def sharing_pays(exs: list[dict], packed: bool, hidden_size: int, prefix: int = 0) -> bool:
     """Whether laying each prompt out once costs less than prompt + chosen, prompt + rejected.
 
     Per layer, dense work is ~24 d^2 FLOPs per laid-out token and attention ~4 d W^2 per row of
     width W: a row with a custom mask is computed in full (the CPU SDPA kernels cannot skip its
     masked blocks). Sharing saves the second prompt copy but puts both completions in one row,
     so it pays for short completions after long prompts (chat data, the bundled set) and loses
-    for long completions after short prompts (W2 in docs/benchmarks.md).
+    for long completions after short prompts (W2 in docs/benchmarks.md). A shared `prefix`
+    (run once, see logps.py) leaves the rows and adds `prefix` key columns to their attention.
     """
-    P = [len(e["prompt_ids"]) for e in exs]
+    P = [len(e["prompt_ids"]) - prefix for e in exs]
     C = [len(e["chosen_ids"]) for e in exs]
     R = [len(e["rejected_ids"]) for e in exs]
     shared = [p + c + r for p, c, r in zip(P, C, R)]
@@ -86,7 +110,7 @@ def sharing_pays(exs: list[dict], packed: bool, hidden_size: int) -> bool:
 
     def cost(lengths: list[int]) -> int:
         rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))
-        return rows * (6 * hidden_size * width + width * width)
+        return rows * (6 * hidden_size * width + width * (width + prefix))
 
     return cost(shared) <= cost(separate)
 
@@ -98,25 +122,32 @@ def pair_batch(
     packed: bool,
     share_prompt: bool | str = False,
     hidden_size: int = 1024,
+    share_prefix: bool = False,
 ) -> PairBatch:
     """Sequences 0..n-1 are the chosen, n..2n-1 the rejected. With `share_prompt` each prompt is
     laid out once and both completions branch from it (same log-probs, ~1/3 fewer tokens on the
     bundled set); otherwise prompt + chosen and prompt + rejected are separate sequences.
-    share_prompt="auto" decides per micro-batch with `sharing_pays` (model width `hidden_size`)."""
+    share_prompt="auto" decides per micro-batch with `sharing_pays` (model width `hidden_size`).
+    `share_prefix`: the leading tokens all prompts share run once for the micro-batch."""
     exs = [examples[i] for i in idx]
+    prompts = [e["prompt_ids"] for e in exs]
     if share_prompt == "auto":
-        share_prompt = sharing_pays(exs, packed, hidden_size)
+        # the separate layout can share a prefix only when padded (see build_token_batch)
+        prefix = shared_prefix_length(prompts) if share_prefix and not packed else 0
+        share_prompt = sharing_pays(exs, packed, hidden_size, prefix)
     if share_prompt:
         tokens = build_shared_prompt_batch(
-            [e["prompt_ids"] for e in exs],
+            prompts,
             [[e["chosen_ids"], e["rejected_ids"]] for e in exs],
             pad_id,
             packed=packed,
+            share_prefix=share_prefix,
         )
     else:
-        prompts = [e["prompt_ids"] for e in exs] * 2
         comps = [e["chosen_ids"] for e in exs] + [e["rejected_ids"] for e in exs]
-        tokens = build_token_batch(prompts, comps, pad_id, packed=packed)
+        tokens = build_token_batch(
+            prompts * 2, comps, pad_id, packed=packed, share_prefix=share_prefix
+        )
     margin = torch.tensor([e["margin"] for e in exs]) if all("margin" in e for e in exs) else None
     return PairBatch(
         tokens=tokens,
@@ -140,7 +171,7 @@ class UnpairedBatch:
 
 
 def unpaired_batch(
-    examples: list[dict], idx: list[int], pad_id: int, packed: bool
+    examples: list[dict], idx: list[int], pad_id: int, packed: bool, share_prefix: bool = False
 ) -> UnpairedBatch:
     exs = [examples[i] for i in idx]
     if len(exs) < 2:
@@ -152,8 +183,10 @@ def unpaired_batch(
     comps = [e["completion_ids"] for e in exs]
     shifted = comps[1:] + comps[:1]  # cyclic shift within the micro-batch, as in HALOs
     return UnpairedBatch(
-        tokens=build_token_batch(prompts, comps, pad_id, packed=packed),
-        kl_tokens=build_token_batch(prompts, shifted, pad_id, packed=packed),
+        tokens=build_token_batch(prompts, comps, pad_id, packed=packed, share_prefix=share_prefix),
+        kl_tokens=build_token_batch(
+            prompts, shifted, pad_id, packed=packed, share_prefix=share_prefix
+        ),
         labels=torch.tensor([e["label"] for e in exs], dtype=torch.bool),
         lengths=torch.tensor([len(c) for c in comps]),
         num_tokens=sum(len(p) + len(c) for p, c in zip(prompts, comps)),

@@ -25,7 +25,13 @@ from preftune.logps import sequence_logps, sequence_logps_and_kl
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
 from preftune.models import cache_dir
 from preftune.train import checkpoint as ckpt
-from preftune.train.batches import example_lengths, micro_batches, pair_batch, unpaired_batch
+from preftune.train.batches import (
+    example_lengths,
+    length_sorted_batches,
+    micro_batches,
+    pair_batch,
+    unpaired_batch,
+)
 from preftune.train.reference import (
     CachedReference,
     ModelReference,
@@ -186,14 +192,13 @@ class Trainer:
         )
         chosen = torch.zeros(len(examples), dtype=torch.float64)
         rejected = torch.zeros(len(examples), dtype=torch.float64)
-        size = max(1, self.cfg.train.batch_size // self.cfg.train.grad_accum)
-        for s in tqdm(
-            range(0, len(examples), size),
+        # no gradients: length-sorted batches of PRECOMPUTE_TOKENS, not the training batches
+        for idx in tqdm(
+            length_sorted_batches(example_lengths(examples)),
             desc=f"reference log-probs ({split})",
             disable=self.quiet,
             leave=False,
         ):
-            idx = list(range(s, min(s + size, len(examples))))
             batch = self._pair_batch(examples, idx)
             with self.acc.autocast():
                 lp = model.logps(batch.tokens.to(self.acc.device)).double().cpu()
@@ -204,7 +209,15 @@ class Trainer:
         t = self.cfg.train
         share = {"true": True, "false": False}.get(t.share_prompt, "auto")
         width = getattr(self.acc.unwrap_model(self.policy).config, "hidden_size", 1024)
-        return pair_batch(examples, idx, self.tokenizer.pad_token_id, t.packed, share, width)
+        return pair_batch(
+            examples, idx, self.tokenizer.pad_token_id, t.packed, share, width, self.share_prefix
+        )
+
+    @property
+    def share_prefix(self) -> bool:
+        """Under gradient checkpointing transformers drops the prefix's KV cache, so the
+        prefix would be laid out in every row anyway (logps.hidden_at_targets): skip it."""
+        return self.cfg.train.share_prefix and not self.cfg.model.gradient_checkpointing
 
     # ---- one micro-batch -----------------------------------------------------------------------
     def _paired_logps(self, examples, idx, reference) -> tuple[PreferenceLogps, int]:
@@ -233,7 +246,9 @@ class Trainer:
         return logps, b.num_tokens
 
     def _unpaired_logps(self, examples, idx, reference) -> tuple[UnpairedLogps, int]:
-        b = unpaired_batch(examples, idx, self.tokenizer.pad_token_id, self.cfg.train.packed)
+        b = unpaired_batch(
+            examples, idx, self.tokenizer.pad_token_id, self.cfg.train.packed, self.share_prefix
+        )
         tokens, kl_tokens = b.tokens.to(self.acc.device), b.kl_tokens.to(self.acc.device)
         pol = sequence_logps(self.policy, tokens, self.cfg.train.chunk_size)
         with torch.no_grad():  # KTO's z0 is a detached estimate (METHODS.md §12)
