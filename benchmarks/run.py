@@ -46,16 +46,19 @@ from workloads import (  # noqa: E402
 
 GB = 1e9
 
-# W1 variants. The headline pair is `preftune` (its defaults: packed, reference=auto, which
-# precomputes for DPO) against `trl` (DPOTrainer at its fastest honest setting on this machine:
-# precompute_ref_log_probs, no gradient checkpointing). The others explain the numbers.
+# W1 variants. The headline pair is `preftune` (its defaults: reference=auto, which precomputes
+# for DPO, shared prompt and prefix, one pair per row, glibc keeping freed memory) against `trl`
+# (DPOTrainer at its fastest honest setting on this machine: precompute_ref_log_probs, no
+# gradient checkpointing, the same allocator setting). The others explain the numbers.
 VARIANTS = {
-    "preftune": {"tool": "preftune"},  # the defaults: shared prompt, one pair per row
+    "preftune": {"tool": "preftune"},
     "preftune-packed": {"tool": "preftune", "packed": True},  # all pairs in one masked row
     "preftune-unshared": {"tool": "preftune", "share_prompt": False},  # prompt run twice, as TRL
-
+    "preftune-noprefix": {"tool": "preftune", "share_prefix": False},  # chat head run per row
+    "preftune-malloc": {"tool": "preftune", "keep_freed_memory": False},  # glibc's default
     "preftune-gc": {"tool": "preftune", "gradient_checkpointing": True},
     "trl": {"tool": "trl", "trl_precompute": True, "gradient_checkpointing": False},
+    "trl-malloc": {"tool": "trl", "trl_precompute": True, "keep_freed_memory": False},
     "trl-gc": {"tool": "trl", "trl_precompute": True, "gradient_checkpointing": True},
     "trl-live": {"tool": "trl", "trl_precompute": False, "gradient_checkpointing": False},
 }

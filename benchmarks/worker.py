@@ -65,9 +65,11 @@ def run_preftune(spec: dict) -> dict:
             "reference": spec.get("reference", "auto"),
             "packed": spec.get("packed", False),
             "share_prompt": spec.get("share_prompt", "auto"),  # the library default
+            "share_prefix": spec.get("share_prefix", True),  # the library default
             "bf16": spec["bf16"],
             "chunk_size": spec.get("chunk_size"),  # None: the vocab-aware default
             "gradient_checkpointing": spec.get("gradient_checkpointing", False),
+            "keep_freed_memory": spec.get("keep_freed_memory", True),
             "seed": spec["seed"],
             "quiet": True,
             "report_to": "none",
@@ -138,6 +140,11 @@ def run_trl(spec: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
     from workloads import batch_order, load_examples, sequence_lengths
 
+    from preftune.allocator import keep_freed_memory
+
+    # the same allocator setting preftune applies to itself (`keep_freed_memory`, on by default)
+    # is part of TRL's best honest settings: a TRL user can set it from the environment
+    allocator = keep_freed_memory() if spec.get("keep_freed_memory", True) else None
     work = Path(spec["workdir"])
     steps, bs = spec["steps"], spec["batch_size"]
     examples, tok = load_examples(
@@ -253,6 +260,7 @@ def run_trl(spec: dict) -> dict:
         "seq_lengths": seqs,
         "rss_after_init": rss_after_init,
         "optim": str(args.optim),
+        "allocator": allocator,
     }
 
 

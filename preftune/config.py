@@ -89,6 +89,8 @@ class TrainConfig:
     share_prefix: bool = True
     group_by_length: bool = False  # batches of similar lengths (less padding), order still random
     bf16: bool = False  # bf16 autocast (CPU with AVX-512 BF16 or a GPU)
+    # glibc: reuse freed memory instead of page-faulting it back each step (preftune/allocator.py)
+    keep_freed_memory: bool = True
     # completion tokens per LM-head chunk; null = 2^25 logits // vocab (fixed logit memory)
     chunk_size: int | None = None
     log_every: int = 1

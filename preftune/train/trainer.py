@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from preftune.allocator import keep_freed_memory
 from preftune.calibrate import BetaCalibration
 from preftune.config import Config, build_config
 from preftune.logps import sequence_logps, sequence_logps_and_kl
@@ -98,6 +99,8 @@ def prepare_trainer(
     )
     torch.manual_seed(cfg.train.seed)
     trainer.quiet = cfg.train.quiet or not trainer.acc.is_main_process
+    if cfg.train.keep_freed_memory and (done := keep_freed_memory()):
+        trainer.log_line(f"allocator: {done}")
     trainer.policy, trainer.tokenizer, trainer.model_path = load_model()
     trainer.data = load_data(trainer.tokenizer)
     for note in trainer.data.notes:
