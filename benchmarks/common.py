@@ -90,7 +90,7 @@ def run_worker(
     spec: dict,
     launcher: list[str] | None = None,
     timeout: float = 7200,
-    omp_wait_policy: str | None = "PASSIVE",
+    omp_wait_policy: str | None = None,
     extra_env: dict | None = None,
 ) -> dict:
     """Run `worker.py` on `spec` in a fresh process (optionally under `launcher`, e.g. accelerate
@@ -110,8 +110,8 @@ def run_worker(
         "TQDM_DISABLE": "1",
     }
     if omp_wait_policy:
-        # On a shared machine, OpenMP threads that spin at barriers while their partner core is
-        # taken by another process make 2 threads several times slower than 1; PASSIVE yields.
+        # PASSIVE: OpenMP threads sleep at barriers instead of spinning (safer on a busy shared
+        # host, slower per parallel region; benchmarks/README.md "Threads")
         env["OMP_WAIT_POLICY"] = omp_wait_policy
     env.update(extra_env or {})
     start = time.perf_counter()

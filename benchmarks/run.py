@@ -697,8 +697,10 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (BENCHMARK.md: 2)")
     p.add_argument(
         "--omp-wait-policy",
-        default="PASSIVE",
-        help="OMP_WAIT_POLICY for every run ('' to leave unset)",
+        default="",
+        help="OMP_WAIT_POLICY for every run (default: unset, what users of both tools get; "
+        "PASSIVE protects two threads from a busy partner core on a shared host, but costs "
+        "every wake-up: docs/benchmarks.md)",
     )
     p.add_argument(
         "--model", default=None, help="W1/W4 model directory (default: the embedded default)"

@@ -4,8 +4,10 @@ glibc's malloc serves every block above its mmap threshold (at most 32 MB) with 
 and gives it back with `munmap` on free, and trims the top of its heap whenever more than 128 KB
 is free there. A training step frees and re-allocates the same gigabyte of gradients, activations
 and LM-head logits every step, so every step page-faults that memory back in and has the kernel
-zero it again. On SmolLM2-135M (W1 of BENCHMARK.md) that was ~0.2 million page faults per step
-and about a fifth of the step's time (docs/benchmarks.md, "Allocator").
+zero it again (tests/test_allocator.py shows the faults go away). How much time that buys depends
+on how much a step allocates: in W1 of BENCHMARK.md it made TRL's DPOTrainer, which materialises
+full logits, 1.35x faster, and preftune, which allocates far less, about the same within the
+noise (docs/benchmarks.md, "Allocator").
 
 `keep_freed_memory()` turns both off with `mallopt`: no mmap for large blocks, no trimming below
 2 GB free. Freed memory is then reused by the next step without faults. Peak resident memory is
