@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from preftune.logps import MIN_SHARED_PREFIX, common_prefix_length
+from preftune.logps import shared_prefix_length
 
 
 @dataclass(frozen=True)
@@ -202,9 +202,9 @@ def _generate_rows(
     prompt is prefilled — the same tokens a plain left-padded call would produce, for a
     fraction of the prefill work."""
     device = next(model.parameters()).device
-    prefix = common_prefix_length(rows) if len(rows) > 1 else 0
+    prefix = shared_prefix_length(rows)  # the training engine's rule: >= 2 rows, >= MIN tokens
     kwargs = _hf_kwargs(cfg, eos, pad_id)
-    if prefix >= MIN_SHARED_PREFIX and cfg.num_return_sequences == 1:
+    if prefix and cfg.num_return_sequences == 1:
         ids, mask = _mid_pad(rows, prefix, pad_id)
         out = model(input_ids=ids[:1, :prefix].to(device), use_cache=True)
         cache = out.past_key_values

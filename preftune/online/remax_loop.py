@@ -112,7 +112,7 @@ class ReMaxTrainer(OnlineTrainer):
                 [list(s.token_ids) for s in chosen],
                 self.tokenizer.pad_token_id,
                 packed=t.packed,
-                share_prefix=self.share_prefix,
+                share_prefix=t.share_prefix,
             ).to(dev)
             with self.acc.autocast():
                 tok = token_logps(self.policy, batch, chunk_size=t.chunk_size)

@@ -212,15 +212,11 @@ class Trainer:
         t = self.cfg.train
         share = {"true": True, "false": False}.get(t.share_prompt, "auto")
         width = getattr(self.acc.unwrap_model(self.policy).config, "hidden_size", 1024)
+        # under gradient checkpointing the engine lays a shared prefix out in the rows of a
+        # training step (logps.hidden_at_targets); passes without gradients still share it
         return pair_batch(
-            examples, idx, self.tokenizer.pad_token_id, t.packed, share, width, self.share_prefix
+            examples, idx, self.tokenizer.pad_token_id, t.packed, share, width, t.share_prefix
         )
-
-    @property
-    def share_prefix(self) -> bool:
-        """Under gradient checkpointing transformers drops the prefix's KV cache, so the
-        prefix would be laid out in every row anyway (logps.hidden_at_targets): skip it."""
-        return self.cfg.train.share_prefix and not self.cfg.model.gradient_checkpointing
 
     # ---- one micro-batch -----------------------------------------------------------------------
     def _paired_logps(self, examples, idx, reference) -> tuple[PreferenceLogps, int]:
@@ -250,7 +246,8 @@ class Trainer:
 
     def _unpaired_logps(self, examples, idx, reference) -> tuple[UnpairedLogps, int]:
         b = unpaired_batch(
-            examples, idx, self.tokenizer.pad_token_id, self.cfg.train.packed, self.share_prefix
+            examples, idx, self.tokenizer.pad_token_id, self.cfg.train.packed,
+            self.cfg.train.share_prefix,
         )
         tokens, kl_tokens = b.tokens.to(self.acc.device), b.kl_tokens.to(self.acc.device)
         pol = sequence_logps(self.policy, tokens, self.cfg.train.chunk_size)
