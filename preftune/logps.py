@@ -14,6 +14,10 @@ then runs the prefix once, repeats its keys and values over the rows and runs th
 of them, with gradients flowing back through the repeat into the one prefix forward. The
 log-probs are those of the full sequences (tests/test_logps.py).
 
+Input embeddings: in training, a plain nn.Embedding's lookup adds its rows into `weight.grad`
+in place (`_EmbeddingIntoGrad`) instead of building a dense (vocab, hidden) gradient that a
+tied LM head's gradient is then added to.
+
 Policy, reference, reference precompute, TDPO's sequential KL and evaluation all call this.
 """
 
@@ -339,6 +343,59 @@ def _checkpointing(decoder) -> bool:
     )
 
 
+class _EmbeddingIntoGrad(torch.autograd.Function):
+    """An embedding lookup whose backward adds its rows into `weight.grad` in place.
+
+    Autograd's own embedding backward builds a dense (vocab, hidden) gradient (zeros, then
+    index_add) and, for a weight tied to the LM head, adds it to the head's dense gradient out
+    of place: two vocab-sized allocations and three passes over them per forward (113 MB each
+    for SmolLM2's 49,152 x 576), for a gradient that touches a few hundred rows. Here the lookup
+    reads the weight outside autograd, so the weight's only autograd edge is the LM head's, and
+    this backward index-adds the rows into whatever `weight.grad` holds when it runs: the head's
+    gradient, a previous micro-batch's, or zeros if it comes first. The sum is the same either
+    way (tests/test_logps.py: gradients equal autograd's embedding, tied and untied). `anchor` is
+    a scalar that requires grad, so that autograd calls this backward at all.
+    """
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx, anchor):
+        ctx.save_for_backward(ids)
+        ctx.weight, ctx.padding_idx = weight, padding_idx
+        return F.embedding(ids, weight.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        w = ctx.weight
+        ids, rows = ids.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        if ctx.padding_idx is not None:  # nn.Embedding never updates its padding row
+            keep = ids != ctx.padding_idx
+            ids, rows = ids[keep], rows[keep]
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+        w.grad.index_add_(0, ids, rows)
+        return None, None, None, None
+
+
+def _decoder_inputs(decoder, ids: torch.Tensor) -> dict:
+    """`input_ids` for the decoder, or their embeddings through `_EmbeddingIntoGrad` when the
+    input embedding is a plain, trainable nn.Embedding and gradients are on. Subclasses (scaled
+    embeddings), max_norm, scale_grad_by_freq and sparse embeddings keep the module's own path."""
+    emb = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
+    if (
+        type(emb) is not torch.nn.Embedding
+        or not (torch.is_grad_enabled() and emb.weight.requires_grad)
+        or emb.max_norm is not None
+        or emb.scale_grad_by_freq
+        or emb.sparse
+    ):
+        return {"input_ids": ids}
+    anchor = torch.ones((), device=ids.device, requires_grad=True)
+    return {
+        "inputs_embeds": _EmbeddingIntoGrad.apply(ids, emb.weight, emb.padding_idx, anchor)
+    }
+
+
 def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
     """(N, H) final hidden states at the scored positions. Prompt positions get no head work.
 
@@ -354,7 +411,7 @@ def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
     if batch.prefix_ids is not None:
         L0 = batch.prefix_ids.numel()
         pre = decoder(
-            input_ids=batch.prefix_ids[None],
+            **_decoder_inputs(decoder, batch.prefix_ids[None]),
             position_ids=torch.arange(L0, device=batch.input_ids.device)[None],
             use_cache=True,
         )
@@ -362,7 +419,7 @@ def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
         cache.batch_repeat_interleave(batch.input_ids.shape[0])
         mask = with_prefix_columns(mask, L0)
     out = decoder(
-        input_ids=batch.input_ids,
+        **_decoder_inputs(decoder, batch.input_ids),
         attention_mask=_model_mask(decoder, mask, dtype),
         position_ids=batch.position_ids,
         past_key_values=cache,

@@ -264,3 +264,54 @@ def test_shared_prefix_length_rules():
     assert b.prefix_ids is None
     # the packed separate layout has no mask a cache could extend: never shared
     assert build_token_batch(PREFIXED, CHOSEN, 0, packed=True, share_prefix=True).prefix_ids is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_gradient_added_in_place_equals_autograds(tied, monkeypatch):
+    """The engine's embedding lookup adds its rows into weight.grad in place (no dense
+    (vocab, hidden) gradient per forward): the same gradients as autograd's nn.Embedding on the
+    same layout, over two backward passes (accumulation), with the padding row (id 0 here, also
+    inside a prompt) never updated, tied to the LM head or not, with and without a shared
+    prefix; and the plain full-logits gradients without one."""
+    import preftune.logps as logps
+
+    model = tiny_causal_lm(64, seed=4, eos_token_id=2, pad_token_id=0).double()
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    emb = model.get_input_embeddings()
+    assert (model.lm_head.weight is emb.weight) == tied
+    assert "inputs_embeds" in logps._decoder_inputs(model.model, torch.tensor([[1, 2]]))
+    with torch.no_grad():
+        assert "input_ids" in logps._decoder_inputs(model.model, torch.tensor([[1, 2]]))
+    head = [9, 10, 11, 12, 13, 14, 15, 16, 17]
+    prompts = [head + [0, 5], head + [6], head + [7, 0, 8]]
+    comps = [[20, 21, 2], [22, 2], [23, 0, 25, 2]]
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        for scale in (1.0, 0.5):  # two backward passes accumulate
+            (loss_fn() * w * scale).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    def by_module(_decoder, ids):
+        return {"input_ids": ids}
+
+    fast = {}
+    for prefix in (True, False):
+        batch = build_token_batch(prompts, comps, pad_id=0, share_prefix=prefix)
+        assert (batch.prefix_ids is not None) == prefix
+        fast[prefix] = grads(lambda b=batch: sequence_logps(model, b))
+        with monkeypatch.context() as m:
+            m.setattr(logps, "_decoder_inputs", by_module)
+            want = grads(lambda b=batch: sequence_logps(model, b))
+        for a, b in zip(fast[prefix], want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    ids, am, cm = padded(prompts, comps)
+    plain = grads(lambda: plain_sequence_logps(model, ids, am, cm))
+    for a, b in zip(fast[False], plain):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    if not tied:  # a tied padding row still gets the LM head's gradient
+        assert emb.weight.grad[0].abs().max() == 0
+    assert emb.weight.grad[5].abs().max() > 0
