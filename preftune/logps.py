@@ -351,10 +351,12 @@ class _EmbeddingIntoGrad(torch.autograd.Function):
     of place: two vocab-sized allocations and three passes over them per forward (113 MB each
     for SmolLM2's 49,152 x 576), for a gradient that touches a few hundred rows. Here the lookup
     reads the weight outside autograd, so the weight's only autograd edge is the LM head's, and
-    this backward index-adds the rows into whatever `weight.grad` holds when it runs: the head's
-    gradient, a previous micro-batch's, or zeros if it comes first. The sum is the same either
-    way (tests/test_logps.py: gradients equal autograd's embedding, tied and untied). `anchor` is
-    a scalar that requires grad, so that autograd calls this backward at all.
+    this backward queues an index_add of the rows into `weight.grad` for the end of the backward
+    pass, when the head's gradient has been accumulated (autograd runs AccumulateGrad late, so
+    adding at once would first allocate zeros); a weight nothing else reached gets zeros plus
+    the rows. The sum is autograd's (tests/test_logps.py: tied and untied, with accumulation).
+    Gradients land in `.grad` only: `torch.autograd.grad` would not see them, and nothing here
+    uses it. `anchor` is a scalar that requires grad, so that autograd calls this backward.
     """
 
     @staticmethod
@@ -371,9 +373,13 @@ class _EmbeddingIntoGrad(torch.autograd.Function):
         if ctx.padding_idx is not None:  # nn.Embedding never updates its padding row
             keep = ids != ctx.padding_idx
             ids, rows = ids[keep], rows[keep]
-        if w.grad is None:
-            w.grad = torch.zeros_like(w)
-        w.grad.index_add_(0, ids, rows)
+
+        def add_rows():
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            w.grad.index_add_(0, ids, rows)
+
+        torch.autograd.Variable._execution_engine.queue_callback(add_rows)
         return None, None, None, None
 
 
