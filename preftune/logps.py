@@ -10,9 +10,10 @@ fixed whatever the batch, length or vocabulary; an explicit chunk_size fixes tok
 Shared prefix: when every sequence of a batch starts with the same tokens (a chat template's
 system prompt and turn header: 27 of the 40 prompt tokens of the bundled set), the builders can
 lay out only what follows it and keep the prefix apart (`TokenBatch.prefix_ids`); the decoder
-then runs the prefix once, repeats its keys and values over the rows and runs the rows on top
-of them, with gradients flowing back through the repeat into the one prefix forward. The
-log-probs are those of the full sequences (tests/test_logps.py).
+then runs the prefix once — under SDPA as an extra row of the same forward whose keys and values
+every row attends to, otherwise as a KV cache repeated over the rows — with gradients flowing
+back into the one prefix forward. The log-probs are those of the full sequences
+(tests/test_logps.py).
 
 Input embeddings: in training, a plain nn.Embedding's lookup adds its rows into `weight.grad`
 in place (`_EmbeddingIntoGrad`) instead of building a dense (vocab, hidden) gradient that a
@@ -402,17 +403,81 @@ def _decoder_inputs(decoder, ids: torch.Tensor) -> dict:
     }
 
 
+FOLDED_PREFIX_ATTENTION = "preftune_folded_prefix"
+
+
+def _folded_prefix_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention for a batch whose row 0 is the shared prefix: every row's
+    keys and values are the prefix's (row 0's first L0 positions) followed by its own, so the
+    rows attend to the prefix without a KV cache and every linear layer runs once over prefix
+    and rows together. `attention_mask` is (B, 1, T, L0 + T); L0 is read off its width."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    L0, B = attention_mask.shape[-1] - query.shape[2], query.shape[0]
+    key = torch.cat([key[:1, :, :L0].expand(B, -1, -1, -1), key], 2)
+    value = torch.cat([value[:1, :, :L0].expand(B, -1, -1, -1), value], 2)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _can_fold_prefix(decoder, batch: TokenBatch) -> bool:
+    """The folded layout needs SDPA (the function above wraps it) and a prefix no longer than
+    the rows (it becomes a row of its own; a longer one would pad every row to its length)."""
+    return (
+        getattr(decoder.config, "_attn_implementation", None) == "sdpa"
+        and batch.prefix_ids.numel() <= batch.input_ids.shape[1]
+    )
+
+
+def _hidden_folded(decoder, batch: TokenBatch, dtype: torch.dtype) -> torch.Tensor:
+    """(R*T, H) hidden states of the rows, with the prefix run as an extra row 0 of the same
+    forward (see `_folded_prefix_attention`)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FOLDED_PREFIX_ATTENTION, _folded_prefix_attention)
+    L0, (R, T) = batch.prefix_ids.numel(), batch.input_ids.shape
+    dev = batch.input_ids.device
+    ids = torch.cat([F.pad(batch.prefix_ids, (0, T - L0))[None], batch.input_ids])
+    positions = torch.cat([torch.arange(T, device=dev)[None], batch.position_ids])
+    rows = batch.attention_mask
+    if rows.dim() == 2:  # padding mask -> causal (R, 1, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+        rows = causal[None, None] & rows.bool()[:, None, None, :]
+    first = torch.zeros(1, 1, T, L0 + T, dtype=torch.bool, device=dev)
+    first[..., :L0] = torch.ones(T, L0, dtype=torch.bool, device=dev).tril()  # causal prefix
+    mask = torch.cat([first, with_prefix_columns(rows, L0)])
+    cfg = decoder.config
+    impl, cfg._attn_implementation = cfg._attn_implementation, FOLDED_PREFIX_ATTENTION
+    try:
+        out = decoder(
+            **_decoder_inputs(decoder, ids),
+            attention_mask=_model_mask(decoder, mask, dtype),
+            position_ids=positions,
+            use_cache=False,
+        )
+    finally:
+        cfg._attn_implementation = impl
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return hidden[1:].reshape(R * T, -1)
+
+
 def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
     """(N, H) final hidden states at the scored positions. Prompt positions get no head work.
 
-    A batch with a shared prefix runs it once (batch size 1, `use_cache`), repeats its keys and
-    values over the R rows and runs the rows against that cache; autograd carries the rows'
-    gradients back through the repeat (a sum over rows) into the prefix forward.
+    A batch with a shared prefix runs it once. Under SDPA with a prefix no longer than the rows
+    it is folded into the batch as row 0, whose keys and values every row attends to
+    (`_folded_prefix_attention`): one forward, each weight's gradient one matmul. Otherwise it
+    runs first (batch size 1, `use_cache`), its keys and values are repeated over the R rows and
+    the rows run against that cache. Either way autograd carries the rows' gradients back into
+    the one prefix forward (a sum over rows). Under gradient checkpointing in training, which
+    drops any cache and would re-run the folded attention under another implementation, the
+    prefix is laid out in every row instead.
     """
     decoder, head, _, _ = _split_causal_lm(model)
     dtype = _compute_dtype(head.weight.dtype)
     if batch.prefix_ids is not None and _checkpointing(decoder):
         batch = batch.without_prefix()
+    if batch.prefix_ids is not None and _can_fold_prefix(decoder, batch):
+        return _hidden_folded(decoder, batch, dtype).index_select(0, batch.target_pos)
     cache, mask = None, batch.attention_mask
     if batch.prefix_ids is not None:
         L0 = batch.prefix_ids.numel()

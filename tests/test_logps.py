@@ -174,11 +174,13 @@ def test_default_chunk_holds_a_fixed_logit_budget():
 
 # A chat-like batch: every prompt starts with the same 10-token head (a system prompt).
 HEAD = list(range(50, 60))
+LONG_HEAD = list(range(44, 64))  # longer than the padded rows: not folded into the batch
 PREFIXED = [HEAD + p for p in SHARED_PROMPTS]
 
 
-def _prefixed_batches(packed):
+def _prefixed_batches(packed, head=HEAD):
     """(shared-prefix batch, the same sequences built without a prefix) for each layout."""
+    PREFIXED = [head + p for p in SHARED_PROMPTS]
     pairs = [[c, r] for c, r in zip(CHOSEN, REJECTED)]
     out = [
         (
@@ -198,13 +200,14 @@ def _prefixed_batches(packed):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_shared_prefix_equals_full_sequences(attn, packed):
-    """The prefix run once, its KV cache repeated over the rows, gives every completion the
-    log-prob of its full prompt + completion."""
+@pytest.mark.parametrize("head", [HEAD, LONG_HEAD])
+def test_shared_prefix_equals_full_sequences(attn, packed, head):
+    """The prefix run once (folded into the batch as row 0 under SDPA, or as a KV cache repeated
+    over the rows) gives every completion the log-prob of its full prompt + completion."""
     model = tiny_causal_lm(64, seed=8, eos_token_id=2, pad_token_id=0, attn=attn).double()
-    want = per_example(model, PREFIXED * 2, CHOSEN + REJECTED)
-    for cached, full in _prefixed_batches(packed):
-        assert cached.prefix_ids.tolist() == HEAD
+    want = per_example(model, [head + p for p in SHARED_PROMPTS] * 2, CHOSEN + REJECTED)
+    for cached, full in _prefixed_batches(packed, head):
+        assert cached.prefix_ids.tolist() == head
         assert cached.input_ids.shape[1] < full.input_ids.shape[1]  # the head left the rows
         tol = 1e-10 if attn == "sdpa" else 1e-7  # eager: fp32 softmax, as above
         torch.testing.assert_close(sequence_logps(model, cached, 3), want, rtol=0, atol=tol)
@@ -226,7 +229,7 @@ def test_shared_prefix_gradients_and_kl_match_full_sequences():
         ((lp + kl) * w).sum().backward()
         return lp.detach(), kl.detach(), [p.grad.clone() for p in pol.parameters()]
 
-    for cached, full in _prefixed_batches(packed=False):
+    for cached, full in _prefixed_batches(False) + _prefixed_batches(False, LONG_HEAD):
         (lp_a, kl_a, g_a), (lp_b, kl_b, g_b) = run(cached), run(full)
         torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-10)
         torch.testing.assert_close(kl_a, kl_b, rtol=1e-9, atol=1e-10)
@@ -235,6 +238,36 @@ def test_shared_prefix_gradients_and_kl_match_full_sequences():
         for a, b in zip(g_a, g_b):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
         assert all(g.abs().sum() > 0 for g in g_a)  # every weight, embeddings included, is reached
+
+
+@pytest.mark.parametrize(
+    ("attn", "head", "packed", "folded"),
+    [
+        ("sdpa", HEAD, False, True),
+        ("sdpa", LONG_HEAD, False, False),  # 20 > 14 and 12 row tokens: the KV-cache path
+        ("sdpa", LONG_HEAD, True, True),  # one 45-token packed row
+        ("eager", HEAD, False, False),
+    ],
+)
+def test_shared_prefix_folded_only_under_sdpa_and_no_longer_than_the_rows(
+    attn, head, packed, folded, monkeypatch
+):
+    import preftune.logps as logps
+
+    calls = []
+
+    def spy(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return folded_attention(module, *args, **kwargs)
+
+    folded_attention = logps._folded_prefix_attention
+    monkeypatch.setattr(logps, "_folded_prefix_attention", spy)
+    model = tiny_causal_lm(64, seed=8, eos_token_id=2, pad_token_id=0, attn=attn)
+    for cached, _ in _prefixed_batches(packed, head):
+        calls.clear()
+        sequence_logps(model, cached).sum().backward()
+        assert calls == ([0, 1] if folded else [])  # once per layer
+        assert model.config._attn_implementation == attn  # restored after the forward
 
 
 def test_shared_prefix_under_gradient_checkpointing_is_laid_out_in_the_rows():
