@@ -212,3 +212,28 @@ def test_shared_prefix_changes_nothing_but_the_work(tiny_dir, tmp_path, monkeypa
     assert math.isclose(results[True][0], results[False][0], rel_tol=1e-12)
     assert math.isclose(results[True][1], results[False][1], rel_tol=1e-7)
     torch.testing.assert_close(results[True][2], results[False][2], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6, None])
+def test_clipping_equals_torchs_clip_grad_norm(max_norm):
+    """The trainer skips clip_grad_norm_'s multiply-by-1.0 pass when nothing is clipped; the
+    gradients and the returned norm stay torch's, clipped or not."""
+    from types import SimpleNamespace
+
+    from preftune.models import tiny_causal_lm
+
+    a, b = tiny_causal_lm(64, seed=3), tiny_causal_lm(64, seed=3)
+    torch.manual_seed(0)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        pa.grad = torch.randn_like(pa)
+        pb.grad = pa.grad.clone()
+    fake = SimpleNamespace(
+        policy=a, step=0, cfg=SimpleNamespace(train=SimpleNamespace(max_grad_norm=max_norm))
+    )
+    got = Trainer._clip_and_check(fake)
+    want = torch.nn.utils.clip_grad_norm_(list(b.parameters()), max_norm or float("inf"))
+    assert got == float(want)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa.grad, pb.grad)
+    clipped = max_norm is not None and max_norm < got
+    assert clipped == (max_norm == 1e-3)

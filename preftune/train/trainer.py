@@ -345,14 +345,18 @@ class Trainer:
             start = end
 
     def _clip_and_check(self) -> float:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        max_norm = self.cfg.train.max_grad_norm or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        params = [p for p in self.policy.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not torch.isfinite(norm):
             raise TrainingError(
                 f"non-finite gradient norm at step {self.step + 1}; step refused, the last "
                 f"checkpoint is intact. Lower lr, or check the data around this step."
             )
+        max_norm = self.cfg.train.max_grad_norm
+        # clip_grad_norm_'s rule (scale by max_norm / (norm + 1e-6) where that is below 1),
+        # without its pass over every gradient multiplying by exactly 1.0 when it is not
+        if max_norm and max_norm / (float(norm) + 1e-6) < 1.0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return float(norm)
 
     def _record(self, rec, extra, out, logps) -> None:
