@@ -237,3 +237,33 @@ def test_clipping_equals_torchs_clip_grad_norm(max_norm):
         assert torch.equal(pa.grad, pb.grad)
     clipped = max_norm is not None and max_norm < got
     assert clipped == (max_norm == 1e-3)
+
+
+def _file_backed(t: torch.Tensor, name: str) -> bool:
+    """Whether the tensor's memory lies in a mapping of a file called `name`."""
+    addr = t.untyped_storage().data_ptr()
+    for line in open("/proc/self/maps"):
+        span, *rest = line.split()
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= addr < hi:
+            return rest[-1].endswith(name)
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+@pytest.mark.parametrize("lora", [False, True])
+def test_trained_weights_leave_the_file_mapping(tiny_dir, tmp_path, lora):
+    """transformers maps safetensors weights copy-on-write; a trained policy's weights are copied
+    into process memory at load (so its first optimizer step takes no copy-on-write fault per
+    page), tied weights stay tied, values unchanged; a LoRA base stays frozen and mapped."""
+    from preftune.models import load_causal_lm
+    from preftune.train.setup import load_policy
+
+    mapped = load_causal_lm(str(tiny_dir))
+    assert _file_backed(mapped.model.layers[0].mlp.up_proj.weight, "model.safetensors")
+    model, _, _ = load_policy(cfg(tiny_dir, tmp_path, "own", lora=lora))
+    base = model.get_base_model() if lora else model
+    w = base.model.layers[0].mlp.up_proj.weight
+    assert _file_backed(w, "model.safetensors") == lora
+    assert torch.equal(w, mapped.model.layers[0].mlp.up_proj.weight)
+    assert base.lm_head.weight is base.model.embed_tokens.weight

@@ -19,7 +19,7 @@ import torch
 
 from preftune.config import Config
 from preftune.losses import LossOutput
-from preftune.models import load_tokenizer, resolve_model_path
+from preftune.models import load_tokenizer, own_weights, resolve_model_path
 from preftune.online.base import relabel_summary, resolve_config, split_argv
 from preftune.reward.loss import bradley_terry_loss
 from preftune.reward.model import load_reward_model, pad_right, sequence_rewards
@@ -33,6 +33,8 @@ def _load_model(cfg: Config):
     model = load_reward_model(
         m.model, tokenizer.pad_token_id, getattr(torch, m.dtype), m.trust_remote_code
     )
+    if not m.lora:
+        own_weights(model)
     model.train()  # as load_policy: checkpointing only acts in train mode; dropout is off
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

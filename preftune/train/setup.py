@@ -14,7 +14,7 @@ from preftune.config import Config, ConfigError
 from preftune.data import arithmetic
 from preftune.data.records import load_records, unpair
 from preftune.data.tokenize import tokenize_records
-from preftune.models import load_causal_lm, load_tokenizer, resolve_model_path
+from preftune.models import load_causal_lm, load_tokenizer, own_weights, resolve_model_path
 
 BUNDLED = {"arithmetic": "onpolicy", "arithmetic_onpolicy": "onpolicy", "arithmetic_edit": "edit"}
 
@@ -77,6 +77,8 @@ def load_policy(cfg: Config):
     dtype = getattr(torch, m.dtype)
     tokenizer = load_tokenizer(m.model, trust_remote_code=m.trust_remote_code)
     model = load_causal_lm(m.model, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    if not m.lora:  # LoRA trains new adapter tensors; the base stays frozen and mapped
+        own_weights(model)
     # from_pretrained returns eval mode, where transformers skips gradient checkpointing;
     # train mode changes nothing else here (dropout is disabled)
     model.train()
