@@ -53,3 +53,18 @@ def test_both_tools_do_the_same_work(tiny_dir):
 def test_model_flops_counts_dense_and_attention_terms():
     # 6P + 2P per counted token; attention (12 + 4) L d n^2 per sequence
     assert model_flops(10, 2, 4, counted_tokens=5, seq_lengths=[3]) == 8 * 10 * 5 + 16 * 2 * 4 * 9
+
+
+def test_step_profiler_counts_matmul_flops_and_time():
+    import torch
+    from profile_step import OpTimer
+
+    a, b, c = torch.randn(3, 5), torch.randn(5, 7), torch.randn(7)
+    timer = OpTimer()
+    with timer:
+        (a @ b).sum()
+        torch.addmm(c, a, b)
+        torch.bmm(a[None].expand(2, 3, 5), b[None].expand(2, 5, 7))
+    assert timer.mm_flops == 2 * 3 * 5 * 7 * (1 + 1 + 2)
+    assert timer.calls["aten.mm.default"] == 1 and timer.calls["aten.addmm.default"] == 1
+    assert all(t >= 0 for t in timer.time.values()) and timer.time["aten.mm.default"] > 0
