@@ -428,6 +428,60 @@ def _can_fold_prefix(decoder, batch: TokenBatch) -> bool:
     )
 
 
+def _sliding_window(cfg) -> tuple[int | None, bool]:
+    """(w, mixed) for a model whose layers, all or some, attend to the last w keys only: `mixed`
+    when `layer_types` also has full-attention layers (Qwen2 with max_window_layers, Gemma 2/3).
+    (None, False) when every layer sees the whole sequence."""
+    window = getattr(cfg, "sliding_window", None)
+    if not window or getattr(cfg, "use_sliding_window", True) is False:
+        return None, False
+    types = getattr(cfg, "layer_types", None)
+    if types is None:  # Mistral: every layer slides
+        return window, False
+    if "sliding_attention" not in types:
+        return None, False
+    other = set(types) - {"sliding_attention", "full_attention"}
+    if other:
+        raise ValueError(
+            f"{type(cfg).__name__}: layer types {sorted(other)} next to sliding-window layers "
+            "are not supported by preftune's log-prob engine with sequences longer than the "
+            f"window ({window}); shorten the sequences (max_length) to at most {window} tokens"
+        )
+    return window, "full_attention" in types
+
+
+def _causal_4d(mask: torch.Tensor) -> torch.Tensor:
+    """A padding mask (R, T) as a boolean causal (R, 1, T, T) mask; a padding query attends to
+    itself, so no softmax row is empty (an empty one is NaN under eager attention, and a NaN
+    value row poisons every query through 0 * NaN)."""
+    T = mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=mask.device)
+    return (causal[None, None] & mask.bool()[:, None, None, :]) | eye
+
+
+def _windowed_mask(decoder, batch: TokenBatch, window: int, mixed: bool, dtype: torch.dtype):
+    """The attention mask for a sliding-window model. transformers takes a 4-D mask as it comes,
+    so a 4-D layout (shared prompt) gets the window applied here, by position id: a query sees a
+    key of its own sequence only if their positions are less than `window` apart (transformers'
+    `kv_idx > q_idx - window`). A padded layout's 2-D mask is made 4-D first: transformers would
+    window it itself, but under eager attention a padding query whose window holds only padding
+    gets an empty softmax row (NaN). Mixed models get one mask per layer type. The packed layout
+    (no mask) is left to transformers, which windows within each sequence from the position ids.
+    """
+    mask = batch.attention_mask
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = _causal_4d(mask)
+    pos = batch.position_ids
+    near = (pos[:, :, None] - pos[:, None, :]) < window
+    windowed = _model_mask(decoder, mask & near[:, None], dtype)
+    if not mixed:
+        return windowed
+    return {"full_attention": _model_mask(decoder, mask, dtype), "sliding_attention": windowed}
+
+
 def _hidden_folded(decoder, batch: TokenBatch, dtype: torch.dtype) -> torch.Tensor:
     """(R*T, H) hidden states of the rows, with the prefix run as an extra row 0 of the same
     forward (see `_folded_prefix_attention`)."""
@@ -439,9 +493,8 @@ def _hidden_folded(decoder, batch: TokenBatch, dtype: torch.dtype) -> torch.Tens
     ids = torch.cat([F.pad(batch.prefix_ids, (0, T - L0))[None], batch.input_ids])
     positions = torch.cat([torch.arange(T, device=dev)[None], batch.position_ids])
     rows = batch.attention_mask
-    if rows.dim() == 2:  # padding mask -> causal (R, 1, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        rows = causal[None, None] & rows.bool()[:, None, None, :]
+    if rows.dim() == 2:
+        rows = _causal_4d(rows)
     first = torch.zeros(1, 1, T, L0 + T, dtype=torch.bool, device=dev)
     first[..., :L0] = torch.ones(T, L0, dtype=torch.bool, device=dev).tril()  # causal prefix
     mask = torch.cat([first, with_prefix_columns(rows, L0)])
@@ -471,10 +524,18 @@ def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
     the one prefix forward (a sum over rows). Under gradient checkpointing in training, which
     drops any cache and would re-run the folded attention under another implementation, the
     prefix is laid out in every row instead.
+
+    A sliding-window model whose sequences may be longer than its window (prefix + row width >
+    window) gets the prefix laid out in the rows too, and the window applied to a 4-D mask here
+    (`_windowed_mask`): transformers' windowed KV cache keeps only the last keys of the prefix
+    and it does not window a 4-D mask it is given.
     """
     decoder, head, _, _ = _split_causal_lm(model)
     dtype = _compute_dtype(head.weight.dtype)
-    if batch.prefix_ids is not None and _checkpointing(decoder):
+    window, mixed = _sliding_window(decoder.config)
+    L0 = 0 if batch.prefix_ids is None else batch.prefix_ids.numel()
+    windowed = window is not None and L0 + batch.input_ids.shape[1] > window
+    if batch.prefix_ids is not None and (windowed or _checkpointing(decoder)):
         batch = batch.without_prefix()
     if batch.prefix_ids is not None and _can_fold_prefix(decoder, batch):
         return _hidden_folded(decoder, batch, dtype).index_select(0, batch.target_pos)
@@ -491,7 +552,11 @@ def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
         mask = with_prefix_columns(mask, L0)
     out = decoder(
         **_decoder_inputs(decoder, batch.input_ids),
-        attention_mask=_model_mask(decoder, mask, dtype),
+        attention_mask=(
+            _windowed_mask(decoder, batch, window, mixed, dtype)
+            if windowed
+            else _model_mask(decoder, mask, dtype)
+        ),
         position_ids=batch.position_ids,
         past_key_values=cache,
         use_cache=cache is not None,

@@ -348,3 +348,54 @@ def test_embedding_gradient_added_in_place_equals_autograds(tied, monkeypatch):
     if not tied:  # a tied padding row still gets the LM head's gradient
         assert emb.weight.grad[0].abs().max() == 0
     assert emb.weight.grad[5].abs().max() > 0
+
+
+def _tiny_windowed_lm(kind, window, attn):
+    """A random-weight sliding-window model: Mistral (every layer slides) or Qwen2 with
+    max_window_layers=1 (layer 0 full, layer 1 sliding: one mask per layer type)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        eos_token_id=2, pad_token_id=0, bos_token_id=None, tie_word_embeddings=True,
+    )  # fmt: skip
+    if kind == "mistral":
+        cfg, cls = MistralConfig(sliding_window=window, **common), MistralForCausalLM
+    else:
+        cfg = Qwen2Config(
+            use_sliding_window=True, sliding_window=window, max_window_layers=1, **common
+        )
+        cls = Qwen2ForCausalLM
+    cfg._attn_implementation = attn
+    torch.manual_seed(3)
+    return cls(cfg).double().eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("window", [6, 64])
+def test_sliding_window_models_match_their_own_masks(kind, attn, window):
+    """Every layout (padded, packed, shared prompt, shared prefix) gives a sliding-window model
+    the log-probs transformers computes for each sequence alone with its own windowed mask; a
+    window of 6 is shorter than every sequence here (a 10-token head + prompt + completion)."""
+    model = _tiny_windowed_lm(kind, window, attn)
+    prompts = [HEAD + p for p in SHARED_PROMPTS]
+    want = per_example(model, prompts * 2, CHOSEN + REJECTED)
+    pairs = [[c, r] for c, r in zip(CHOSEN, REJECTED)]
+    tol = 1e-10 if attn == "sdpa" else 1e-7  # eager: fp32 softmax, as above
+    for packed in (False, True):
+        for share_prefix in (False, True):
+            shared = build_shared_prompt_batch(
+                prompts, pairs, 0, packed=packed, share_prefix=share_prefix
+            )
+            torch.testing.assert_close(sequence_logps(model, shared), want, rtol=0, atol=tol)
+        separate = build_token_batch(
+            prompts * 2, CHOSEN + REJECTED, 0, packed=packed, share_prefix=not packed
+        )
+        torch.testing.assert_close(sequence_logps(model, separate), want, rtol=0, atol=tol)
+    if window == 6:  # the window changes the answer: the test above can tell
+        model.config.sliding_window = 1000
+        model.model.config.sliding_window = 1000
+        full = per_example(model, prompts * 2, CHOSEN + REJECTED)
+        assert (full - want).abs().max() > 1e-3
