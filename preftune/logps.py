@@ -420,11 +420,15 @@ def _folded_prefix_attention(module, query, key, value, attention_mask, **kwargs
 
 
 def _can_fold_prefix(decoder, batch: TokenBatch) -> bool:
-    """The folded layout needs SDPA (the function above wraps it) and a prefix no longer than
-    the rows (it becomes a row of its own; a longer one would pad every row to its length)."""
+    """Fold the prefix into the batch as row 0 only where that runs fewer token slots than
+    laying it out in every row: (R + 1)·T <= R·(L0 + T), i.e. T <= R·L0. Row 0 is padded to the
+    rows' width T, so a short prefix in front of long rows (W2: a 27-token chat head, two rows of
+    2,100 tokens) would add a row's worth of work; there the KV-cache path runs it instead. It
+    needs SDPA (the attention function wraps it) and a prefix no longer than the rows."""
+    L0, (R, T) = batch.prefix_ids.numel(), batch.input_ids.shape
     return (
         getattr(decoder.config, "_attn_implementation", None) == "sdpa"
-        and batch.prefix_ids.numel() <= batch.input_ids.shape[1]
+        and L0 <= T <= R * L0
     )
 
 

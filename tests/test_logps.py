@@ -245,7 +245,7 @@ def test_shared_prefix_gradients_and_kl_match_full_sequences():
     [
         ("sdpa", HEAD, False, True),
         ("sdpa", LONG_HEAD, False, False),  # 20 > 14 and 12 row tokens: the KV-cache path
-        ("sdpa", LONG_HEAD, True, True),  # one 45-token packed row
+        ("sdpa", LONG_HEAD, True, False),  # one 45-token packed row: folding would double it
         ("eager", HEAD, False, False),
     ],
 )
@@ -268,6 +268,28 @@ def test_shared_prefix_folded_only_under_sdpa_and_no_longer_than_the_rows(
         sequence_logps(model, cached).sum().backward()
         assert calls == ([0, 1] if folded else [])  # once per layer
         assert model.config._attn_implementation == attn  # restored after the forward
+
+
+def test_short_prefix_before_long_rows_is_not_folded(monkeypatch):
+    """Row 0 is padded to the rows' width: with T > R·L0 folding runs more token slots than
+    laying the prefix out in every row, so the KV-cache path runs it; same log-probs."""
+    import preftune.logps as logps
+
+    calls = []
+    fold = logps._hidden_folded
+    monkeypatch.setattr(logps, "_hidden_folded", lambda *a: calls.append(1) or fold(*a))
+    model = tiny_causal_lm(64, seed=8, eos_token_id=2, pad_token_id=0, attn="sdpa").double()
+    prompts, comps = [HEAD + [5], HEAD + [6, 7]], [list(range(20, 45)) + [2], [30, 31, 2]]
+    want = per_example(model, prompts, comps)
+    long_rows = build_token_batch(prompts, comps, 0, share_prefix=True)  # R=2, T=27 > 2·10
+    short = [list(range(20, 29)) + [2], [30, 2]]
+    short_rows = build_token_batch(prompts, short, 0, share_prefix=True)  # T=11: 10 <= 11 <= 20
+    for batch, folded in [(long_rows, False), (short_rows, True)]:
+        calls.clear()
+        got = sequence_logps(model, batch)
+        assert calls == ([1] if folded else [])
+        if not folded:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
 def test_shared_prefix_under_gradient_checkpointing_is_laid_out_in_the_rows():
