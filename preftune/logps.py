@@ -591,6 +591,75 @@ def _chunk_token_logps(head, softcap, scale, hidden, targets):
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+class _HeadLogpsIntoGrad(torch.autograd.Function):
+    """log p(target) of every row of `hidden` under a bias-free LM head, in chunks, with the
+    head's weight gradient added into `weight.grad` in place.
+
+    The generic path (`_chunk_token_logps` under checkpoint) lets autograd differentiate
+    gather - logsumexp: per chunk of c tokens it allocates c x V zeros for the gather, c x V for
+    logsumexp's softmax, c x V for their sum, and a dense V x H weight gradient that is then added
+    to the accumulated one; at a 256k vocabulary each is ~130 MB, fresh memory (page faults)
+    every chunk of every step. Here forward keeps only the per-token logsumexp; backward
+    recomputes each chunk's logits into one reused c x V buffer, turns them in place into
+    d(logp)/d(logits) = g (onehot - softmax), and writes dH = dL W and W.grad += dL^T H (addmm_,
+    no V x H temporary; the first chunk of a pass sets W.grad when it is None). Same maths as the
+    generic path (tests/test_logps.py: values, hidden and weight gradients, tied and untied,
+    several chunks, accumulation). As for the embedding (`_EmbeddingIntoGrad`), the weight's
+    gradient lands in `.grad` only, not in `torch.autograd.grad`'s results.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        N = hidden.shape[0]
+        out = hidden.new_empty(N)
+        lse = hidden.new_empty(N)
+        buf = hidden.new_empty(min(chunk, N), weight.shape[0])
+        for s in range(0, N, chunk):
+            h, t = hidden[s : s + chunk], targets[s : s + chunk]
+            logits = torch.mm(h, weight.t(), out=buf[: h.shape[0]])
+            torch.logsumexp(logits, -1, out=lse[s : s + chunk])
+            out[s : s + chunk] = logits.gather(1, t[:, None]).squeeze(1) - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        chunk, N = ctx.chunk, hidden.shape[0]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(hidden) if want_h else None
+        buf = hidden.new_empty(min(chunk, N), weight.shape[0])
+        for s in range(0, N, chunk):
+            h, t, g = hidden[s : s + chunk], targets[s : s + chunk], grad[s : s + chunk]
+            rows = torch.arange(h.shape[0], device=h.device)
+            d = torch.mm(h, weight.t(), out=buf[: h.shape[0]])
+            d.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])  # -g softmax
+            d[rows, t] += g  # + g onehot
+            if want_h:
+                torch.mm(d, weight, out=dh[s : s + chunk])
+            if want_w:
+                if weight.grad is None:
+                    weight.grad = torch.mm(d.t(), h)
+                else:
+                    weight.grad.addmm_(d.t(), h)
+        return dh, None, None, None
+
+
+def _fused_head(head, softcap, scale, hidden) -> bool:
+    """Whether `_HeadLogpsIntoGrad` computes what `_chunk_token_logps` would: a plain bias-free
+    nn.Linear head in fp32 or fp64 (no autocast, no logit softcap or scaling)."""
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and not softcap
+        and not scale
+        and head.weight.dtype in (torch.float32, torch.float64)
+        and hidden.dtype == head.weight.dtype
+        and not torch.is_autocast_enabled(hidden.device.type)
+    )
+
+
 def token_logps(
     model, batch: TokenBatch, hidden: torch.Tensor | None = None, chunk_size: int | None = None
 ) -> torch.Tensor:
@@ -599,6 +668,10 @@ def token_logps(
     chunk_size = chunk_tokens(head, chunk_size)
     if hidden is None:
         hidden = hidden_at_targets(model, batch)
+    if _fused_head(head, softcap, scale, hidden):
+        if hidden.shape[0] == 0:
+            return hidden.new_zeros(0)
+        return _HeadLogpsIntoGrad.apply(hidden, head.weight, batch.target_ids, chunk_size)
     parts = []
     last = (hidden.shape[0] - 1) // chunk_size * chunk_size
     for s in range(0, hidden.shape[0], chunk_size):

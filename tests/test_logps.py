@@ -421,3 +421,43 @@ def test_sliding_window_models_match_their_own_masks(kind, attn, window):
         model.model.config.sliding_window = 1000
         full = per_example(model, prompts * 2, CHOSEN + REJECTED)
         assert (full - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("chunk", [1, 3, 1024])
+def test_fused_head_equals_autograds_chunks(tied, chunk, monkeypatch):
+    """The LM head's fast path (`_HeadLogpsIntoGrad`: logits recomputed in one reused buffer,
+    the weight's gradient added into .grad in place) against autograd through the generic
+    checkpointed chunks: values, every parameter's gradient over two accumulating backward
+    passes, tied and untied heads, one and many chunks; a frozen head gets no gradient."""
+    import preftune.logps as logps
+
+    model = tiny_causal_lm(64, seed=11, eos_token_id=2, pad_token_id=0).double()
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    batch = build_token_batch(PROMPTS, COMPS, pad_id=0)
+    w = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        for scale in (1.0, 0.5):
+            lp = sequence_logps(model, batch, chunk_size=chunk)
+            (lp * w * scale).sum().backward()
+        return lp.detach(), [p.grad.clone() for p in model.parameters()]
+
+    assert logps._fused_head(model.lm_head, None, None, torch.zeros(1, 64, dtype=torch.float64))
+    lp_fast, g_fast = run()
+    with monkeypatch.context() as m:
+        m.setattr(logps, "_fused_head", lambda *a: False)
+        lp_want, g_want = run()
+    torch.testing.assert_close(lp_fast, lp_want, rtol=0, atol=1e-12)
+    for a, b in zip(g_fast, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lp_fast, per_example(model, PROMPTS, COMPS), rtol=0, atol=1e-10)
+    if not tied:
+        model.lm_head.weight.requires_grad_(False)
+        model.zero_grad(set_to_none=True)
+        sequence_logps(model, batch, chunk_size=chunk).sum().backward()
+        assert model.lm_head.weight.grad is None
+        assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
