@@ -428,7 +428,26 @@ def _can_fold_prefix(decoder, batch: TokenBatch) -> bool:
     L0, (R, T) = batch.prefix_ids.numel(), batch.input_ids.shape
     return (
         getattr(decoder.config, "_attn_implementation", None) == "sdpa"
+        # layers that look their attention function up at call time (Falcon picks a class at
+        # init and would take its eager branch with the wider mask)
+        and getattr(type(decoder), "_supports_attention_backend", False)
         and L0 <= T <= R * L0
+    )
+
+
+def _full_rows_run_causal(decoder, batch: TokenBatch) -> bool:
+    """Whether to lay a prefix that does not fold out in the rows rather than run it as a KV
+    cache: when the rows carry no padding, laid-out rows need no mask and SDPA runs its causal
+    kernel, which skips the upper triangle; rows after a cache need an explicit mask (queries
+    and keys differ in number), whose attention costs the full square. Measured on W2's model
+    at 2 x 2,112 tokens with a 63-token prefix: 12.2-14.2 s laid out vs 13.5-16.4 s cached per
+    forward + backward (docs/benchmarks.md). Short rows fold instead (`_can_fold_prefix`)."""
+    mask = batch.attention_mask
+    return (
+        getattr(decoder.config, "_attn_implementation", None) == "sdpa"
+        and mask is not None
+        and mask.dim() == 2
+        and bool(mask.all())
     )
 
 
@@ -444,14 +463,32 @@ def _sliding_window(cfg) -> tuple[int | None, bool]:
         return window, False
     if "sliding_attention" not in types:
         return None, False
-    other = set(types) - {"sliding_attention", "full_attention"}
-    if other:
-        raise ValueError(
-            f"{type(cfg).__name__}: layer types {sorted(other)} next to sliding-window layers "
-            "are not supported by preftune's log-prob engine with sequences longer than the "
-            f"window ({window}); shorten the sequences (max_length) to at most {window} tokens"
-        )
     return window, "full_attention" in types
+
+
+ATTENTION_LAYERS = {"full_attention", "sliding_attention"}
+_RECURRENT_MODEL_TYPES = ("mamba", "rwkv", "recurrent", "xlstm", "lfm", "jamba", "bamba")
+
+
+def token_mixers(cfg) -> set[str]:
+    """The kinds of token-mixing layer a model config declares: its `layer_types` (Qwen3-Next's
+    linear_attention, LFM2's conv, RecurrentGemma's recurrent ...) or Jamba/Bamba's
+    `layers_block_type`; a recurrent model type with neither is its own kind; anything else is
+    taken as attention everywhere."""
+    kinds = getattr(cfg, "layer_types", None) or getattr(cfg, "layers_block_type", None)
+    if kinds:
+        return set(kinds)
+    model_type = str(getattr(cfg, "model_type", ""))
+    if any(k in model_type for k in _RECURRENT_MODEL_TYPES):
+        return {model_type}
+    return {"full_attention"}
+
+
+def attention_only(cfg) -> bool:
+    """Whether attention (under the mask the engine passes) is the only way tokens of a row see
+    each other: what the shared-prompt, packed and folded layouts rely on. Convolution,
+    recurrent and state-space layers read whole rows in order, whatever the mask says."""
+    return token_mixers(cfg) <= ATTENTION_LAYERS
 
 
 def _causal_4d(mask: torch.Tensor) -> torch.Tensor:
@@ -529,20 +566,33 @@ def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
     drops any cache and would re-run the folded attention under another implementation, the
     prefix is laid out in every row instead.
 
-    A sliding-window model whose sequences may be longer than its window (prefix + row width >
+    A hybrid model (convolution, recurrent or state-space layers beside attention, which read
+    whole rows) gets the prefix laid out in its rows and only the padded layout; transformers
+    handles its masks and caches. A sliding-window model whose sequences may be longer than its window (prefix + row width >
     window) gets the prefix laid out in the rows too, and the window applied to a 4-D mask here
     (`_windowed_mask`): transformers' windowed KV cache keeps only the last keys of the prefix
     and it does not window a 4-D mask it is given.
     """
     decoder, head, _, _ = _split_causal_lm(model)
     dtype = _compute_dtype(head.weight.dtype)
-    window, mixed = _sliding_window(decoder.config)
+    hybrid = not attention_only(decoder.config)
+    if hybrid and (batch.attention_mask is None or batch.attention_mask.dim() == 4):
+        kinds = sorted(token_mixers(decoder.config) - ATTENTION_LAYERS)
+        raise ValueError(
+            f"{type(decoder).__name__} has {', '.join(kinds)} layers, which read every token "
+            "of a row in order whatever the attention mask says: the packed and shared-prompt "
+            "layouts would let one sequence see another. Set packed=false and "
+            "share_prompt=false (share_prompt=auto does this by itself)."
+        )
+    window, mixed = (None, False) if hybrid else _sliding_window(decoder.config)
     L0 = 0 if batch.prefix_ids is None else batch.prefix_ids.numel()
     windowed = window is not None and L0 + batch.input_ids.shape[1] > window
-    if batch.prefix_ids is not None and (windowed or _checkpointing(decoder)):
+    if batch.prefix_ids is not None and (hybrid or windowed or _checkpointing(decoder)):
         batch = batch.without_prefix()
     if batch.prefix_ids is not None and _can_fold_prefix(decoder, batch):
         return _hidden_folded(decoder, batch, dtype).index_select(0, batch.target_pos)
+    if batch.prefix_ids is not None and _full_rows_run_causal(decoder, batch):
+        batch = batch.without_prefix()
     cache, mask = None, batch.attention_mask
     if batch.prefix_ids is not None:
         L0 = batch.prefix_ids.numel()

@@ -165,9 +165,11 @@ def tiny_causal_lm(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     attn: str | None = None,
+    kv_heads: int | None = None,
 ):
     """A random-weight Llama with the given vocabulary, for tests that must run in seconds.
-    `attn` picks the attention implementation ("sdpa", "eager"; None = transformers' default)."""
+    `attn` picks the attention implementation ("sdpa", "eager"; None = transformers' default);
+    `kv_heads` < `heads` gives grouped-query attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -176,7 +178,7 @@ def tiny_causal_lm(
         intermediate_size=hidden_size * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         eos_token_id=eos_token_id,

@@ -290,6 +290,20 @@ def test_short_prefix_before_long_rows_is_not_folded(monkeypatch):
         assert calls == ([1] if folded else [])
         if not folded:
             torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    # rows without padding: laid out (no mask, SDPA's causal kernel) instead of the KV cache
+    even = [list(range(20, 45)) + [2], list(range(30, 55)) + [2]]
+    unpadded = build_token_batch([HEAD + [5], HEAD + [6]], even, 0, share_prefix=True)
+    assert bool(unpadded.attention_mask.all()) and unpadded.prefix_ids is not None
+    laid = []
+    without = logps.TokenBatch.without_prefix
+    monkeypatch.setattr(logps.TokenBatch, "without_prefix", lambda b: laid.append(1) or without(b))
+    got = sequence_logps(model, unpadded)
+    assert laid == [1] and calls == [1]  # calls: from the short rows above, nothing new
+    want = per_example(model, [HEAD + [5], HEAD + [6]], even)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    laid.clear()
+    sequence_logps(model, long_rows)
+    assert laid == []  # padded rows keep the cache
 
 
 def test_shared_prefix_under_gradient_checkpointing_is_laid_out_in_the_rows():
@@ -461,3 +475,63 @@ def test_fused_head_equals_autograds_chunks(tied, chunk, monkeypatch):
         sequence_logps(model, batch, chunk_size=chunk).sum().backward()
         assert model.lm_head.weight.grad is None
         assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_fold_with_grouped_query_attention_and_only_for_attention_backend_models(monkeypatch):
+    """Folding joins row 0's keys before the rows' at the key/value-head count: grouped-query
+    attention (4 query heads, 2 KV heads) gives the full-sequence log-probs. A decoder class that
+    does not look its attention function up at call time (`_supports_attention_backend` False,
+    e.g. Falcon) never folds."""
+    from transformers import LlamaModel
+
+    import preftune.logps as logps
+
+    calls = []
+    fold = logps._hidden_folded
+    monkeypatch.setattr(logps, "_hidden_folded", lambda *a: calls.append(1) or fold(*a))
+    model = tiny_causal_lm(64, seed=12, eos_token_id=2, pad_token_id=0, attn="sdpa", kv_heads=2)
+    model = model.double()
+    want = per_example(model, PREFIXED * 2, CHOSEN + REJECTED)
+    for backend in (True, False):
+        monkeypatch.setattr(LlamaModel, "_supports_attention_backend", backend)
+        for cached, _ in _prefixed_batches(False):
+            calls.clear()
+            got = sequence_logps(model, cached)
+            assert calls == ([1] if backend else [])
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def _tiny_hybrid_lm():
+    """LFM2: a convolution layer before an attention layer; the convolution reads whole rows."""
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    cfg = Lfm2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, layer_types=["conv", "full_attention"],
+        pad_token_id=0, eos_token_id=2, bos_token_id=None, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(13)
+    return Lfm2ForCausalLM(cfg).double().eval()
+
+
+def test_hybrid_models_get_padded_rows_with_the_prefix_laid_out():
+    """A model with convolution / recurrent layers: the shared prefix is laid out in its rows
+    (same log-probs as each sequence alone); the packed and shared-prompt layouts, where a
+    convolution would read across sequences, are refused with what to set instead."""
+    import preftune.logps as logps
+
+    model = _tiny_hybrid_lm()
+    assert logps.token_mixers(model.config) == {"conv", "full_attention"}
+    assert not logps.attention_only(model.config)
+    assert logps.attention_only(tiny_causal_lm(64).config)
+    want = per_example(model, PREFIXED * 2, CHOSEN + REJECTED)
+    prefixed = build_token_batch(PREFIXED * 2, CHOSEN + REJECTED, 0, share_prefix=True)
+    assert prefixed.prefix_ids is not None
+    torch.testing.assert_close(sequence_logps(model, prefixed), want, rtol=0, atol=1e-10)
+    pairs = [[c, r] for c, r in zip(CHOSEN, REJECTED)]
+    for batch in (
+        build_shared_prompt_batch(PREFIXED, pairs, 0),
+        build_token_batch(PREFIXED * 2, CHOSEN + REJECTED, 0, packed=True),
+    ):
+        with pytest.raises(ValueError, match="share_prompt=false"):
+            sequence_logps(model, batch)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from preftune.allocator import keep_freed_memory
 from preftune.calibrate import BetaCalibration
 from preftune.config import Config, build_config
-from preftune.logps import sequence_logps, sequence_logps_and_kl
+from preftune.logps import attention_only, sequence_logps, sequence_logps_and_kl
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
 from preftune.models import cache_dir
 from preftune.train import checkpoint as ckpt
@@ -211,7 +211,10 @@ class Trainer:
     def _pair_batch(self, examples, idx):
         t = self.cfg.train
         share = {"true": True, "false": False}.get(t.share_prompt, "auto")
-        width = getattr(self.acc.unwrap_model(self.policy).config, "hidden_size", 1024)
+        config = self.acc.unwrap_model(self.policy).config
+        if share == "auto" and not attention_only(config):
+            share = False  # recurrent / convolution layers would see the other branch
+        width = getattr(config, "hidden_size", 1024)
         # under gradient checkpointing the engine lays a shared prefix out in the rows of a
         # training step (logps.hidden_at_targets); passes without gradients still share it
         return pair_batch(
