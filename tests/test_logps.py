@@ -457,7 +457,8 @@ def test_fused_head_equals_autograds_chunks(tied, chunk, monkeypatch):
         model.zero_grad(set_to_none=True)
         for scale in (1.0, 0.5):
             lp = sequence_logps(model, batch, chunk_size=chunk)
-            (lp * w * scale).sum().backward()
+            (lp * w * scale).sum().backward(retain_graph=True)
+        (lp * w).sum().backward()  # again through the same graph: the kept logits are gone
         return lp.detach(), [p.grad.clone() for p in model.parameters()]
 
     assert logps._fused_head(model.lm_head, None, None, torch.zeros(1, 64, dtype=torch.float64))
