@@ -72,6 +72,8 @@ def base_spec(args) -> dict:
         "beta": 0.1,
         "max_length": 512,
         "max_prompt_length": 256,
+        # both tools; a W1 variant's own setting (preftune-malloc, trl-malloc) wins
+        "keep_freed_memory": not args.glibc_default_allocator,
     }
 
 
@@ -97,6 +99,7 @@ def header(args) -> dict:
         "machine": machine(),
         "threads": args.threads,
         "omp_wait_policy": args.omp_wait_policy,
+        "keep_freed_memory": not args.glibc_default_allocator,
     }
 
 
@@ -695,6 +698,12 @@ def main(argv=None) -> None:
         help="optimizer steps per run (W1 default 32 = one pass of 256 pairs)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch threads per run (BENCHMARK.md: 2)")
+    p.add_argument(
+        "--glibc-default-allocator",
+        action="store_true",
+        help="run every tool with glibc's default malloc settings instead of preftune's "
+        "keep_freed_memory (which the harness gives TRL too)",
+    )
     p.add_argument(
         "--omp-wait-policy",
         default="",
