@@ -130,7 +130,11 @@ def own_weights(model: torch.nn.Module) -> torch.nn.Module:
     every 4 KiB page it writes. For SmolLM2-135M that made the first step of W1 take 8-9 s
     instead of 2.7 (the AdamW step alone 5.9 s, 349k faults); one copy at load costs a fraction
     of that. Tied weights stay tied (one Parameter, its data replaced once). Frozen models
-    (references, LoRA bases) keep the mapping: nothing writes to them."""
+    (references, LoRA bases) keep the mapping: nothing writes to them. Where an accelerator is
+    present the move to the device makes the copy, and one here would only double the weights in
+    host memory, so nothing is done."""
+    if torch.accelerator.is_available():
+        return model
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:

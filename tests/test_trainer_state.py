@@ -267,3 +267,11 @@ def test_trained_weights_leave_the_file_mapping(tiny_dir, tmp_path, lora):
     assert _file_backed(w, "model.safetensors") == lora
     assert torch.equal(w, mapped.model.layers[0].mlp.up_proj.weight)
     assert base.lm_head.weight is base.model.embed_tokens.weight
+    if not lora:  # with a GPU the move to the device copies them; no host copy first
+        from preftune.models import own_weights
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(torch.accelerator, "is_available", lambda: True)
+            again = load_causal_lm(str(tiny_dir))
+            own_weights(again)
+            assert _file_backed(again.model.layers[0].mlp.up_proj.weight, "model.safetensors")
