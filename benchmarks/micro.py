@@ -23,12 +23,8 @@ import time
 
 import torch
 
-from preftune.logps import (
-    TokenBatch,
-    build_shared_prompt_batch,
-    build_token_batch,
-    sequence_logps,
-)
+from preftune.layouts import TokenBatch, build_shared_prompt_batch, build_token_batch
+from preftune.logps import sequence_logps
 
 
 def _time_fwd_bwd(model, batch: TokenBatch, reps: int) -> tuple[list[float], torch.Tensor]:

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from preftune.logps import shared_prefix_length
+from preftune.layouts import shared_prefix_length
 
 
 @dataclass(frozen=True)

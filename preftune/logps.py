@@ -8,8 +8,9 @@ chunk holds LOGIT_BUDGET logits (chunk tokens = LOGIT_BUDGET // vocab), so memor
 fixed whatever the batch, length or vocabulary; an explicit chunk_size fixes tokens instead.
 
 Shared prefix: when every sequence of a batch starts with the same tokens (a chat template's
-system prompt and turn header: 27 of the 40 prompt tokens of the bundled set), the builders can
-lay out only what follows it and keep the prefix apart (`TokenBatch.prefix_ids`); the decoder
+system prompt and turn header: 27 of the 40 prompt tokens of the bundled set), the builders
+(preftune/layouts.py) can lay out only what follows it and keep the prefix apart
+(`TokenBatch.prefix_ids`); the decoder
 then runs the prefix once — under SDPA as an extra row of the same forward whose keys and values
 every row attends to, otherwise as a KV cache repeated over the rows — with gradients flowing
 back into the one prefix forward. The log-probs are those of the full sequences
@@ -24,15 +25,14 @@ Policy, reference, reference precompute, TDPO's sequential KL and evaluation all
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from preftune.layouts import TokenBatch, with_prefix_columns
+
 LOGIT_BUDGET = 1 << 25  # logits per chunk (128 MB in fp32): 1024 tokens of a 32k vocabulary
 MIN_CHUNK = 16
-MIN_SHARED_PREFIX = 8  # tokens; below this a separate prefix forward does not pay
 
 
 def chunk_tokens(head, chunk_size: int | None) -> int:
@@ -40,270 +40,6 @@ def chunk_tokens(head, chunk_size: int | None) -> int:
     if chunk_size is not None:
         return chunk_size
     return max(MIN_CHUNK, LOGIT_BUDGET // head.weight.shape[0])
-
-
-@dataclass
-class TokenBatch:
-    """Sequences laid out for one forward.
-
-    input_ids, position_ids: (R, T) — R rows; padded layout has one sequence per row, packed
-        layout several sequences per row with position ids restarting at 0.
-    attention_mask: (R, T), None (packed: attention stays within a sequence through position
-        ids), or a boolean (R, 1, T, T) mask (True = may attend) for the shared-prompt layout,
-        where several completions branch from one copy of their prompt.
-    target_pos: (N,) flat indices into (R*T) of the positions whose next token is scored.
-    target_ids: (N,) the scored next tokens.  seq_index: (N,) which sequence each belongs to.
-    num_seqs: S sequences in all.
-    prefix_ids: (L0,) tokens every sequence starts with, laid out once and not in the rows (whose
-        position ids then start at L0); None when the batch has no shared prefix. target_pos
-        indexes the rows only: the prefix's own tokens are never scored.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor | None
-    position_ids: torch.Tensor
-    target_pos: torch.Tensor
-    target_ids: torch.Tensor
-    seq_index: torch.Tensor
-    num_seqs: int
-    prefix_ids: torch.Tensor | None = None
-
-    def to(self, device) -> TokenBatch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return TokenBatch(
-            move(self.input_ids),
-            move(self.attention_mask),
-            move(self.position_ids),
-            move(self.target_pos),
-            move(self.target_ids),
-            move(self.seq_index),
-            self.num_seqs,
-            move(self.prefix_ids),
-        )
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return torch.bincount(self.seq_index, minlength=self.num_seqs)
-
-    def without_prefix(self) -> TokenBatch:
-        """The same sequences with the shared prefix laid out at the start of every row: what a
-        decoder that cannot take a KV cache (gradient checkpointing in training) runs, and the
-        plain form the tests compare the cached one with."""
-        if self.prefix_ids is None:
-            return self
-        L0, (R, T) = self.prefix_ids.numel(), self.input_ids.shape
-        dev = self.input_ids.device
-        input_ids = torch.cat([self.prefix_ids.expand(R, L0), self.input_ids], 1)
-        position_ids = torch.cat([torch.arange(L0, device=dev).expand(R, L0), self.position_ids], 1)
-        if self.attention_mask.dim() == 2:
-            mask = with_prefix_columns(self.attention_mask, L0)
-        else:  # the prefix attends causally to itself; every row token sees all of it
-            mask = torch.zeros(R, 1, L0 + T, L0 + T, dtype=torch.bool, device=dev)
-            mask[..., :L0, :L0] = torch.ones(L0, L0, dtype=torch.bool, device=dev).tril()
-            mask[..., L0:, :] = with_prefix_columns(self.attention_mask, L0)
-        row, col = self.target_pos // T, self.target_pos % T
-        return TokenBatch(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            target_pos=row * (L0 + T) + L0 + col,
-            target_ids=self.target_ids,
-            seq_index=self.seq_index,
-            num_seqs=self.num_seqs,
-        )
-
-
-def with_prefix_columns(mask: torch.Tensor, prefix: int) -> torch.Tensor:
-    """A row mask (R, T) or (R, 1, T, T) widened by `prefix` leading key columns, all visible."""
-    ones = torch.ones(mask.shape[:-1] + (prefix,), dtype=mask.dtype, device=mask.device)
-    return torch.cat([ones, mask], -1)
-
-
-def common_prefix_length(rows: list[list[int]]) -> int:
-    """Tokens every row starts with, leaving each row at least one token of its own."""
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for k in range(max(n, 0)):
-        if any(r[k] != first[k] for r in rows):
-            return k
-    return max(n, 0)
-
-
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """Leading tokens to lay out once for a batch of `prompts`: their common prefix, each prompt
-    keeping at least one token (the position that predicts its first completion token); 0 for a
-    single prompt or a prefix shorter than MIN_SHARED_PREFIX, where a separate forward costs
-    more than it saves."""
-    if len(prompts) < 2:
-        return 0
-    n = common_prefix_length(prompts)
-    return n if n >= MIN_SHARED_PREFIX else 0
-
-
-def _layout(
-    seqs: list[tuple[list[int], int]],
-    pad_id: int,
-    packed: bool,
-    max_row: int | None = None,
-    first_position: int = 0,
-) -> TokenBatch:
-    """seqs: (token ids, completion start). Builds the padded or packed TokenBatch; position ids
-    start at `first_position` (the length of a shared prefix kept apart)."""
-    rows: list[list[tuple[int, list[int], int]]] = []  # per row: (seq idx, ids, comp start)
-    if packed:
-        limit = max_row or sum(len(s) for s, _ in seqs)
-        cur: list = []
-        used = 0
-        for i, (ids, start) in enumerate(seqs):
-            if cur and used + len(ids) > limit:
-                rows.append(cur)
-                cur, used = [], 0
-            cur.append((i, ids, start))
-            used += len(ids)
-        rows.append(cur)
-    else:
-        rows = [[(i, ids, start)] for i, (ids, start) in enumerate(seqs)]
-    width = max(sum(len(ids) for _, ids, _ in row) for row in rows)
-    R = len(rows)
-    input_ids = torch.full((R, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((R, width), dtype=torch.long)
-    attention_mask = torch.zeros((R, width), dtype=torch.long)
-    pos, tgt, sidx = [], [], []
-    for r, row in enumerate(rows):
-        off = 0
-        for i, ids, start in row:
-            n = len(ids)
-            input_ids[r, off : off + n] = torch.tensor(ids)
-            position_ids[r, off : off + n] = torch.arange(first_position, first_position + n)
-            attention_mask[r, off : off + n] = 1
-            # position t predicts token t+1: score tokens start..n-1 from positions start-1..n-2
-            for t in range(start, n):
-                pos.append(r * width + off + t - 1)
-                tgt.append(ids[t])
-                sidx.append(i)
-            off += n
-    return TokenBatch(
-        input_ids=input_ids,
-        attention_mask=None if packed else attention_mask,
-        position_ids=position_ids,
-        target_pos=torch.tensor(pos, dtype=torch.long),
-        target_ids=torch.tensor(tgt, dtype=torch.long),
-        seq_index=torch.tensor(sidx, dtype=torch.long),
-        num_seqs=len(seqs),
-    )
-
-
-def build_token_batch(
-    prompts: list[list[int]],
-    completions: list[list[int]],
-    pad_id: int,
-    packed: bool = False,
-    max_row: int | None = None,
-    share_prefix: bool = False,
-) -> TokenBatch:
-    """prompt_i + completion_i for every i; only completion tokens are scored.
-
-    `share_prefix`: the prompts' common leading tokens (`shared_prefix_length`) are kept apart
-    in `prefix_ids` and run once. Padded layout only: the packed layout has no mask (sequences
-    are told apart by their position ids), which a KV cache cannot serve.
-    """
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError(
-            "every sequence needs at least one prompt token (a BOS or chat header) to condition on"
-        )
-    L0 = shared_prefix_length(prompts) if share_prefix and not packed else 0
-    seqs = [(p[L0:] + c, len(p) - L0) for p, c in zip(prompts, completions)]
-    batch = _layout(seqs, pad_id, packed, max_row, first_position=L0)
-    if L0:
-        batch.prefix_ids = torch.tensor(prompts[0][:L0], dtype=torch.long)
-    return batch
-
-
-def build_shared_prompt_batch(
-    prompts: list[list[int]],
-    branches: list[list[list[int]]],
-    pad_id: int,
-    packed: bool = False,
-    share_prefix: bool = False,
-) -> TokenBatch:
-    """Each prompt once, its K completions branching from it: [prompt | c_1 | c_2 | ...].
-
-    Completion k of prompt i is sequence k * n + i (so for pairs: chosen 0..n-1, rejected
-    n..2n-1, the order of `build_token_batch(prompts * 2, chosen + rejected)`). Every branch
-    continues the prompt's position ids (len(prompt), len(prompt) + 1, ...) and a boolean 4-D
-    mask lets a branch token see its prompt and the earlier tokens of its own branch only, so
-    each completion's log-prob is that of prompt + completion alone, while the prompt's
-    forward (and backward) is done once instead of K times. `packed` puts all groups in one
-    row (block-diagonal mask); otherwise one group per row, padded. `share_prefix`: the
-    prompts' common leading tokens are kept apart in `prefix_ids`, run once and seen by every
-    group (in both layouts).
-    """
-    n = len(prompts)
-    if n == 0 or len(branches) != n:
-        raise ValueError(f"need one list of completions per prompt, got {len(branches)} for {n}")
-    K = len(branches[0])
-    if K == 0 or any(len(b) != K for b in branches):
-        raise ValueError("every prompt needs the same number (>= 1) of completions")
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError(
-            "every sequence needs at least one prompt token (a BOS or chat header) to condition on"
-        )
-    # per group: token ids, position ids, branch id (-1 = prompt), (source offset, target, seq)
-    L0 = shared_prefix_length(prompts) if share_prefix else 0
-    groups = []
-    for i, (p, comps) in enumerate(zip(prompts, branches)):
-        own = p[L0:]
-        ids, pos, br, tg = list(own), list(range(L0, len(p))), [-1] * len(own), []
-        for k, c in enumerate(comps):
-            off = len(ids)
-            for j, tok in enumerate(c):
-                tg.append((len(own) - 1 if j == 0 else off + j - 1, tok, k * n + i))
-            ids += c
-            pos += range(len(p), len(p) + len(c))
-            br += [k] * len(c)
-        groups.append((ids, pos, br, tg))
-    rows = [list(range(n))] if packed else [[i] for i in range(n)]
-    width = max(sum(len(groups[g][0]) for g in row) for row in rows)
-    R = len(rows)
-    input_ids = torch.full((R, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((R, width), dtype=torch.long)
-    group_of = torch.full((R, width), -1, dtype=torch.long)
-    branch_of = torch.full((R, width), -2, dtype=torch.long)
-    pos_t, tgt, sidx = [], [], []
-    for r, row in enumerate(rows):
-        off = 0
-        for g in row:
-            ids, pos, br, tg = groups[g]
-            L = len(ids)
-            input_ids[r, off : off + L] = torch.tensor(ids)
-            position_ids[r, off : off + L] = torch.tensor(pos)
-            group_of[r, off : off + L] = g
-            branch_of[r, off : off + L] = torch.tensor(br)
-            for src, tok, seq in tg:
-                pos_t.append(r * width + off + src)
-                tgt.append(tok)
-                sidx.append(seq)
-            off += L
-    q_group, k_group = group_of[:, :, None], group_of[:, None, :]
-    q_branch, k_branch = branch_of[:, :, None], branch_of[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    mask = (
-        (q_group == k_group)
-        & (k_group >= 0)
-        & ((k_branch == -1) | (k_branch == q_branch))
-        & causal
-    )
-    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax row
-    return TokenBatch(
-        input_ids=input_ids,
-        attention_mask=mask[:, None],
-        position_ids=position_ids,
-        target_pos=torch.tensor(pos_t, dtype=torch.long),
-        target_ids=torch.tensor(tgt, dtype=torch.long),
-        seq_index=torch.tensor(sidx, dtype=torch.long),
-        num_seqs=n * K,
-        prefix_ids=torch.tensor(prompts[0][:L0], dtype=torch.long) if L0 else None,
-    )
 
 
 def _model_mask(model, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -419,36 +155,33 @@ def _folded_prefix_attention(module, query, key, value, attention_mask, **kwargs
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _can_fold_prefix(decoder, batch: TokenBatch) -> bool:
-    """Fold the prefix into the batch as row 0 only where that runs fewer token slots than
-    laying it out in every row: (R + 1)·T <= R·(L0 + T), i.e. T <= R·L0. Row 0 is padded to the
-    rows' width T, so a short prefix in front of long rows (W2: a 27-token chat head, two rows of
-    2,100 tokens) would add a row's worth of work; there the KV-cache path runs it instead. It
-    needs SDPA (the attention function wraps it) and a prefix no longer than the rows."""
+def _prefix_path(decoder, batch: TokenBatch, lay_out: bool) -> str:
+    """How a batch's shared prefix runs: "rows" (laid out in every row), "fold" (row 0 of the
+    same forward) or "cache" (its own forward, keys and values repeated over the rows).
+
+    - "rows" when the caller says so (`lay_out`: hybrid and windowed models, gradient
+      checkpointing).
+    - "fold" where that runs fewer token slots than laying it out: row 0 is padded to the rows'
+      width T, so (R + 1)·T <= R·(L0 + T), i.e. L0 <= T <= R·L0 (W2: a 63-token prefix in front
+      of two 2,112-token rows would add a third row of work). It needs SDPA, which the folded
+      attention wraps, in layers that look their attention function up at call time (Falcon
+      picks a class at init and would take its eager branch with the wider mask).
+    - "rows" again when the rows carry no padding under SDPA: laid-out rows need no mask and
+      SDPA runs its causal kernel, which skips the upper triangle, while rows after a cache
+      need an explicit mask and the full square (W2's model, 2 x 2,112 tokens, 63-token prefix:
+      12.2-14.2 s laid out vs 13.5-16.4 s cached per forward + backward; docs/benchmarks.md).
+    - "cache" otherwise (eager attention, padded rows, a prefix longer than the rows).
+    """
+    if lay_out:
+        return "rows"
     L0, (R, T) = batch.prefix_ids.numel(), batch.input_ids.shape
-    return (
-        getattr(decoder.config, "_attn_implementation", None) == "sdpa"
-        # layers that look their attention function up at call time (Falcon picks a class at
-        # init and would take its eager branch with the wider mask)
-        and getattr(type(decoder), "_supports_attention_backend", False)
-        and L0 <= T <= R * L0
-    )
-
-
-def _full_rows_run_causal(decoder, batch: TokenBatch) -> bool:
-    """Whether to lay a prefix that does not fold out in the rows rather than run it as a KV
-    cache: when the rows carry no padding, laid-out rows need no mask and SDPA runs its causal
-    kernel, which skips the upper triangle; rows after a cache need an explicit mask (queries
-    and keys differ in number), whose attention costs the full square. Measured on W2's model
-    at 2 x 2,112 tokens with a 63-token prefix: 12.2-14.2 s laid out vs 13.5-16.4 s cached per
-    forward + backward (docs/benchmarks.md). Short rows fold instead (`_can_fold_prefix`)."""
+    sdpa = getattr(decoder.config, "_attn_implementation", None) == "sdpa"
+    if sdpa and getattr(type(decoder), "_supports_attention_backend", False) and L0 <= T <= R * L0:
+        return "fold"
     mask = batch.attention_mask
-    return (
-        getattr(decoder.config, "_attn_implementation", None) == "sdpa"
-        and mask is not None
-        and mask.dim() == 2
-        and bool(mask.all())
-    )
+    if sdpa and mask is not None and mask.dim() == 2 and bool(mask.all()):
+        return "rows"
+    return "cache"
 
 
 def _sliding_window(cfg) -> tuple[int | None, bool]:
@@ -557,21 +290,20 @@ def _hidden_folded(decoder, batch: TokenBatch, dtype: torch.dtype) -> torch.Tens
 def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
     """(N, H) final hidden states at the scored positions. Prompt positions get no head work.
 
-    A batch with a shared prefix runs it once. Under SDPA with a prefix no longer than the rows
-    it is folded into the batch as row 0, whose keys and values every row attends to
-    (`_folded_prefix_attention`): one forward, each weight's gradient one matmul. Otherwise it
-    runs first (batch size 1, `use_cache`), its keys and values are repeated over the R rows and
-    the rows run against that cache. Either way autograd carries the rows' gradients back into
-    the one prefix forward (a sum over rows). Under gradient checkpointing in training, which
-    drops any cache and would re-run the folded attention under another implementation, the
-    prefix is laid out in every row instead.
+    A batch with a shared prefix runs it once where that pays (`_prefix_path`): folded into the
+    batch as row 0, whose keys and values every row attends to (`_folded_prefix_attention`; one
+    forward, each weight's gradient one matmul), or run first (batch size 1, `use_cache`) with
+    its keys and values repeated over the R rows. Either way autograd carries the rows'
+    gradients back into the one prefix forward (a sum over rows). Otherwise it is laid out in
+    every row: under gradient checkpointing in training (which drops any cache and would re-run
+    the folded attention under another implementation), for hybrid models, and for
+    sliding-window models whose sequences may be longer than the window.
 
     A hybrid model (convolution, recurrent or state-space layers beside attention, which read
-    whole rows) gets the prefix laid out in its rows and only the padded layout; transformers
-    handles its masks and caches. A sliding-window model whose sequences may be longer than its window (prefix + row width >
-    window) gets the prefix laid out in the rows too, and the window applied to a 4-D mask here
-    (`_windowed_mask`): transformers' windowed KV cache keeps only the last keys of the prefix
-    and it does not window a 4-D mask it is given.
+    whole rows) takes only the padded layout; transformers handles its masks and caches. A
+    sliding-window model whose prefix + row width exceeds its window gets the window applied to
+    a 4-D mask here (`_windowed_mask`): transformers' windowed KV cache keeps only the last keys
+    of the prefix, and it does not window a 4-D mask it is given.
     """
     decoder, head, _, _ = _split_causal_lm(model)
     dtype = _compute_dtype(head.weight.dtype)
@@ -587,12 +319,12 @@ def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
     window, mixed = (None, False) if hybrid else _sliding_window(decoder.config)
     L0 = 0 if batch.prefix_ids is None else batch.prefix_ids.numel()
     windowed = window is not None and L0 + batch.input_ids.shape[1] > window
-    if batch.prefix_ids is not None and (hybrid or windowed or _checkpointing(decoder)):
-        batch = batch.without_prefix()
-    if batch.prefix_ids is not None and _can_fold_prefix(decoder, batch):
-        return _hidden_folded(decoder, batch, dtype).index_select(0, batch.target_pos)
-    if batch.prefix_ids is not None and _full_rows_run_causal(decoder, batch):
-        batch = batch.without_prefix()
+    if batch.prefix_ids is not None:
+        path = _prefix_path(decoder, batch, hybrid or windowed or _checkpointing(decoder))
+        if path == "fold":
+            return _hidden_folded(decoder, batch, dtype).index_select(0, batch.target_pos)
+        if path == "rows":
+            batch = batch.without_prefix()
     cache, mask = None, batch.attention_mask
     if batch.prefix_ids is not None:
         L0 = batch.prefix_ids.numel()

@@ -149,12 +149,12 @@ def test_vllm_engine_explains_missing_vllm():
 def test_shared_prefix_cache_gives_the_plain_greedy_tokens(model, tok):
     """Prompts with a long common head (a chat system prompt) prefill it once and repeat its
     KV cache over the batch; the tokens must be those of plain greedy decoding, prompt by prompt."""
-    from preftune import logps
+    from preftune import layouts
 
     head = "a b c d e f g h a b c"
     prompts = [f"{head} one plus two equals", f"{head} b", f"{head} one c d e"]
     rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    assert logps.common_prefix_length(rows) >= logps.MIN_SHARED_PREFIX
+    assert layouts.common_prefix_length(rows) >= layouts.MIN_SHARED_PREFIX
     cfg = SamplingConfig(do_sample=False, max_new_tokens=6)
     got = generate(model, tok, prompts, cfg)
     for c, row in zip(got, rows):
@@ -162,7 +162,7 @@ def test_shared_prefix_cache_gives_the_plain_greedy_tokens(model, tok):
 
 
 def test_common_prefix_length_leaves_every_row_a_token():
-    from preftune.logps import common_prefix_length
+    from preftune.layouts import common_prefix_length
 
     assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2

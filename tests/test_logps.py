@@ -4,9 +4,8 @@ padded and packed, odd shapes, fp32 and bf16, and TDPO's chunked sequential KL."
 import pytest
 import torch
 
+from preftune.layouts import build_shared_prompt_batch, build_token_batch
 from preftune.logps import (
-    build_shared_prompt_batch,
-    build_token_batch,
     hidden_at_targets,
     plain_sequence_logps,
     sequence_logps,
@@ -320,7 +319,7 @@ def test_shared_prefix_under_gradient_checkpointing_is_laid_out_in_the_rows():
 
 
 def test_shared_prefix_length_rules():
-    from preftune.logps import MIN_SHARED_PREFIX, shared_prefix_length
+    from preftune.layouts import MIN_SHARED_PREFIX, shared_prefix_length
 
     long = list(range(100, 100 + MIN_SHARED_PREFIX + 4))
     assert shared_prefix_length([long + [1], long + [2]]) == len(long)

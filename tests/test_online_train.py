@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
 from preftune.data.records import load_records
-from preftune.logps import build_token_batch
+from preftune.layouts import build_token_batch
 from preftune.online.remax_loop import per_token_rows
 from preftune.train.online import train_online
 from preftune.train.reward import train_reward

@@ -23,7 +23,8 @@ import time
 import torch
 
 from preftune.config import ConfigError
-from preftune.logps import TokenBatch, build_token_batch, token_logps
+from preftune.layouts import TokenBatch, build_token_batch
+from preftune.logps import token_logps
 from preftune.online.base import split_even
 from preftune.online.loops import OnlineTrainer
 from preftune.online.remax import remax_returns, remax_sequence_losses

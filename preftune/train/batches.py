@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from preftune.logps import (
+from preftune.layouts import (
     TokenBatch,
     build_shared_prompt_batch,
     build_token_batch,

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from preftune.logps import TokenBatch, hidden_at_targets, sequence_logps
+from preftune.layouts import TokenBatch
+from preftune.logps import hidden_at_targets, sequence_logps
 
 CACHE_VERSION = "preftune-refcache-1"  # bump when log-prob code changes what it computes
 

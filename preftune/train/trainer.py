@@ -9,6 +9,7 @@ examples, and metrics are gathered before they are averaged.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -208,13 +209,20 @@ class Trainer:
             chosen[idx], rejected[idx] = lp[: len(idx)], lp[len(idx) :]
         return {"chosen": chosen, "rejected": rejected}
 
-    def _pair_batch(self, examples, idx):
-        t = self.cfg.train
-        share = {"true": True, "false": False}.get(t.share_prompt, "auto")
+    @functools.cached_property
+    def _share_prompt(self) -> tuple[bool | str, int]:
+        """(share_prompt as the batch builders take it, the model width its cost model uses);
+        `auto` is off for hybrid models, whose recurrent / convolution layers would see the
+        other branch."""
+        share = {"true": True, "false": False}.get(self.cfg.train.share_prompt, "auto")
         config = self.acc.unwrap_model(self.policy).config
         if share == "auto" and not attention_only(config):
-            share = False  # recurrent / convolution layers would see the other branch
-        width = getattr(config, "hidden_size", 1024)
+            share = False
+        return share, getattr(config, "hidden_size", 1024)
+
+    def _pair_batch(self, examples, idx):
+        t = self.cfg.train
+        share, width = self._share_prompt
         # under gradient checkpointing the engine lays a shared prefix out in the rows of a
         # training step (logps.hidden_at_targets); passes without gradients still share it
         return pair_batch(
