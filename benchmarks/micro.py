@@ -14,6 +14,9 @@ Layouts of one batch of B pairs (2B sequences), forward + backward of `sequence_
   pairs in one row.
 - ...+prefix: the same with `share_prefix=True` (preftune's default): the tokens every prompt of
   the batch starts with (a chat system prompt) run once and their KV cache serves every row.
+- shared-padded+prefix+completions: preftune's default layout, where also the tokens chosen and
+  rejected start with join the prompt (`share_completion_prefix=True`; the layouts above without
+  it). In every layout a sequence's last token is a target only and is not laid out.
 """
 
 from __future__ import annotations
@@ -53,7 +56,11 @@ def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int
         },
         **{
             f"shared-{'packed' if packed else 'padded'}": build_shared_prompt_batch(
-                prompts, [[c, r] for c, r in zip(chosen, rejected)], pad_id, packed=packed
+                prompts,
+                [[c, r] for c, r in zip(chosen, rejected)],
+                pad_id,
+                packed=packed,
+                share_completion_prefix=False,
             )
             for packed in (False, True)
         },
@@ -65,9 +72,13 @@ def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int
                 pad_id,
                 packed=packed,
                 share_prefix=True,
+                share_completion_prefix=False,
             )
             for packed in (False, True)
         },
+        "shared-padded+prefix+completions": build_shared_prompt_batch(
+            prompts, [[c, r] for c, r in zip(chosen, rejected)], pad_id, share_prefix=True
+        ),
     }
     model.train()
     out, ref = {}, None

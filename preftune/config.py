@@ -87,6 +87,9 @@ class TrainConfig:
     # the leading tokens every prompt of a micro-batch shares (a chat template's system prompt
     # and turn header) run once, their keys/values reused by every row; same log-probs
     share_prefix: bool = True
+    # with a shared prompt, the leading tokens chosen and rejected have in common (an edit pair
+    # up to its first differing token) are laid out and scored once; same log-probs
+    share_completion_prefix: bool = True
     group_by_length: bool = False  # batches of similar lengths (less padding), order still random
     bf16: bool = False  # bf16 autocast (CPU with AVX-512 BF16 or a GPU)
     # glibc: reuse freed memory instead of page-faulting it back each step (preftune/allocator.py)

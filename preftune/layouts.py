@@ -89,6 +89,27 @@ class TokenBatch:
         )
 
 
+def laid_out(ids: list[int], start: int) -> list[int]:
+    """The tokens of a sequence (`start` = its first scored token) that go into the forward.
+
+    Position t predicts token t+1, so the last token's output is never used, and in a causal
+    model no other position reads its keys and values: laying it out would cost a forward and a
+    backward position for nothing (one in ~20 tokens of a chat preference pair). A sequence with
+    nothing to score is laid out whole (it keeps at least one position)."""
+    return ids[:-1] if len(ids) > max(start, 1) else ids
+
+
+def branch_point(completions: list[list[int]]) -> int:
+    """How many leading tokens of `completions` (the K completions of one prompt) to lay out
+    once in the shared trunk: the tokens they all start with, except a final one that no
+    completion continues (it would predict nothing)."""
+    longest = max(len(c) for c in completions)
+    m = 0
+    while m < longest - 1 and all(len(c) > m and c[m] == completions[0][m] for c in completions):
+        m += 1
+    return m
+
+
 def with_prefix_columns(mask: torch.Tensor, prefix: int) -> torch.Tensor:
     """A row mask (R, T) or (R, 1, T, T) widened by `prefix` leading key columns, all visible."""
     ones = torch.ones(mask.shape[:-1] + (prefix,), dtype=mask.dtype, device=mask.device)
@@ -124,22 +145,24 @@ def _layout(
     first_position: int = 0,
 ) -> TokenBatch:
     """seqs: (token ids, completion start). Builds the padded or packed TokenBatch; position ids
-    start at `first_position` (the length of a shared prefix kept apart)."""
-    rows: list[list[tuple[int, list[int], int]]] = []  # per row: (seq idx, ids, comp start)
+    start at `first_position` (the length of a shared prefix kept apart). A sequence's last
+    token is only a target (`laid_out`), so it is not laid out."""
+    seqs = [(laid_out(ids, start), start, ids) for ids, start in seqs]
+    rows: list[list[tuple[int, list[int], int, list[int]]]] = []  # (seq, laid, start, ids)
     if packed:
-        limit = max_row or sum(len(s) for s, _ in seqs)
+        limit = max_row or sum(len(laid) for laid, _, _ in seqs)
         cur: list = []
         used = 0
-        for i, (ids, start) in enumerate(seqs):
-            if cur and used + len(ids) > limit:
+        for i, (laid, start, ids) in enumerate(seqs):
+            if cur and used + len(laid) > limit:
                 rows.append(cur)
                 cur, used = [], 0
-            cur.append((i, ids, start))
-            used += len(ids)
+            cur.append((i, laid, start, ids))
+            used += len(laid)
         rows.append(cur)
     else:
-        rows = [[(i, ids, start)] for i, (ids, start) in enumerate(seqs)]
-    width = max(sum(len(ids) for _, ids, _ in row) for row in rows)
+        rows = [[(i, laid, start, ids)] for i, (laid, start, ids) in enumerate(seqs)]
+    width = max(sum(len(laid) for _, laid, _, _ in row) for row in rows)
     R = len(rows)
     input_ids = torch.full((R, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, width), dtype=torch.long)
@@ -147,13 +170,13 @@ def _layout(
     pos, tgt, sidx = [], [], []
     for r, row in enumerate(rows):
         off = 0
-        for i, ids, start in row:
-            n = len(ids)
-            input_ids[r, off : off + n] = torch.tensor(ids)
+        for i, laid, start, ids in row:
+            n = len(laid)
+            input_ids[r, off : off + n] = torch.tensor(laid)
             position_ids[r, off : off + n] = torch.arange(first_position, first_position + n)
             attention_mask[r, off : off + n] = 1
-            # position t predicts token t+1: score tokens start..n-1 from positions start-1..n-2
-            for t in range(start, n):
+            # position t predicts token t+1: score tokens start..end from positions start-1..
+            for t in range(start, len(ids)):
                 pos.append(r * width + off + t - 1)
                 tgt.append(ids[t])
                 sidx.append(i)
@@ -201,6 +224,7 @@ def build_shared_prompt_batch(
     pad_id: int,
     packed: bool = False,
     share_prefix: bool = False,
+    share_completion_prefix: bool = True,
 ) -> TokenBatch:
     """Each prompt once, its K completions branching from it: [prompt | c_1 | c_2 | ...].
 
@@ -212,7 +236,12 @@ def build_shared_prompt_batch(
     forward (and backward) is done once instead of K times. `packed` puts all groups in one
     row (block-diagonal mask); otherwise one group per row, padded. `share_prefix`: the
     prompts' common leading tokens are kept apart in `prefix_ids`, run once and seen by every
-    group (in both layouts).
+    group (in both layouts). A branch's last token is a target only and is not laid out.
+
+    `share_completion_prefix`: the tokens all K completions of a prompt start with join the
+    prompt in the shared trunk (`branch_point`): they are laid out once, and their log-probs,
+    the same for every completion (same context, same token), come from one position each —
+    an edit pair such as "58 + 51 = 109" / "58 + 51 = 129" branches at the differing digit.
     """
     n = len(prompts)
     if n == 0 or len(branches) != n:
@@ -229,13 +258,19 @@ def build_shared_prompt_batch(
     groups = []
     for i, (p, comps) in enumerate(zip(prompts, branches)):
         own = p[L0:]
-        ids, pos, br, tg = list(own), list(range(L0, len(p))), [-1] * len(own), []
+        m = branch_point(comps) if share_completion_prefix else 0
+        trunk = own + comps[0][:m]
+        ids, pos, br, tg = list(trunk), list(range(L0, len(p) + m)), [-1] * len(trunk), []
         for k, c in enumerate(comps):
             off = len(ids)
             for j, tok in enumerate(c):
-                tg.append((len(own) - 1 if j == 0 else off + j - 1, tok, k * n + i))
+                # token j is predicted from token j - 1: in the trunk (the prompt's last token
+                # for j = 0), or in this branch
+                src = len(own) + j - 1 if j - 1 < m else off + j - 1 - m
+                tg.append((src, tok, k * n + i))
+            c = c[m:-1]  # a branch's last token is only a target (see `laid_out`)
             ids += c
-            pos += range(len(p), len(p) + len(c))
+            pos += range(len(p) + m, len(p) + m + len(c))
             br += [k] * len(c)
         groups.append((ids, pos, br, tg))
     rows = [list(range(n))] if packed else [[i] for i in range(n)]

@@ -161,9 +161,11 @@ def _prefix_path(decoder, batch: TokenBatch, lay_out: bool) -> str:
 
     - "rows" when the caller says so (`lay_out`: hybrid and windowed models, gradient
       checkpointing).
-    - "fold" where that runs fewer token slots than laying it out: row 0 is padded to the rows'
-      width T, so (R + 1)·T <= R·(L0 + T), i.e. L0 <= T <= R·L0 (W2: a 63-token prefix in front
-      of two 2,112-token rows would add a third row of work). It needs SDPA, which the folded
+    - "fold" where that runs fewer token slots than laying it out: row 0 and the rows are
+      padded to one width W = max(T, L0), so (R + 1)·W <= R·(L0 + T), i.e. T <= R·L0 when the
+      rows are the wider (W2: a 63-token prefix in front of two 2,112-token rows would add a
+      third row of work) and L0 <= R·T when the prefix is (W1 with the completions' shared
+      tokens in the trunk: a 27-token prefix, rows of ~26). It needs SDPA, which the folded
       attention wraps, in layers that look their attention function up at call time (Falcon
       picks a class at init and would take its eager branch with the wider mask).
     - "rows" again when the rows carry no padding under SDPA: laid-out rows need no mask and
@@ -176,7 +178,8 @@ def _prefix_path(decoder, batch: TokenBatch, lay_out: bool) -> str:
         return "rows"
     L0, (R, T) = batch.prefix_ids.numel(), batch.input_ids.shape
     sdpa = getattr(decoder.config, "_attn_implementation", None) == "sdpa"
-    if sdpa and getattr(type(decoder), "_supports_attention_backend", False) and L0 <= T <= R * L0:
+    fewer_slots = (R + 1) * max(T, L0) <= R * (L0 + T)
+    if sdpa and getattr(type(decoder), "_supports_attention_backend", False) and fewer_slots:
         return "fold"
     mask = batch.attention_mask
     if sdpa and mask is not None and mask.dim() == 2 and bool(mask.all()):
@@ -258,19 +261,25 @@ def _windowed_mask(decoder, batch: TokenBatch, window: int, mixed: bool, dtype: 
 
 def _hidden_folded(decoder, batch: TokenBatch, dtype: torch.dtype) -> torch.Tensor:
     """(R*T, H) hidden states of the rows, with the prefix run as an extra row 0 of the same
-    forward (see `_folded_prefix_attention`)."""
+    forward (see `_folded_prefix_attention`). Rows narrower than the prefix are padded to its
+    length (the pad slots attend to themselves only and are dropped from the result)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(FOLDED_PREFIX_ATTENTION, _folded_prefix_attention)
     L0, (R, T) = batch.prefix_ids.numel(), batch.input_ids.shape
-    dev = batch.input_ids.device
-    ids = torch.cat([F.pad(batch.prefix_ids, (0, T - L0))[None], batch.input_ids])
-    positions = torch.cat([torch.arange(T, device=dev)[None], batch.position_ids])
+    W, dev = max(T, L0), batch.input_ids.device
     rows = batch.attention_mask
     if rows.dim() == 2:
         rows = _causal_4d(rows)
-    first = torch.zeros(1, 1, T, L0 + T, dtype=torch.bool, device=dev)
-    first[..., :L0] = torch.ones(T, L0, dtype=torch.bool, device=dev).tril()  # causal prefix
+    if W > T:  # pad slots: any token id, position 0, seen by no real token
+        rows = F.pad(rows, (0, W - T, 0, W - T)) | torch.eye(W, dtype=torch.bool, device=dev)
+    ids = torch.cat(
+        [F.pad(batch.prefix_ids, (0, W - L0))[None], F.pad(batch.input_ids, (0, W - T))]
+    )
+    positions = F.pad(batch.position_ids, (0, W - T))
+    positions = torch.cat([torch.arange(W, device=dev)[None], positions])
+    first = torch.zeros(1, 1, W, L0 + W, dtype=torch.bool, device=dev)
+    first[..., :L0] = torch.ones(W, L0, dtype=torch.bool, device=dev).tril()  # causal prefix
     mask = torch.cat([first, with_prefix_columns(rows, L0)])
     cfg = decoder.config
     impl, cfg._attn_implementation = cfg._attn_implementation, FOLDED_PREFIX_ATTENTION
@@ -284,7 +293,7 @@ def _hidden_folded(decoder, batch: TokenBatch, dtype: torch.dtype) -> torch.Tens
     finally:
         cfg._attn_implementation = impl
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return hidden[1:].reshape(R * T, -1)
+    return hidden[1:, :T].reshape(R * T, -1)
 
 
 def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
@@ -456,19 +465,47 @@ def _fused_head(head, softcap, scale, hidden) -> bool:
 def token_logps(
     model, batch: TokenBatch, hidden: torch.Tensor | None = None, chunk_size: int | None = None
 ) -> torch.Tensor:
-    """(N,) log-prob of every scored token, chunked with recomputation in backward."""
+    """(N,) log-prob of every scored token, chunked with recomputation in backward. A (position,
+    token) pair scored for several sequences (the shared leading tokens of a prompt's
+    completions, `layouts.branch_point`) gets its LM-head work once."""
     _, head, softcap, scale = _split_causal_lm(model)
     chunk_size = chunk_tokens(head, chunk_size)
     if hidden is None:
         hidden = hidden_at_targets(model, batch)
+    targets, repeated = batch.target_ids, distinct_targets(batch.target_pos, batch.target_ids)
+    if repeated is not None:
+        first, inverse = repeated
+        hidden, targets = hidden.index_select(0, first), targets.index_select(0, first)
+        return _token_logps(head, softcap, scale, hidden, targets, chunk_size).index_select(
+            0, inverse
+        )
+    return _token_logps(head, softcap, scale, hidden, targets, chunk_size)
+
+
+def distinct_targets(
+    pos: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For (position, token) pairs scored more than once: the index of the first occurrence of
+    each distinct pair and, per pair, which distinct pair it is; None when all are distinct."""
+    if pos.numel() < 2:
+        return None
+    distinct, inverse = torch.unique(pos * (int(ids.max()) + 1) + ids, return_inverse=True)
+    if distinct.numel() == pos.numel():
+        return None
+    order = torch.arange(pos.numel(), device=pos.device)
+    first = torch.full_like(distinct, pos.numel()).scatter_reduce(0, inverse, order, "amin")
+    return first, inverse
+
+
+def _token_logps(head, softcap, scale, hidden, targets, chunk_size: int) -> torch.Tensor:
     if _fused_head(head, softcap, scale, hidden):
         if hidden.shape[0] == 0:
             return hidden.new_zeros(0)
-        return _HeadLogpsIntoGrad.apply(hidden, head.weight, batch.target_ids, chunk_size)
+        return _HeadLogpsIntoGrad.apply(hidden, head.weight, targets, chunk_size)
     parts = []
     last = (hidden.shape[0] - 1) // chunk_size * chunk_size
     for s in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[s : s + chunk_size], batch.target_ids[s : s + chunk_size]
+        h, t = hidden[s : s + chunk_size], targets[s : s + chunk_size]
         # The last chunk keeps its logits for backward (which visits it first and frees them
         # before recomputing any other chunk): one chunk of logits alive, as with recomputation
         # everywhere, and a batch that fits one chunk never runs its LM head twice.

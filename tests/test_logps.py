@@ -4,7 +4,8 @@ padded and packed, odd shapes, fp32 and bf16, and TDPO's chunked sequential KL."
 import pytest
 import torch
 
-from preftune.layouts import build_shared_prompt_batch, build_token_batch
+from preftune import logps
+from preftune.layouts import branch_point, build_shared_prompt_batch, build_token_batch
 from preftune.logps import (
     hidden_at_targets,
     plain_sequence_logps,
@@ -56,6 +57,36 @@ def test_batched_masked_equals_per_example(model64, packed, chunk):
 def test_prompt_tokens_are_not_scored(model64):
     batch = build_token_batch(PROMPTS, COMPS, pad_id=0)
     assert batch.target_ids.tolist() == sum(COMPS, [])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_last_token_is_a_target_and_not_laid_out(shared, packed):
+    """Every laid-out token is a scored position or feeds one: the final token of each
+    sequence (each branch) is only a target, so the rows hold one token fewer per completion."""
+    if shared:
+        batch = build_shared_prompt_batch(
+            SHARED_PROMPTS, [[c, r] for c, r in zip(CHOSEN, REJECTED)], pad_id=0, packed=packed
+        )
+        real = sum(len(p) for p in SHARED_PROMPTS) + sum(len(c) - 1 for c in CHOSEN + REJECTED)
+    else:
+        batch = build_token_batch(PROMPTS, COMPS, pad_id=0, packed=packed)
+        real = sum(len(p) + len(c) - 1 for p, c in zip(PROMPTS, COMPS))
+    laid = batch.input_ids.ne(0).sum().item()  # no real token is 0 here
+    assert laid == real
+    if packed:
+        assert batch.input_ids.numel() == real
+    # the last scored position of each sequence is the last laid-out token of it
+    last_src = torch.zeros(batch.num_seqs, dtype=torch.long).scatter_reduce(
+        0, batch.seq_index, batch.target_pos, "amax"
+    )
+    assert batch.input_ids.view(-1)[last_src].ne(0).all()
+
+
+def test_sequence_with_nothing_to_score_is_laid_out_whole():
+    batch = build_token_batch([[5, 6], [7, 8, 9]], [[], [3, 2]], pad_id=0)
+    assert batch.input_ids.tolist() == [[5, 6, 0, 0], [7, 8, 9, 3]]
+    assert batch.lengths.tolist() == [0, 2]
 
 
 def test_gradients_match_plain(model64):
@@ -154,6 +185,81 @@ def test_shared_prompt_gradients_and_kl_match_separate():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
 
 
+# completions sharing leading tokens: an edit pair, one a prefix of the other, identical ones,
+# one-token ones, and none shared
+EDIT_PROMPTS = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [3], [14, 15], [16, 17]]
+EDIT_CHOSEN = [[20, 21, 22, 23, 2], [24, 25, 2], [26, 27, 2], [28, 2], [29], [30, 31, 2]]
+EDIT_REJECTED = [[20, 21, 40, 23, 2], [24, 25, 2, 41, 2], [26, 27, 2], [42, 2], [29], [43, 2]]
+
+
+def test_branch_point():
+    assert branch_point([[20, 21, 22, 23, 2], [20, 21, 40, 23, 2]]) == 2
+    assert branch_point([[24, 25, 2], [24, 25, 2, 41, 2]]) == 3  # the shorter one ends inside
+    assert branch_point([[26, 27, 2], [26, 27, 2]]) == 2  # identical: the last predicts nothing
+    assert branch_point([[29], [29]]) == 0
+    assert branch_point([[30, 31, 2], [43, 2]]) == 0
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("fused_head", [True, False])
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_shared_completion_prefix_equals_separate_sequences(
+    packed, fused_head, share_prefix, monkeypatch
+):
+    """Completions' common leading tokens laid out and scored once give every completion its
+    own log-prob and the same gradients as separate sequences."""
+    if not fused_head:
+        monkeypatch.setattr(logps, "_fused_head", lambda *a: False)
+    model = tiny_causal_lm(64, seed=8, eos_token_id=2, pad_token_id=0).double()
+    prompts = [[50, 51, 52, 53, 54, 55, 56, 57, 58] + p for p in EDIT_PROMPTS]  # a 9-token head
+    branches = [[c, r] for c, r in zip(EDIT_CHOSEN, EDIT_REJECTED)]
+    w = torch.linspace(-2, 3, 2 * len(prompts), dtype=torch.float64)
+    got, grads = [], []
+    for share in (True, False):
+        batch = build_shared_prompt_batch(
+            prompts, branches, pad_id=0, packed=packed, share_prefix=share_prefix,
+            share_completion_prefix=share,
+        )
+        if share:  # the edit pair's "20 21" is laid out once and scored once
+            assert logps.distinct_targets(batch.target_pos, batch.target_ids) is not None
+            trunk_tokens = batch.input_ids.ne(0).sum()
+        else:
+            assert trunk_tokens < batch.input_ids.ne(0).sum()
+        model.zero_grad()
+        lp = sequence_logps(model, batch, chunk_size=3)
+        (lp * w).sum().backward()
+        got.append(lp.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    want = per_example(model, prompts * 2, EDIT_CHOSEN + EDIT_REJECTED)
+    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-10)
+    torch.testing.assert_close(got[1], want, rtol=0, atol=1e-10)
+    for a, b in zip(*grads):  # float32 RMSNorm inside, as in the test above
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_shared_completion_prefix_tdpo_kl_matches_separate():
+    pol = tiny_causal_lm(64, seed=9, eos_token_id=2, pad_token_id=0).double()
+    ref = tiny_causal_lm(64, seed=10, eos_token_id=2, pad_token_id=0).double()
+    branches = [[c, r] for c, r in zip(EDIT_CHOSEN, EDIT_REJECTED)]
+    out = []
+    for batch in (
+        build_shared_prompt_batch(EDIT_PROMPTS, branches, pad_id=0),
+        build_token_batch(EDIT_PROMPTS * 2, EDIT_CHOSEN + EDIT_REJECTED, pad_id=0),
+    ):
+        with torch.no_grad():
+            out.append(sequence_logps_and_kl(pol, ref, batch, hidden_at_targets(ref, batch)))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_distinct_targets():
+    pos, ids = torch.tensor([4, 7, 4, 9, 4]), torch.tensor([1, 2, 1, 2, 3])
+    first, inverse = logps.distinct_targets(pos, ids)
+    assert torch.equal(pos[first][inverse], pos) and torch.equal(ids[first][inverse], ids)
+    assert len(first) == 4
+    assert logps.distinct_targets(torch.tensor([1, 2]), torch.tensor([5, 5])) is None
+
+
 def test_shared_prompt_bad_shapes():
     with pytest.raises(ValueError, match="same number"):
         build_shared_prompt_batch([[1], [2]], [[[3]], [[4], [5]]], pad_id=0)
@@ -173,7 +279,8 @@ def test_default_chunk_holds_a_fixed_logit_budget():
 
 # A chat-like batch: every prompt starts with the same 10-token head (a system prompt).
 HEAD = list(range(50, 60))
-LONG_HEAD = list(range(44, 64))  # longer than the padded rows: not folded into the batch
+LONG_HEAD = list(range(44, 64))  # longer than the padded rows: folded, the rows padded to it
+HUGE_HEAD = list(range(3, 63)) + list(range(3, 43))  # 100 > R·T: its own forward, a KV cache
 PREFIXED = [HEAD + p for p in SHARED_PROMPTS]
 
 
@@ -199,7 +306,7 @@ def _prefixed_batches(packed, head=HEAD):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("head", [HEAD, LONG_HEAD])
+@pytest.mark.parametrize("head", [HEAD, LONG_HEAD, HUGE_HEAD])
 def test_shared_prefix_equals_full_sequences(attn, packed, head):
     """The prefix run once (folded into the batch as row 0 under SDPA, or as a KV cache repeated
     over the rows) gives every completion the log-prob of its full prompt + completion."""
@@ -228,7 +335,11 @@ def test_shared_prefix_gradients_and_kl_match_full_sequences():
         ((lp + kl) * w).sum().backward()
         return lp.detach(), kl.detach(), [p.grad.clone() for p in pol.parameters()]
 
-    for cached, full in _prefixed_batches(False) + _prefixed_batches(False, LONG_HEAD):
+    for cached, full in (
+        _prefixed_batches(False)
+        + _prefixed_batches(False, LONG_HEAD)
+        + _prefixed_batches(False, HUGE_HEAD)
+    ):
         (lp_a, kl_a, g_a), (lp_b, kl_b, g_b) = run(cached), run(full)
         torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=1e-10)
         torch.testing.assert_close(kl_a, kl_b, rtol=1e-9, atol=1e-10)
@@ -243,8 +354,9 @@ def test_shared_prefix_gradients_and_kl_match_full_sequences():
     ("attn", "head", "packed", "folded"),
     [
         ("sdpa", HEAD, False, True),
-        ("sdpa", LONG_HEAD, False, False),  # 20 > 14 and 12 row tokens: the KV-cache path
-        ("sdpa", LONG_HEAD, True, False),  # one 45-token packed row: folding would double it
+        ("sdpa", LONG_HEAD, False, True),  # 20 > 13 and 11 row tokens: rows padded to 20
+        ("sdpa", HUGE_HEAD, False, False),  # 100 > 4 x 13 and 8 x 11: the KV-cache path
+        ("sdpa", LONG_HEAD, True, False),  # one packed row: folding would double it
         ("eager", HEAD, False, False),
     ],
 )

@@ -139,7 +139,7 @@ class ReMaxTrainer(OnlineTrainer):
                     f"checkpoint kept"
                 )
             self.acc.backward(loss)
-            ntok += int(batch.input_ids.ne(self.tokenizer.pad_token_id).sum())
+            ntok += sum(len(s.prompt_token_ids) + len(s.token_ids) for s in chosen)
             surrogate.append(seq_losses.detach())
             kls.append(((logps.detach() - ref_logps) * mask).sum(1))
             advantages.append((r - rb).clamp(-o.remax_clip_reward, o.remax_clip_reward))

@@ -13,6 +13,7 @@ import torch
 
 from preftune.layouts import (
     TokenBatch,
+    branch_point,
     build_shared_prompt_batch,
     build_token_batch,
     shared_prefix_length,
@@ -92,7 +93,13 @@ class PairBatch:
     num_tokens: int  # real tokens: prompt + chosen + rejected
 
 
-def sharing_pays(exs: list[dict], packed: bool, hidden_size: int, prefix: int = 0) -> bool:
+def sharing_pays(
+    exs: list[dict],
+    packed: bool,
+    hidden_size: int,
+    prefix: int = 0,
+    share_completions: bool = True,
+) -> bool:
     """Whether laying each prompt out once costs less than prompt + chosen, prompt + rejected.
 
     Per layer, dense work is ~24 d^2 FLOPs per laid-out token and attention ~4 d W^2 per row of
@@ -105,8 +112,14 @@ def sharing_pays(exs: list[dict], packed: bool, hidden_size: int, prefix: int = 
     P = [len(e["prompt_ids"]) - prefix for e in exs]
     C = [len(e["chosen_ids"]) for e in exs]
     R = [len(e["rejected_ids"]) for e in exs]
-    shared = [p + c + r for p, c, r in zip(P, C, R)]
-    separate = [p + c for p, c in zip(P, C)] + [p + r for p, r in zip(P, R)]
+    # laid-out tokens: a completion's last token is a target only (layouts.laid_out), and with
+    # `share_completions` the completions' common leading tokens are laid out once
+    M = [
+        branch_point([e["chosen_ids"], e["rejected_ids"]]) if share_completions else 0
+        for e in exs
+    ]
+    shared = [p + c + r - m - 2 for p, c, r, m in zip(P, C, R, M)]
+    separate = [p + c - 1 for p, c in zip(P, C)] + [p + r - 1 for p, r in zip(P, R)]
 
     def cost(lengths: list[int]) -> int:
         rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))
@@ -123,18 +136,21 @@ def pair_batch(
     share_prompt: bool | str = False,
     hidden_size: int = 1024,
     share_prefix: bool = False,
+    share_completion_prefix: bool = True,
 ) -> PairBatch:
     """Sequences 0..n-1 are the chosen, n..2n-1 the rejected. With `share_prompt` each prompt is
     laid out once and both completions branch from it (same log-probs, ~1/3 fewer tokens on the
     bundled set); otherwise prompt + chosen and prompt + rejected are separate sequences.
     share_prompt="auto" decides per micro-batch with `sharing_pays` (model width `hidden_size`).
-    `share_prefix`: the leading tokens all prompts share run once for the micro-batch."""
+    `share_prefix`: the leading tokens all prompts share run once for the micro-batch.
+    `share_completion_prefix`: in the shared layout, the leading tokens chosen and rejected
+    share are laid out and scored once (`layouts.branch_point`)."""
     exs = [examples[i] for i in idx]
     prompts = [e["prompt_ids"] for e in exs]
     if share_prompt == "auto":
         # the separate layout can share a prefix only when padded (see build_token_batch)
         prefix = shared_prefix_length(prompts) if share_prefix and not packed else 0
-        share_prompt = sharing_pays(exs, packed, hidden_size, prefix)
+        share_prompt = sharing_pays(exs, packed, hidden_size, prefix, share_completion_prefix)
     if share_prompt:
         tokens = build_shared_prompt_batch(
             prompts,
@@ -142,6 +158,7 @@ def pair_batch(
             pad_id,
             packed=packed,
             share_prefix=share_prefix,
+            share_completion_prefix=share_completion_prefix,
         )
     else:
         comps = [e["chosen_ids"] for e in exs] + [e["rejected_ids"] for e in exs]

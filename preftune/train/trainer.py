@@ -226,7 +226,14 @@ class Trainer:
         # under gradient checkpointing the engine lays a shared prefix out in the rows of a
         # training step (logps.hidden_at_targets); passes without gradients still share it
         return pair_batch(
-            examples, idx, self.tokenizer.pad_token_id, t.packed, share, width, t.share_prefix
+            examples,
+            idx,
+            self.tokenizer.pad_token_id,
+            t.packed,
+            share,
+            width,
+            t.share_prefix,
+            t.share_completion_prefix,
         )
 
     # ---- one micro-batch -----------------------------------------------------------------------
