@@ -126,6 +126,7 @@ def derive(run: dict, rate_gflops: float, params_info: dict | None) -> dict:
         "step_tokens_per_s": run["counted_tokens"] / run["train_s"],
         "peak_rss": run["peak_rss"],
         "rss_after_init": run.get("rss_after_init"),
+        "rss_after_import": run.get("rss_after_import"),
         "losses": [s["loss"] for s in steps],
         "logps_chosen": [s["logps_chosen"] for s in steps],
         "threads_seen": run.get("threads"),

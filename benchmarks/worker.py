@@ -77,6 +77,7 @@ def run_preftune(spec: dict) -> dict:
             "run_name": "bench",
         }
     )
+    rss_after_import = _maxrss()  # the interpreter with torch, transformers and the tool
     timings = {"precompute_s": 0.0}
     original = Trainer._precompute
 
@@ -131,6 +132,7 @@ def run_preftune(spec: dict) -> dict:
         "counted_tokens": counted,
         "seq_lengths": seqs,
         "rss_after_init": rss_after_init,
+        "rss_after_import": rss_after_import,
     }
 
 
@@ -142,6 +144,7 @@ def run_trl(spec: dict) -> dict:
 
     from preftune.allocator import keep_freed_memory
 
+    rss_after_import = _maxrss()  # the interpreter with torch, transformers and the tool
     # the same allocator setting preftune applies to itself (`keep_freed_memory`, on by default)
     # is part of TRL's best honest settings: a TRL user can set it from the environment
     allocator = keep_freed_memory() if spec.get("keep_freed_memory", True) else None
@@ -259,6 +262,7 @@ def run_trl(spec: dict) -> dict:
         "counted_tokens": counted,
         "seq_lengths": seqs,
         "rss_after_init": rss_after_init,
+        "rss_after_import": rss_after_import,
         "optim": str(args.optim),
         "allocator": allocator,
     }
