@@ -55,6 +55,8 @@ VARIANTS = {
     "preftune-packed": {"tool": "preftune", "packed": True},  # all pairs in one masked row
     "preftune-unshared": {"tool": "preftune", "share_prompt": False},  # prompt run twice, as TRL
     "preftune-noprefix": {"tool": "preftune", "share_prefix": False},  # chat head run per row
+    # chosen and rejected laid out from the prompt on, their common leading tokens twice
+    "preftune-nocompletionprefix": {"tool": "preftune", "share_completion_prefix": False},
     "preftune-malloc": {"tool": "preftune", "keep_freed_memory": False},  # glibc's default
     "preftune-gc": {"tool": "preftune", "gradient_checkpointing": True},
     "trl": {"tool": "trl", "trl_precompute": True, "gradient_checkpointing": False},

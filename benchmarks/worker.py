@@ -66,6 +66,7 @@ def run_preftune(spec: dict) -> dict:
             "packed": spec.get("packed", False),
             "share_prompt": spec.get("share_prompt", "auto"),  # the library default
             "share_prefix": spec.get("share_prefix", True),  # the library default
+            "share_completion_prefix": spec.get("share_completion_prefix", True),  # the default
             "bf16": spec["bf16"],
             "chunk_size": spec.get("chunk_size"),  # None: the vocab-aware default
             "gradient_checkpointing": spec.get("gradient_checkpointing", False),
