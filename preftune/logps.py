@@ -390,8 +390,9 @@ class _HeadLogpsIntoGrad(torch.autograd.Function):
     gather - logsumexp: per chunk of c tokens it allocates c x V zeros for the gather, c x V for
     logsumexp's softmax, c x V for their sum, and a dense V x H weight gradient that is then added
     to the accumulated one; at a 256k vocabulary each is ~130 MB, fresh memory (page faults)
-    every chunk of every step. Here forward keeps the per-token logsumexp and the last chunk's
-    logits; backward starts from those, recomputes every other chunk's logits into the same
+    every chunk of every step. Here forward takes each chunk's logsumexp in place in one
+    c x V buffer and keeps the per-token logsumexp and the last chunk's exp(logits - max);
+    backward starts from those, recomputes every other chunk's logits into the same
     c x V buffer, turns them in place into
     d(logp)/d(logits) = g (onehot - softmax), and writes dH = dL W and W.grad += dL^T H (addmm_,
     no V x H temporary; the first chunk of a pass sets W.grad when it is None). Same maths as the
@@ -409,13 +410,20 @@ class _HeadLogpsIntoGrad(torch.autograd.Function):
         for s in range(0, N, chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
             logits = torch.mm(h, weight.t(), out=buf[: h.shape[0]])
-            torch.logsumexp(logits, -1, out=lse[s : s + chunk])
-            out[s : s + chunk] = logits.gather(1, t[:, None]).squeeze(1) - lse[s : s + chunk]
+            out[s : s + chunk] = logits.gather(1, t[:, None]).squeeze(1)
+            # logsumexp in place (torch.logsumexp allocates a chunk x V temporary per call,
+            # ~130 MB at a 256k vocabulary): buf then holds exp(logits - max)
+            top = logits.amax(-1, keepdim=True)
+            total = logits.sub_(top).exp_().sum(-1)
+            torch.add(total.log(), top.squeeze(1), out=lse[s : s + chunk])
+            out[s : s + chunk] -= lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk = chunk
-        # the last chunk's logits stay in `buf` for backward, which starts with them: one
-        # chunk of logits alive, and a batch that fits one chunk runs its head once
-        ctx.buf = buf if any(ctx.needs_input_grad[:2]) else None
+        # the last chunk's exp(logits - max) stays in `buf` for backward, which starts with it
+        # (softmax = buf / total): one chunk of logits alive, and a batch that fits one chunk
+        # runs its head once
+        keep = any(ctx.needs_input_grad[:2])
+        ctx.buf, ctx.total = (buf, total) if keep else (None, None)
         return out
 
     @staticmethod
@@ -424,7 +432,7 @@ class _HeadLogpsIntoGrad(torch.autograd.Function):
         chunk, N = ctx.chunk, hidden.shape[0]
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(hidden) if want_h else None
-        buf, ctx.buf = ctx.buf, None
+        buf, total, ctx.buf, ctx.total = ctx.buf, ctx.total, None, None
         kept = buf is not None  # a second backward (retain_graph) recomputes the last chunk too
         if not kept:
             buf = hidden.new_empty(min(chunk, N), weight.shape[0])
@@ -432,11 +440,11 @@ class _HeadLogpsIntoGrad(torch.autograd.Function):
         for s in range(last, -1, -chunk):
             h, t, g = hidden[s : s + chunk], targets[s : s + chunk], grad[s : s + chunk]
             rows = torch.arange(h.shape[0], device=h.device)
-            if s == last and kept:
-                d = buf[: h.shape[0]]  # its logits, left there by forward
+            if s == last and kept:  # exp(logits - max), left there by forward
+                d = buf[: h.shape[0]].mul_((-g / total)[:, None])  # -g softmax
             else:
                 d = torch.mm(h, weight.t(), out=buf[: h.shape[0]])
-            d.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])  # -g softmax
+                d.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])  # -g softmax
             d[rows, t] += g  # + g onehot
             if want_h:
                 torch.mm(d, weight, out=dh[s : s + chunk])
