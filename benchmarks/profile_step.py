@@ -27,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import matmul_rate  # noqa: E402
-from workloads import W1_DATA, batch_order, default_model  # noqa: E402
+from workloads import W1_DATA, batch_order, default_model, dpo_config  # noqa: E402
 
 MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
 
@@ -61,35 +61,11 @@ def main(argv=None) -> None:
     ap.add_argument("--top", type=int, default=15, help="operators listed")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    from preftune.config import build_config
     from preftune.train.trainer import Trainer
 
     n = args.steps + args.warmup
     with tempfile.TemporaryDirectory() as work:
-        cfg = build_config(
-            {
-                "model": default_model(),
-                "data": W1_DATA,
-                "num_train": 8 * n,
-                "num_eval": 0,
-                "num_task_eval": 0,
-                "eval_before": False,
-                "batch_size": 8,
-                "max_steps": n,
-                "lr": 5e-7,
-                "beta": 0.1,
-                "scheduler": "constant",
-                "warmup_ratio": 0.0,
-                "weight_decay": 0.0,
-                "max_grad_norm": 1.0,
-                "loss": "dpo",
-                "quiet": True,
-                "report_to": "none",
-                "output_dir": work,
-                "run_name": "profile",
-                "seed": 0,
-            }
-        )
+        cfg = dpo_config(default_model(), W1_DATA, 8 * n, n, work, "profile")
         rates = matmul_rate()
         trainer = Trainer(cfg)
         batches = batch_order(len(trainer.data.train), 8, 0, n)

@@ -22,7 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import default_model, random_model_dir, synthetic_pairs, write_jsonl  # noqa: E402
+from workloads import (  # noqa: E402
+    default_model,
+    dpo_config,
+    random_model_dir,
+    synthetic_pairs,
+    write_jsonl,
+)
 
 
 def _resident_gb() -> float:
@@ -49,7 +55,6 @@ class PhaseSampler:
 def probe(vocab: int, work: Path) -> dict[str, float]:
     import torch
 
-    from preftune.config import build_config
     from preftune.models import load_tokenizer
     from preftune.train.trainer import Trainer
 
@@ -63,31 +68,8 @@ def probe(vocab: int, work: Path) -> dict[str, float]:
     data = write_jsonl(
         synthetic_pairs(tok, 16, 32, 128, max_id=min(vocab, 32000)), work / "d.jsonl"
     )
-    cfg = build_config(
-        {
-            "model": str(mdir),
-            "data": str(data),
-            "num_train": 16,
-            "num_eval": 0,
-            "num_task_eval": 0,
-            "eval_before": False,
-            "max_length": 168,
-            "max_prompt_length": 40,
-            "batch_size": 8,
-            "max_steps": 2,
-            "lr": 5e-7,
-            "beta": 0.1,
-            "scheduler": "constant",
-            "warmup_ratio": 0.0,
-            "weight_decay": 0.0,
-            "max_grad_norm": 1.0,
-            "loss": "dpo",
-            "quiet": True,
-            "report_to": "none",
-            "output_dir": str(work / "runs"),
-            "run_name": "probe",
-            "seed": 0,
-        }
+    cfg = dpo_config(
+        str(mdir), str(data), 16, 2, work / "runs", "probe", max_length=168, max_prompt_length=40
     )
     sampler.enter("imports and data")
     sampler.enter("load + precompute")

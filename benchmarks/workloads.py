@@ -107,6 +107,38 @@ def random_model_dir(
     return path
 
 
+def dpo_config(model: str, data: str, num_train: int, steps: int, work, name: str, **extra):
+    """preftune's config for the benchmark's DPO setting (BENCHMARK.md W1: batch 8, β 0.1, AdamW
+    lr 5e-7 constant, clipping at 1.0, no evaluation), as the diagnostic scripts run it."""
+    from preftune.config import build_config
+
+    return build_config(
+        {
+            "model": model,
+            "data": data,
+            "num_train": num_train,
+            "num_eval": 0,
+            "num_task_eval": 0,
+            "eval_before": False,
+            "batch_size": 8,
+            "max_steps": steps,
+            "lr": 5e-7,
+            "beta": 0.1,
+            "scheduler": "constant",
+            "warmup_ratio": 0.0,
+            "weight_decay": 0.0,
+            "max_grad_norm": 1.0,
+            "loss": "dpo",
+            "quiet": True,
+            "report_to": "none",
+            "output_dir": str(work),
+            "run_name": name,
+            "seed": 0,
+            **extra,
+        }
+    )
+
+
 def load_examples(data: str, model: str, num_train: int, max_length: int, max_prompt_length: int):
     """The tokenized training examples exactly as preftune builds them (first `num_train` records)."""
     from preftune.data import arithmetic
