@@ -1,6 +1,7 @@
 """Reference modes, the reference cache, LoRA output, and resume (SIGKILL and a kill while a
 checkpoint is being written)."""
 
+import copy
 import json
 import math
 import os
@@ -275,3 +276,34 @@ def test_trained_weights_leave_the_file_mapping(tiny_dir, tmp_path, lora):
             again = load_causal_lm(str(tiny_dir))
             own_weights(again)
             assert _file_backed(again.model.layers[0].mlp.up_proj.weight, "model.safetensors")
+
+
+def test_optimizer_state_created_up_front_updates_bit_identically():
+    """AdamW's moments allocated before the first step (setup.create_optimizer_state) give the
+    same parameters and state, bit for bit, as torch creating them inside its first step."""
+    from preftune.train.setup import create_optimizer_state
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    models = [base, copy.deepcopy(base)]
+    opts = [
+        torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1, fused=True) for m in models
+    ]
+    create_optimizer_state(opts[1])
+    assert len(opts[1].state) == 4 and not opts[0].state  # created now, not at the first step
+    for step in range(3):
+        x = torch.randn(4, 7, generator=torch.Generator().manual_seed(step))
+        for m, o in zip(models, opts):
+            o.zero_grad(set_to_none=True)
+            m(x).pow(2).sum().backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+            o.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(opts[0].state.values(), opts[1].state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    create_optimizer_state(opts[1])  # a populated (e.g. resumed) state is left alone
+    assert torch.equal(opts[1].state[models[1][0].weight]["step"], torch.tensor(3.0))
+    sgd = torch.optim.SGD(base.parameters(), lr=0.1)
+    create_optimizer_state(sgd)
+    assert not sgd.state

@@ -130,6 +130,34 @@ def build_optimizer(cfg: Config, model, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def create_optimizer_state(opt: torch.optim.Optimizer) -> None:
+    """Allocate AdamW's two moments now, before any forward, instead of in its first step.
+
+    torch creates them lazily inside the first `step()`, after that step's forward and backward
+    have freed their buffers; with glibc keeping freed memory (`keep_freed_memory`) the moments
+    then take those blocks, and every later step allocates its buffers and gradients afresh.
+    W3 at a 256k vocabulary held seven vocabulary-sized blocks where a step needs five
+    (docs/benchmarks.md, `benchmarks/w3_memory_phases.py`). Created first, the moments sit
+    apart and each step reuses the blocks the previous one freed. The state is what torch's
+    first step would create (zeros, step 0), loaded through the public `load_state_dict`, so the
+    updates are bit-identical (tests/test_trainer_state.py). Other optimizers are left alone.
+    """
+    inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps it
+    if type(inner) is not torch.optim.AdamW or inner.state:
+        return
+    params = [p for group in inner.param_groups for p in group["params"]]
+    state = {
+        i: {
+            "step": torch.tensor(0.0),
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+        for i, p in enumerate(params)
+        if p.requires_grad
+    }
+    inner.load_state_dict({"state": state, "param_groups": inner.state_dict()["param_groups"]})
+
+
 def run_dir_for(cfg: Config) -> Path:
     t = cfg.train
     if t.resume:

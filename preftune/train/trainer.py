@@ -44,6 +44,7 @@ from preftune.train.reference import (
 from preftune.train.setup import (
     Datasets,
     build_optimizer,
+    create_optimizer_state,
     load_datasets,
     load_policy,
     run_dir_for,
@@ -123,6 +124,7 @@ def prepare_trainer(
     trainer.policy, trainer.optimizer = place_for_training(
         trainer.acc, trainer.policy, trainer.optimizer
     )
+    create_optimizer_state(trainer.optimizer)  # before the precompute and the first step
     trainer.calibration = (
         BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
     )
