@@ -485,16 +485,22 @@ def w3(args) -> None:
         series = [(k, v) for k, v in runs.items() if k.endswith("/" + label)]
         if len(series) >= 2:
             (k0, first), (k1, last) = series[0], series[-1]
+            # None when the smaller run peaked while loading (nothing above after-load)
+            base = first["peak_rss"] - first["rss_after_init"]
             growth[label] = {
                 "peak_rss_ratio": last["peak_rss"] / first["peak_rss"],
-                "working_ratio": (last["peak_rss"] - last["rss_after_init"])
-                / (first["peak_rss"] - first["rss_after_init"]),
+                "working_ratio": (last["peak_rss"] - last["rss_after_init"]) / base
+                if base > 0
+                else None,
                 "from": k0,
                 "to": k1,
             }
     for label, g in growth.items():
+        working = (
+            f"x{g['working_ratio']:.2f}" if g["working_ratio"] is not None else "n/a (peak at load)"
+        )
         print(
-            f"  {label}: peak RSS x{g['peak_rss_ratio']:.2f}, peak above after-load x{g['working_ratio']:.2f} "
+            f"  {label}: peak RSS x{g['peak_rss_ratio']:.2f}, peak above after-load {working} "
             f"({g['from']} -> {g['to']})"
         )
     rec.update(
