@@ -47,6 +47,7 @@ def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int
     chosen = [e["chosen_ids"] for e in examples]
     rejected = [e["rejected_ids"] for e in examples]
     P2, C2 = prompts * 2, chosen + rejected
+    pairs = [[c, r] for c, r in zip(chosen, rejected)]
     batches = {
         "padded": build_token_batch(P2, C2, pad_id, packed=False),
         "packed": build_token_batch(P2, C2, pad_id, packed=True),
@@ -57,7 +58,7 @@ def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int
         **{
             f"shared-{'packed' if packed else 'padded'}": build_shared_prompt_batch(
                 prompts,
-                [[c, r] for c, r in zip(chosen, rejected)],
+                pairs,
                 pad_id,
                 packed=packed,
                 share_completion_prefix=False,
@@ -68,7 +69,7 @@ def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int
         **{
             f"shared-{'packed' if packed else 'padded'}+prefix": build_shared_prompt_batch(
                 prompts,
-                [[c, r] for c, r in zip(chosen, rejected)],
+                pairs,
                 pad_id,
                 packed=packed,
                 share_prefix=True,
@@ -77,7 +78,7 @@ def layouts(model, examples: list[dict], pad_id: int, caps: list[int], reps: int
             for packed in (False, True)
         },
         "shared-padded+prefix+completions": build_shared_prompt_batch(
-            prompts, [[c, r] for c, r in zip(chosen, rejected)], pad_id, share_prefix=True
+            prompts, pairs, pad_id, share_prefix=True
         ),
     }
     model.train()

@@ -110,6 +110,15 @@ def branch_point(completions: list[list[int]]) -> int:
     return m
 
 
+def shared_group_length(
+    prompt: list[int], completions: list[list[int]], share_completion_prefix: bool = True
+) -> int:
+    """Tokens `build_shared_prompt_batch` lays out for one prompt (after any shared prefix) and
+    its completions: the trunk, then each branch without its last token."""
+    m = branch_point(completions) if share_completion_prefix else 0
+    return len(prompt) + m + sum(len(c[m:-1]) for c in completions)
+
+
 def with_prefix_columns(mask: torch.Tensor, prefix: int) -> torch.Tensor:
     """A row mask (R, T) or (R, 1, T, T) widened by `prefix` leading key columns, all visible."""
     ones = torch.ones(mask.shape[:-1] + (prefix,), dtype=mask.dtype, device=mask.device)

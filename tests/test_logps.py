@@ -252,6 +252,15 @@ def test_shared_completion_prefix_tdpo_kl_matches_separate():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def test_shared_group_length_is_what_the_layout_lays_out():
+    from preftune.layouts import shared_group_length
+
+    for p, c, r in zip(EDIT_PROMPTS, EDIT_CHOSEN, EDIT_REJECTED):
+        for share in (True, False):
+            b = build_shared_prompt_batch([p], [[c, r]], pad_id=0, share_completion_prefix=share)
+            assert b.input_ids.shape[1] == shared_group_length(p, [c, r], share)
+
+
 def test_distinct_targets():
     pos, ids = torch.tensor([4, 7, 4, 9, 4]), torch.tensor([1, 2, 1, 2, 3])
     first, inverse = logps.distinct_targets(pos, ids)

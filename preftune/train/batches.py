@@ -13,9 +13,10 @@ import torch
 
 from preftune.layouts import (
     TokenBatch,
-    branch_point,
     build_shared_prompt_batch,
     build_token_batch,
+    laid_out,
+    shared_group_length,
     shared_prefix_length,
 )
 
@@ -109,17 +110,12 @@ def sharing_pays(
     for long completions after short prompts (W2 in docs/benchmarks.md). A shared `prefix`
     (run once, see logps.py) leaves the rows and adds `prefix` key columns to their attention.
     """
-    P = [len(e["prompt_ids"]) - prefix for e in exs]
-    C = [len(e["chosen_ids"]) for e in exs]
-    R = [len(e["rejected_ids"]) for e in exs]
-    # laid-out tokens: a completion's last token is a target only (layouts.laid_out), and with
-    # `share_completions` the completions' common leading tokens are laid out once
-    M = [
-        branch_point([e["chosen_ids"], e["rejected_ids"]]) if share_completions else 0
-        for e in exs
-    ]
-    shared = [p + c + r - m - 2 for p, c, r, m in zip(P, C, R, M)]
-    separate = [p + c - 1 for p, c in zip(P, C)] + [p + r - 1 for p, r in zip(P, R)]
+    # the tokens each layout lays out (layouts.py decides: last tokens are targets only, and
+    # with `share_completions` the completions' common leading tokens are laid out once)
+    prompts = [e["prompt_ids"][prefix:] for e in exs]
+    pairs = [[e["chosen_ids"], e["rejected_ids"]] for e in exs]
+    shared = [shared_group_length(p, cs, share_completions) for p, cs in zip(prompts, pairs)]
+    separate = [len(laid_out(p + c, len(p))) for p, cs in zip(prompts, pairs) for c in cs]
 
     def cost(lengths: list[int]) -> int:
         rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))
