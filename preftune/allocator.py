@@ -11,8 +11,11 @@ noise (docs/benchmarks.md, "Allocator").
 
 `keep_freed_memory()` turns both off with `mallopt`: no mmap for large blocks, no trimming below
 2 GB free. Freed memory is then reused by the next step without faults. Peak resident memory is
-the same (the peak is reached inside a step either way); the process keeps its peak until it
-exits. It is what `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...` does from the environment,
+about the same as with glibc's defaults (the peak is reached inside a step either way); the
+process keeps its peak until it exits. The opposite setting, a fixed small mmap threshold that
+hands every freed block back, leaves no free memory resident at the peak but faults every block
+in again each step: in W1 a 9% lower peak at 1.8x the step time (docs/benchmarks.md, W1 memory
+by phase), so it is not offered. It is what `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...` does from the environment,
 applied at run time; PyTorch's CPU tuning guide reaches for jemalloc/tcmalloc for the same
 reason, which would need a preloaded library.
 """

@@ -68,3 +68,20 @@ def test_step_profiler_counts_matmul_flops_and_time():
     assert timer.mm_flops == 2 * 3 * 5 * 7 * (1 + 1 + 2)
     assert timer.calls["aten.mm.default"] == 1 and timer.calls["aten.addmm.default"] == 1
     assert all(t >= 0 for t in timer.time.values()) and timer.time["aten.mm.default"] > 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc and glibc's mallinfo2")
+def test_memory_phases_sampler_sees_a_phase_s_peak_and_the_heap():
+    import torch
+    from memory_phases import PhaseSampler
+
+    sampler = PhaseSampler()
+    sampler.enter("idle")
+    sampler.enter("hold 64 MB")
+    x = torch.ones(16 * 2**20)  # 64 MB, touched
+    sampler.enter("freed")
+    del x
+    sampler.enter("end")
+    assert sampler.peaks["hold 64 MB"] - sampler.peaks["idle"] > 0.06
+    used, free, mapped = sampler.heap["hold 64 MB"]
+    assert used + mapped > 0.06  # the tensor, in the heap or in its own mapping

@@ -137,7 +137,7 @@ def create_optimizer_state(opt: torch.optim.Optimizer) -> None:
     have freed their buffers; with glibc keeping freed memory (`keep_freed_memory`) the moments
     then take those blocks, and every later step allocates its buffers and gradients afresh.
     W3 at a 256k vocabulary held seven vocabulary-sized blocks where a step needs five
-    (docs/benchmarks.md, `benchmarks/w3_memory_phases.py`). Created first, the moments sit
+    (docs/benchmarks.md, `benchmarks/memory_phases.py w3`). Created first, the moments sit
     apart and each step reuses the blocks the previous one freed. The state is what torch's
     first step would create (zeros, step 0), loaded through the public `load_state_dict`, so the
     updates are bit-identical (tests/test_trainer_state.py). Other optimizers are left alone.
