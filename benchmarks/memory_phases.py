@@ -152,10 +152,13 @@ def _profile_step(trainer, batch) -> None:
         if e.name() == "[memory]"
     )
     t0, t1 = events[0][0], events[-1][0]
-    held, peak, peak_at, top = 0, 0, t0, [0] * 40
+    held, peak, peak_at, top, last = 0, 0, t0, [0] * 40, 0
     for t, n in events:
-        held += n
         k = min(39, int(40 * (t - t0) / max(1, t1 - t0)))
+        for j in range(last + 1, k + 1):  # slices without an event hold what was held
+            top[j] = held
+        last = k
+        held += n
         top[k] = max(top[k], held)
         if held > peak:
             peak, peak_at = held, t
