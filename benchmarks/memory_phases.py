@@ -48,7 +48,7 @@ from workloads import (  # noqa: E402
     write_jsonl,
 )
 
-M_MMAP_THRESHOLD = -3  # glibc's malloc.h parameter number
+from preftune.allocator import M_MMAP_THRESHOLD  # noqa: E402
 
 
 class _MallInfo2(ctypes.Structure):
@@ -184,12 +184,13 @@ def probe_w1(args, sampler: PhaseSampler) -> None:
     with tempfile.TemporaryDirectory() as work:
         # a fresh cache, as benchmarks/run.py gives each run: the precompute runs, not a reuse
         os.environ["PREFTUNE_CACHE"] = str(Path(work) / "cache")
-        n = 8 * (args.steps + args.profile)
+        steps = args.steps + args.profile  # the profiled step is one more
+        n = 8 * steps
         cfg = dpo_config(
             model,
             W1_DATA,
             n,
-            args.steps + args.profile,
+            steps,
             Path(work),
             "probe",
             max_length=512,
@@ -199,7 +200,7 @@ def probe_w1(args, sampler: PhaseSampler) -> None:
         )
         trainer = _trainer(cfg, sampler)
         _instrument(trainer, sampler)
-        batches = batch_order(n, 8, 0, args.steps + args.profile)
+        batches = batch_order(n, 8, 0, steps)
         times = _steps(trainer, batches[: args.steps], sampler)
         print(f"W1, allocator {args.allocator}: {args.steps} steps, {len(batches[0])} pairs each")
         sampler.report()

@@ -26,6 +26,7 @@ import ctypes
 import platform
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h parameter numbers
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest free top it leaves alone
 
