@@ -76,6 +76,10 @@ class TrainConfig:
     scheduler: str = "linear"  # linear | cosine | constant
     warmup_ratio: float = 0.1
     max_grad_norm: float | None = 1.0
+    # each parameter updated (and its gradient freed) as soon as backward has finished its
+    # gradient, so a step never holds all gradients at once; no clipping (max_grad_norm=null),
+    # grad_accum=1, one process (preftune/train/in_backward.py)
+    optimizer_in_backward: bool = False
     reference: str = "auto"  # auto | frozen | lora | precompute | none
     # One row per sequence (or per prompt group), padded; `packed` puts the whole micro-batch
     # in one row with a block-diagonal mask. On CPU, SDPA with a mask materialises the T x T
@@ -376,6 +380,13 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    if t.optimizer_in_backward and (t.max_grad_norm or t.grad_accum != 1):
+        raise ConfigError(
+            "optimizer_in_backward updates each parameter before the backward has finished, so "
+            f"it cannot clip (max_grad_norm={t.max_grad_norm}) or accumulate (grad_accum="
+            f"{t.grad_accum}): set max_grad_norm=null and grad_accum=1, or "
+            "optimizer_in_backward=false"
+        )
     if t.reference == "lora" and not cfg.model.lora:
         raise ConfigError(
             "reference=lora needs lora=true (the reference is the LoRA model with its adapter off)"

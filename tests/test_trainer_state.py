@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from run_helpers import train_killed_while_saving
 from transformers import AutoModelForCausalLM
 
 from preftune.config import build_config
@@ -115,17 +116,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
 def test_kill_while_writing_checkpoint_leaves_run_resumable(tiny_dir, tmp_path, monkeypatch):
     common = {"max_steps": 5, "num_train": 20, "save_every": 1}
     full = train(cfg(tiny_dir, tmp_path, "full", **common))
-    real = ckpt._fsync_dir
-
-    def crash_at_step_3(path):
-        real(path)
-        if path.name == ".tmp-step-3":
-            raise KeyboardInterrupt("simulated kill inside save_checkpoint")
-
-    monkeypatch.setattr(ckpt, "_fsync_dir", crash_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg(tiny_dir, tmp_path, "crash", **common))
-    monkeypatch.setattr(ckpt, "_fsync_dir", real)
+    train_killed_while_saving(cfg(tiny_dir, tmp_path, "crash", **common), 3, monkeypatch)
     root = tmp_path / "crash" / "checkpoints"
     assert (root / ".tmp-step-3").exists() and not (root / "step-3").exists()
     assert ckpt.latest_checkpoint(root).name == "step-2"
@@ -229,7 +220,10 @@ def test_clipping_equals_torchs_clip_grad_norm(max_norm):
         pa.grad = torch.randn_like(pa)
         pb.grad = pa.grad.clone()
     fake = SimpleNamespace(
-        policy=a, step=0, cfg=SimpleNamespace(train=SimpleNamespace(max_grad_norm=max_norm))
+        policy=a,
+        step=0,
+        in_backward=None,
+        cfg=SimpleNamespace(train=SimpleNamespace(max_grad_norm=max_norm)),
     )
     got = Trainer._clip_and_check(fake)
     want = torch.nn.utils.clip_grad_norm_(list(b.parameters()), max_norm or float("inf"))

@@ -16,6 +16,11 @@ from preftune.data.records import load_records, unpair
 from preftune.data.tokenize import tokenize_records
 from preftune.models import load_causal_lm, load_tokenizer, own_weights, resolve_model_path
 
+
+class TrainingError(RuntimeError):
+    """Training cannot go on: a non-finite loss or gradient, or a setting the run contradicts."""
+
+
 BUNDLED = {"arithmetic": "onpolicy", "arithmetic_onpolicy": "onpolicy", "arithmetic_edit": "edit"}
 
 

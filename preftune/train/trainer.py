@@ -34,6 +34,7 @@ from preftune.train.batches import (
     pair_batch,
     unpaired_batch,
 )
+from preftune.train.in_backward import StepInBackward
 from preftune.train.reference import (
     CachedReference,
     ModelReference,
@@ -43,6 +44,7 @@ from preftune.train.reference import (
 )
 from preftune.train.setup import (
     Datasets,
+    TrainingError,
     build_optimizer,
     create_optimizer_state,
     load_datasets,
@@ -50,10 +52,6 @@ from preftune.train.setup import (
     run_dir_for,
     trackers,
 )
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -125,6 +123,15 @@ def prepare_trainer(
         trainer.acc, trainer.policy, trainer.optimizer
     )
     create_optimizer_state(trainer.optimizer)  # before the precompute and the first step
+    trainer.in_backward = None
+    if t.optimizer_in_backward:
+        if trainer.acc.num_processes > 1:
+            raise TrainingError(
+                f"optimizer_in_backward needs one process (this run has "
+                f"{trainer.acc.num_processes}): each update must see the gradient averaged over "
+                f"all of them. Run one process, or set optimizer_in_backward=false."
+            )
+        trainer.in_backward = StepInBackward(trainer.policy, trainer.optimizer)
     trainer.calibration = (
         BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
     )
@@ -368,6 +375,8 @@ class Trainer:
             start = end
 
     def _clip_and_check(self) -> float:
+        if self.in_backward is not None:  # updated, checked and freed in backward already
+            return self.in_backward.finish()
         params = [p for p in self.policy.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not torch.isfinite(norm):

@@ -1,0 +1,159 @@
+"""optimizer_in_backward: the same updates as the normal step, without holding every gradient."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from run_helpers import train_killed_while_saving
+from safetensors.torch import load_file
+
+from preftune.config import ConfigError, build_config
+from preftune.train.in_backward import StepInBackward
+from preftune.train.trainer import Trainer, TrainingError, train
+
+
+def cfg(tiny_dir, tmp_path, name, **extra):
+    base = {
+        "model": str(tiny_dir),
+        "data": "arithmetic_edit",
+        "output_dir": str(tmp_path),
+        "run_name": name,
+        "num_train": 16,
+        "num_eval": 4,
+        "batch_size": 4,
+        "max_steps": 3,
+        "num_task_eval": 0,
+        "eval_before": False,
+        "quiet": True,
+        "report_to": "none",
+        "lr": 1e-3,
+        "max_grad_norm": None,
+        "dtype": "float64",
+    }
+    base.update(extra)
+    return build_config(base)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"gradient_checkpointing": True},
+        {"optimizer": "sgd", "weight_decay": 0.1},
+        {"scheduler": "linear", "warmup_ratio": 0.5},
+        {"lora": True, "lr": 1e-2},
+    ],
+    ids=["adamw", "adamw-checkpointing", "sgd", "warmup-schedule", "lora"],
+)
+def test_in_backward_updates_equal_the_normal_step(tiny_dir, tmp_path, monkeypatch, extra):
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for oib in (False, True):
+        t = Trainer(cfg(tiny_dir, tmp_path, f"oib{oib}", optimizer_in_backward=oib, **extra))
+        start = {n: p.detach().clone() for n, p in t.policy.named_parameters()}
+        metrics = []
+        for step, batch in enumerate(([0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11])):
+            t.step = step
+            metrics.append(t.train_step(batch))
+            assert all(p.grad is None for p in t.policy.parameters())
+        runs[oib] = (
+            start,
+            {n: p.detach().clone() for n, p in t.policy.named_parameters()},
+            metrics,
+        )
+    (start, normal, m_normal), (_, inb, m_inb) = runs[False], runs[True]
+    assert any((normal[n] - start[n]).abs().max() > 1e-4 for n in normal), "nothing trained"
+    for n in normal:  # the optimizer's own update, one parameter at a time: the same numbers
+        torch.testing.assert_close(
+            inb[n], normal[n], rtol=0, atol=1e-15, msg=lambda m, n=n: f"{n}: {m}"
+        )
+    for a, b in zip(m_normal, m_inb):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=1e-12)
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-9)
+        assert a["lr"] == b["lr"]
+
+
+def test_in_backward_holds_one_gradient_at_a_time(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    live = {}
+    for oib in (False, True):
+        t = Trainer(cfg(tiny_dir, tmp_path, f"oib{oib}", optimizer_in_backward=oib))
+        named = [(n, p) for n, p in t.policy.named_parameters() if p.requires_grad]
+        seen = set()
+        # registered after the trainer's hook, so it sees each parameter just after its update
+        handles = [
+            p.register_post_accumulate_grad_hook(
+                lambda _p, seen=seen, named=named: seen.add(
+                    tuple(n for n, q in named if q.grad is not None)
+                )
+            )
+            for _, p in named
+        ]
+        t.train_step([0, 1, 2, 3])
+        for h in handles:
+            h.remove()
+        live[oib] = max(seen, key=len)
+    assert len(live[False]) == len(named)  # the normal step ends holding every gradient
+    # the tied embedding's gradient is written by preftune's engine itself (no in-backward
+    # update); it is updated after the backward, all others long freed
+    assert live[True] == ("model.embed_tokens.weight",)
+
+
+def test_in_backward_resumed_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
+    common = {
+        "max_steps": 4,
+        "num_train": 20,
+        "save_every": 1,
+        "optimizer_in_backward": True,
+        "dtype": "float32",
+    }
+    full = train(cfg(tiny_dir, tmp_path, "full", **common))
+    train_killed_while_saving(cfg(tiny_dir, tmp_path, "crash", **common), 3, monkeypatch)
+    resumed = train(None, [f"resume={tmp_path / 'crash'}"])
+    for name in ("final/model.safetensors", "checkpoints/step-4/weights.safetensors"):
+        wa, wb = load_file(full.run_dir / name), load_file(resumed.run_dir / name)
+        assert wa.keys() == wb.keys()
+        for n in wa:
+            torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+    sa, sb = (
+        torch.load(r.run_dir / "checkpoints/step-4/trainer.pt", weights_only=False)["optimizer"]
+        for r in (full, resumed)
+    )
+    assert sa["state"].keys() == sb["state"].keys() and len(sa["state"]) == len(wa)
+    for i in sa["state"]:  # AdamW's moments and step counts, in-backward and at the end alike
+        for k in sa["state"][i]:
+            torch.testing.assert_close(sa["state"][i][k], sb["state"][i][k], rtol=0, atol=0)
+        assert int(sa["state"][i]["step"]) == 4
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [({"max_grad_norm": 1.0}, "max_grad_norm=1.0"), ({"grad_accum": 2}, "grad_accum=2")],
+)
+def test_in_backward_refuses_clipping_and_accumulation(tiny_dir, tmp_path, extra, named):
+    with pytest.raises(ConfigError, match=named):
+        cfg(tiny_dir, tmp_path, "bad", optimizer_in_backward=True, **extra)
+
+
+def test_non_finite_gradient_names_the_parameter():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    StepInBackward(model, opt)
+    x = torch.ones(2, 3)
+    model[1].weight.register_hook(lambda g: g * float("nan"))  # the gradient, not the loss
+    with pytest.raises(TrainingError, match=r"non-finite gradient in 1\.weight at step 1"):
+        model(x).sum().backward()
+
+
+def test_second_gradient_in_one_step_is_refused():
+    """A parameter whose gradient arrives in two backward calls would be updated with half of it."""
+    lin = torch.nn.Linear(3, 1)
+    inb = StepInBackward(lin, torch.optim.SGD(lin.parameters(), lr=0.1))
+    x = torch.ones(2, 3)
+    lin(x).sum().backward()
+    with pytest.raises(TrainingError, match="second gradient"):
+        lin(x).sum().backward()
+    inb.finish()
+    lin(x).sum().backward()  # the next step is fine
