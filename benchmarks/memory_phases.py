@@ -1,6 +1,7 @@
 """Resident memory through a training run's phases, to see where a workload's peak comes from.
 
     python benchmarks/memory_phases.py w1 [--steps 6] [--allocator reuse|glibc|BYTES] [--profile]
+                                          [--lean]
     python benchmarks/memory_phases.py w3 [--vocabs 32000,256000]
 
 W1: the embedded default model on W1's data and settings (BENCHMARK.md; batch 8, the first
@@ -18,6 +19,9 @@ before is what that phase added. One process, one run: the figures are this run'
 `glibc` (glibc's defaults: blocks above a threshold that adapts up to 32 MB are mmapped), or a
 byte count (glibc with that fixed mmap threshold, so every block above it goes back to the
 system when freed and is page-faulted in again when next allocated).
+
+`--lean` (W1): the memory-lean setting (`gradient_checkpointing=true`,
+`optimizer_in_backward=true`, no clipping), benchmarks/run.py's `preftune-lean`.
 
 `--profile` (W1) records one more step under torch.profiler with memory profiling and prints
 the bytes torch holds beyond the step's start over the step (40 slices): the step's own need,
@@ -49,6 +53,9 @@ from workloads import (  # noqa: E402
 )
 
 from preftune.allocator import M_MMAP_THRESHOLD  # noqa: E402
+
+# run.py's `preftune-lean`: activations recomputed, each gradient applied and freed in backward
+LEAN = {"gradient_checkpointing": True, "optimizer_in_backward": True, "max_grad_norm": None}
 
 
 class _MallInfo2(ctypes.Structure):
@@ -197,12 +204,16 @@ def probe_w1(args, sampler: PhaseSampler) -> None:
             max_prompt_length=256,
             optimizer="adamw",
             keep_freed_memory=args.allocator == "reuse",
+            **(LEAN if args.lean else {}),
         )
         trainer = _trainer(cfg, sampler)
         _instrument(trainer, sampler)
         batches = batch_order(n, 8, 0, steps)
         times = _steps(trainer, batches[: args.steps], sampler)
-        print(f"W1, allocator {args.allocator}: {args.steps} steps, {len(batches[0])} pairs each")
+        print(
+            f"W1{', lean' if args.lean else ''}, allocator {args.allocator}: {args.steps} steps, "
+            f"{len(batches[0])} pairs each"
+        )
         sampler.report()
         print("  step times (s): " + ", ".join(f"{t:.2f}" for t in times))
         if args.profile:
@@ -249,6 +260,9 @@ def main(argv=None):
     )
     ap.add_argument(
         "--profile", action="store_true", help="W1: profile one more step's allocations"
+    )
+    ap.add_argument(
+        "--lean", action="store_true", help="W1: checkpointing + optimizer_in_backward"
     )
     args = ap.parse_args(argv)
     if args.allocator not in ("reuse", "glibc"):

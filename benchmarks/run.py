@@ -59,10 +59,20 @@ VARIANTS = {
     "preftune-nocompletionprefix": {"tool": "preftune", "share_completion_prefix": False},
     "preftune-malloc": {"tool": "preftune", "keep_freed_memory": False},  # glibc's default
     "preftune-gc": {"tool": "preftune", "gradient_checkpointing": True},
+    # the memory-lean setting: activations recomputed, each parameter updated and its gradient
+    # freed inside backward, so no clipping; compared with TRL without clipping (same updates)
+    "preftune-lean": {
+        "tool": "preftune",
+        "gradient_checkpointing": True,
+        "optimizer_in_backward": True,
+        "max_grad_norm": 0.0,
+        "peer": "trl-noclip",
+    },
     "trl": {"tool": "trl", "trl_precompute": True, "gradient_checkpointing": False},
     "trl-malloc": {"tool": "trl", "trl_precompute": True, "keep_freed_memory": False},
     "trl-gc": {"tool": "trl", "trl_precompute": True, "gradient_checkpointing": True},
     "trl-live": {"tool": "trl", "trl_precompute": False, "gradient_checkpointing": False},
+    "trl-noclip": {"tool": "trl", "trl_precompute": True, "max_grad_norm": 0.0},
 }
 
 
@@ -189,7 +199,7 @@ def w1(args) -> None:
             for n in names:
                 spec = {
                     **base_spec(args),
-                    **VARIANTS[n],
+                    **{k: v for k, v in VARIANTS[n].items() if k != "peer"},
                     "model": model,
                     "data": W1_DATA,
                     "num_train": args.steps
@@ -215,11 +225,14 @@ def w1(args) -> None:
     rows, comparisons = [], {}
     for key, d in runs.items():
         name, prec, rep = key.split("/")
-        peer = runs.get(f"trl/{prec}/{rep}")
+        # the TRL run with the same update rule (`peer`: e.g. no clipping), else `trl`
+        peer_key = f"{VARIANTS[name].get('peer', 'trl')}/{prec}/{rep}"
+        peer = runs.get(peer_key)
         agree = None
-        if peer is not None and key != f"trl/{prec}/{rep}":
+        if peer is not None and key != peer_key:
             agree = max_rel_diff(d["losses"], peer["losses"], first=8)
             comparisons[key] = {
+                "peer": peer_key,
                 "tokens_per_s_ratio": d["tokens_per_s"] / peer["tokens_per_s"],
                 "step_time_ratio": peer["step_time"]["median"] / d["step_time"]["median"],
                 "tokens_per_cpu_s_ratio": d["tokens_per_cpu_s"] / peer["tokens_per_cpu_s"]
@@ -265,13 +278,13 @@ def w1(args) -> None:
             "precompute s",
             "peak RSS GB",
             "MFU %",
-            "loss rel diff vs TRL (first 8)",
+            "loss rel diff vs TRL peer (first 8)",
         ],
         rows,
     )
     for key, c in comparisons.items():
         print(
-            f"{key} vs TRL: tokens/s x{c['tokens_per_s_ratio']:.2f}, median step x{c['step_time_ratio']:.2f}, "
+            f"{key} vs {c['peer']}: tokens/s x{c['tokens_per_s_ratio']:.2f}, median step x{c['step_time_ratio']:.2f}, "
             f"tokens/CPU-s x{c['tokens_per_cpu_s_ratio'] or float('nan'):.2f}, "
             f"peak RSS x{c['peak_rss_ratio']:.2f}"
         )

@@ -59,7 +59,8 @@ def run_preftune(spec: dict) -> dict:
             "optimizer": "adamw",
             "scheduler": "constant",
             "warmup_ratio": 0.0,
-            "max_grad_norm": 1.0,
+            "max_grad_norm": spec.get("max_grad_norm", 1.0),
+            "optimizer_in_backward": spec.get("optimizer_in_backward", False),
             "weight_decay": 0.0,
             "loss": "dpo",
             "reference": spec.get("reference", "auto"),
@@ -204,7 +205,7 @@ def run_trl(spec: dict) -> dict:
         lr_scheduler_type="constant",
         warmup_steps=0,
         weight_decay=0.0,
-        max_grad_norm=1.0,
+        max_grad_norm=spec.get("max_grad_norm", 1.0),  # 0.0: no clipping (HF Trainer's rule)
         max_steps=steps,
         logging_steps=1,
         save_strategy="no",
