@@ -23,7 +23,6 @@ reason, which would need a preloaded library.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h parameter numbers
@@ -32,45 +31,15 @@ M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: the largest free top it leaves alone
 
 
-def _glibc():
-    """glibc's handle, or None (not Linux, not glibc: musl has no tunable mallopt, macOS none)."""
+def keep_freed_memory() -> str | None:
+    """Configure glibc malloc to reuse freed memory; returns what was done, or None where it
+    does not apply (not Linux, not glibc: musl has no tunable mallopt, macOS none at all)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
-        return ctypes.CDLL("libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
-        return None
-
-
-def keep_freed_memory() -> str | None:
-    """Configure glibc malloc to reuse freed memory; returns what was done, or None where it
-    does not apply."""
-    libc = _glibc()
-    if libc is None:
         return None
     if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
         return None
     return "glibc malloc keeps freed memory for reuse (no mmap per large block, no trimming)"
-
-
-def _resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_free_memory() -> int | None:
-    """Hand the heap's free pages back to the system once (`malloc_trim(0)`); returns the bytes
-    of resident memory released, or None where it does not apply.
-
-    For the end of a phase unlike the training steps, the reference precompute: its batches of
-    up to 8,192 tokens leave blocks the steps' smaller ones do not fill, and kept
-    (`keep_freed_memory`) they stay resident through training, 0.19-0.25 GB of W1's peak
-    (docs/benchmarks.md, W1 memory by phase). Blocks the steps do reuse are faulted in once,
-    in the first step, not every step.
-    """
-    libc = _glibc()
-    if libc is None:
-        return None
-    before = _resident_bytes()
-    libc.malloc_trim(0)
-    return max(0, before - _resident_bytes())

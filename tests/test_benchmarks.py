@@ -72,14 +72,14 @@ def test_step_profiler_counts_matmul_flops_and_time():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc and glibc's mallinfo2")
 def test_memory_phases_sampler_sees_a_phase_s_peak_and_the_heap():
+    import ctypes
+
     import torch
     from memory_phases import PhaseSampler
 
-    from preftune.allocator import release_free_memory
-
-    # free heap kept by an earlier test in this process (keep_freed_memory) would serve the
-    # tensor without growing the resident set
-    release_free_memory()
+    # free heap that an earlier test in this process kept (keep_freed_memory) would serve the
+    # tensor without growing the resident set: hand it back first
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     sampler = PhaseSampler()
     sampler.enter("idle")
     sampler.enter("hold 64 MB")

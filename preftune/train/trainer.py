@@ -20,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from preftune.allocator import keep_freed_memory, release_free_memory
+from preftune.allocator import keep_freed_memory
 from preftune.calibrate import BetaCalibration
 from preftune.config import Config, build_config
 from preftune.logps import attention_only, sequence_logps, sequence_logps_and_kl
@@ -216,9 +216,6 @@ class Trainer:
             with self.acc.autocast():
                 lp = model.logps(batch.tokens.to(self.acc.device)).double().cpu()
             chosen[idx], rejected[idx] = lp[: len(idx)], lp[len(idx) :]
-        released = release_free_memory()  # the precompute's large blocks, unused by the steps
-        if released:
-            self.log_line(f"allocator: {released / 1e9:.2f} GB freed by the precompute returned")
         return {"chosen": chosen, "rejected": rejected}
 
     @functools.cached_property
