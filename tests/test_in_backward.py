@@ -42,10 +42,10 @@ def cfg(tiny_dir, tmp_path, name, **extra):
         {},
         {"gradient_checkpointing": True},
         {"optimizer": "sgd", "weight_decay": 0.1},
-        {"scheduler": "linear", "warmup_ratio": 0.5},
+        {"scheduler": "linear", "warmup_ratio": 0.5, "weight_decay": 0.1},
         {"lora": True, "lr": 1e-2},
     ],
-    ids=["adamw", "adamw-checkpointing", "sgd", "warmup-schedule", "lora"],
+    ids=["adamw", "adamw-checkpointing", "sgd", "adamw-decay-warmup", "lora"],
 )
 def test_in_backward_updates_equal_the_normal_step(tiny_dir, tmp_path, monkeypatch, extra):
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
