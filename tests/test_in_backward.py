@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +158,60 @@ def test_second_gradient_in_one_step_is_refused():
         lin(x).sum().backward()
     inb.finish()
     lin(x).sum().backward()  # the next step is fine
+
+
+@pytest.mark.parametrize("method", ["online_dpo", "remax", "reward"])
+def test_in_backward_equals_the_normal_step_in_the_other_trainers(
+    tiny_dir, tmp_path, monkeypatch, method
+):
+    """The online loops and the reward trainer end their steps through the same code."""
+    from preftune.train.online import train_online
+    from preftune.train.reward import train_reward
+
+    monkeypatch.setattr("preftune.report.write_report", lambda run_dir: None)
+    hooked = []
+    real_hook = StepInBackward._hook
+    monkeypatch.setattr(
+        StepInBackward, "_hook", lambda self, p: hooked.append(1) or real_hook(self, p)
+    )
+    final = {}
+    for oib in (False, True):
+        args = {
+            "model": str(tiny_dir),
+            "output_dir": str(tmp_path),
+            "run_name": f"{method}{oib}",
+            "data": "arithmetic_edit",
+            "num_train": 16,
+            "num_eval": 0,
+            "batch_size": 4,
+            "max_steps": 2,
+            "num_task_eval": 0,
+            "eval_before": False,
+            "quiet": True,
+            "report_to": "none",
+            "lr": 1e-3,
+            "dtype": "float64",
+            "max_grad_norm": None,
+            "optimizer_in_backward": oib,
+        }
+        if method == "reward":
+            res = train_reward(args)
+        else:
+            res = train_online(
+                {
+                    **args,
+                    "method": method,
+                    "max_new_tokens": 6,
+                    "judge": "online_helpers:length_score",
+                }
+            )
+        final[oib] = load_file(res.run_dir / "final" / "model.safetensors")
+    assert len(hooked) > 2 * 10  # two steps of in-backward updates (20 tensors, one tied)
+    start = load_file(Path(tiny_dir) / "model.safetensors")
+    common = start.keys() & final[False].keys()
+    assert any((final[False][n].double() - start[n].double()).abs().max() > 1e-4 for n in common)
+    assert final[False].keys() == final[True].keys()
+    for n in final[False]:
+        torch.testing.assert_close(
+            final[True][n], final[False][n], rtol=0, atol=1e-15, msg=lambda m, n=n: f"{n}: {m}"
+        )
