@@ -73,7 +73,18 @@ VARIANTS = {
     "trl-gc": {"tool": "trl", "trl_precompute": True, "gradient_checkpointing": True},
     "trl-live": {"tool": "trl", "trl_precompute": False, "gradient_checkpointing": False},
     "trl-noclip": {"tool": "trl", "trl_precompute": True, "max_grad_norm": 0.0},
+    # TRL's leanest unclipped setting, for the memory side of preftune-lean
+    "trl-gc-noclip": {
+        "tool": "trl",
+        "trl_precompute": True,
+        "gradient_checkpointing": True,
+        "max_grad_norm": 0.0,
+    },
 }
+
+
+def _clips(name: str) -> bool:
+    return VARIANTS[name].get("max_grad_norm", 1.0) != 0.0
 
 
 def base_spec(args) -> dict:
@@ -184,6 +195,19 @@ def run_many(specs: list[tuple[str, dict]], args) -> dict[str, dict]:
 
 
 # ---- W1 ------------------------------------------------------------------------------------------
+def compare(d: dict, peer: dict, peer_key: str) -> dict:
+    """A run's speed and memory as ratios to a TRL run's."""
+    return {
+        "peer": peer_key,
+        "tokens_per_s_ratio": d["tokens_per_s"] / peer["tokens_per_s"],
+        "step_time_ratio": peer["step_time"]["median"] / d["step_time"]["median"],
+        "tokens_per_cpu_s_ratio": d["tokens_per_cpu_s"] / peer["tokens_per_cpu_s"]
+        if d["tokens_per_cpu_s"] and peer["tokens_per_cpu_s"]
+        else None,
+        "peak_rss_ratio": d["peak_rss"] / peer["peak_rss"],
+    }
+
+
 def w1(args) -> None:
     model = args.model or default_model()
     precisions = {"fp32": [False], "bf16": [True], "both": [False, True]}[args.precision]
@@ -191,6 +215,12 @@ def w1(args) -> None:
     for n in names:
         if n not in VARIANTS:
             raise SystemExit(f"unknown variant {n!r}; choose from {', '.join(VARIANTS)}")
+        peer = VARIANTS[n].get("peer", "trl")
+        if VARIANTS[n]["tool"] != "trl" and peer not in names:
+            raise SystemExit(
+                f"variant {n!r} is compared with {peer!r} (the same update rule); "
+                f"add {peer} to --variants"
+            )
     rec = header(args)
     rates = [matmul(args, bf16=True in precisions)]
     specs = []
@@ -231,20 +261,28 @@ def w1(args) -> None:
         agree = None
         if peer is not None and key != peer_key:
             agree = max_rel_diff(d["losses"], peer["losses"], first=8)
-            comparisons[key] = {
-                "peer": peer_key,
-                "tokens_per_s_ratio": d["tokens_per_s"] / peer["tokens_per_s"],
-                "step_time_ratio": peer["step_time"]["median"] / d["step_time"]["median"],
-                "tokens_per_cpu_s_ratio": d["tokens_per_cpu_s"] / peer["tokens_per_cpu_s"]
-                if d["tokens_per_cpu_s"] and peer["tokens_per_cpu_s"]
-                else None,
-                "peak_rss_ratio": d["peak_rss"] / peer["peak_rss"],
-                "loss_max_rel_diff_first8": agree,
-                "loss_max_rel_diff_all": max_rel_diff(d["losses"], peer["losses"]),
-                "logps_chosen_max_rel_diff_first8": max_rel_diff(
-                    d["logps_chosen"], peer["logps_chosen"], first=8
-                ),
-            }
+            comparisons[key] = compare(d, peer, peer_key)
+            comparisons[key].update(
+                {
+                    "loss_max_rel_diff_first8": agree,
+                    "loss_max_rel_diff_all": max_rel_diff(d["losses"], peer["losses"]),
+                    "logps_chosen_max_rel_diff_first8": max_rel_diff(
+                        d["logps_chosen"], peer["logps_chosen"], first=8
+                    ),
+                }
+            )
+            # the other TRL settings with the same update rule (e.g. TRL's leanest), speed and
+            # memory only
+            for other in runs:
+                o_name, o_prec, o_rep = other.split("/")
+                if (
+                    other != peer_key
+                    and VARIANTS[o_name]["tool"] == "trl"
+                    and VARIANTS[name]["tool"] != "trl"
+                    and (o_prec, o_rep) == (prec, rep)
+                    and _clips(o_name) == _clips(name)
+                ):
+                    comparisons[f"{key} vs {other}"] = compare(d, runs[other], other)
         rows.append(
             [
                 name,
@@ -284,7 +322,7 @@ def w1(args) -> None:
     )
     for key, c in comparisons.items():
         print(
-            f"{key} vs {c['peer']}: tokens/s x{c['tokens_per_s_ratio']:.2f}, median step x{c['step_time_ratio']:.2f}, "
+            f"{key.split(' vs ')[0]} vs {c['peer']}: tokens/s x{c['tokens_per_s_ratio']:.2f}, median step x{c['step_time_ratio']:.2f}, "
             f"tokens/CPU-s x{c['tokens_per_cpu_s_ratio'] or float('nan'):.2f}, "
             f"peak RSS x{c['peak_rss_ratio']:.2f}"
         )
