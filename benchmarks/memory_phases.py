@@ -265,6 +265,8 @@ def main(argv=None):
         "--lean", action="store_true", help="W1: checkpointing + optimizer_in_backward"
     )
     args = ap.parse_args(argv)
+    if args.workload != "w1" and (args.lean or args.profile):
+        ap.error("--lean and --profile are W1 options")
     if args.allocator not in ("reuse", "glibc"):
         if not args.allocator.isdigit():
             ap.error(f"--allocator {args.allocator!r}: use reuse, glibc or a byte count")

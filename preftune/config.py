@@ -380,13 +380,20 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    if t.optimizer_in_backward and (t.max_grad_norm or t.grad_accum != 1):
-        raise ConfigError(
-            "optimizer_in_backward updates each parameter before the backward has finished, so "
-            f"it cannot clip (max_grad_norm={t.max_grad_norm}) or accumulate (grad_accum="
-            f"{t.grad_accum}): set max_grad_norm=null and grad_accum=1, or "
-            "optimizer_in_backward=false"
-        )
+    if t.optimizer_in_backward:
+        # each parameter is updated before the backward has finished (train/in_backward.py)
+        if t.max_grad_norm:
+            raise ConfigError(
+                f"optimizer_in_backward cannot clip (max_grad_norm={t.max_grad_norm}): each "
+                "parameter is updated before the total norm is known. Set max_grad_norm=null, "
+                "or optimizer_in_backward=false"
+            )
+        if t.grad_accum != 1:
+            raise ConfigError(
+                f"optimizer_in_backward cannot accumulate (grad_accum={t.grad_accum}): each "
+                "parameter is updated as soon as one backward has finished its gradient. Set "
+                "grad_accum=1 (with a smaller batch_size), or optimizer_in_backward=false"
+            )
     if t.reference == "lora" and not cfg.model.lora:
         raise ConfigError(
             "reference=lora needs lora=true (the reference is the LoRA model with its adapter off)"

@@ -170,10 +170,11 @@ def tiny_causal_lm(
     pad_token_id: int | None = None,
     attn: str | None = None,
     kv_heads: int | None = None,
+    tied: bool = True,
 ):
     """A random-weight Llama with the given vocabulary, for tests that must run in seconds.
     `attn` picks the attention implementation ("sdpa", "eager"; None = transformers' default);
-    `kv_heads` < `heads` gives grouped-query attention."""
+    `kv_heads` < `heads` gives grouped-query attention; `tied=False` a separate LM head."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -184,7 +185,7 @@ def tiny_causal_lm(
         num_attention_heads=heads,
         num_key_value_heads=kv_heads or heads,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
         bos_token_id=None,

@@ -11,6 +11,7 @@ from run_helpers import train_killed_while_saving
 from safetensors.torch import load_file
 
 from preftune.config import ConfigError, build_config
+from preftune.models import save_tiny_model_dir
 from preftune.train.in_backward import StepInBackward
 from preftune.train.trainer import Trainer, TrainingError, train
 
@@ -44,12 +45,44 @@ def cfg(tiny_dir, tmp_path, name, **extra):
         {"gradient_checkpointing": True},
         {"optimizer": "sgd", "weight_decay": 0.1},
         {"scheduler": "linear", "warmup_ratio": 0.5, "weight_decay": 0.1},
+        {"optimizer": "rmsprop"},
         {"lora": True, "lr": 1e-2},
+        {"untied": True},
+        {"bf16": True, "dtype": "float32"},  # the LM head through autograd, not the fused path
     ],
-    ids=["adamw", "adamw-checkpointing", "sgd", "adamw-decay-warmup", "lora"],
+    ids=[
+        "adamw",
+        "adamw-checkpointing",
+        "sgd",
+        "adamw-decay-warmup",
+        "rmsprop",
+        "lora",
+        "untied-head",
+        "bf16-autocast",
+    ],
 )
-def test_in_backward_updates_equal_the_normal_step(tiny_dir, tmp_path, monkeypatch, extra):
+def test_in_backward_updates_equal_the_normal_step(tiny_dir, tmp_path, monkeypatch, request, extra):
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    extra = dict(extra)
+    if extra.pop("untied", False):
+        tiny_dir = save_tiny_model_dir(tmp_path / "untied", seed=0, tied=False)
+    # at the end of each backward, only the weights preftune's engine writes itself still hold
+    # a gradient: every other one was applied and freed in the backward
+    held, real_finish = [], StepInBackward.finish
+
+    def finish(self):
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        held.append(
+            {self.names[id(p)] for p in params if id(p) in self._single and p.grad is not None}
+        )
+        return real_finish(self)
+
+    monkeypatch.setattr(StepInBackward, "finish", finish)
+    if extra.get("bf16"):  # accelerate keeps one mixed-precision setting per process
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        request.addfinalizer(lambda: AcceleratorState._reset_state(reset_partial_state=True))
     runs = {}
     for oib in (False, True):
         t = Trainer(cfg(tiny_dir, tmp_path, f"oib{oib}", optimizer_in_backward=oib, **extra))
@@ -70,9 +103,12 @@ def test_in_backward_updates_equal_the_normal_step(tiny_dir, tmp_path, monkeypat
         torch.testing.assert_close(
             inb[n], normal[n], rtol=0, atol=1e-15, msg=lambda m, n=n: f"{n}: {m}"
         )
+    assert held == [set()] * 3  # three steps, every hooked gradient applied in backward
     for a, b in zip(m_normal, m_inb):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-12)
-        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=1e-9)
+        # the same norms summed in another order (torch's foreach norm against one per tensor)
+        tol = 1e-6 if extra.get("dtype") == "float32" else 1e-9
+        assert math.isclose(a["grad_norm"], b["grad_norm"], rel_tol=tol)
         assert a["lr"] == b["lr"]
 
 
@@ -171,8 +207,10 @@ def test_in_backward_equals_the_normal_step_in_the_other_trainers(
     monkeypatch.setattr("preftune.report.write_report", lambda run_dir: None)
     hooked = []
     real_hook = StepInBackward._hook
-    monkeypatch.setattr(
-        StepInBackward, "_hook", lambda self, p: hooked.append(1) or real_hook(self, p)
+    monkeypatch.setattr(  # (hooked parameters of this run, call)
+        StepInBackward,
+        "_hook",
+        lambda self, p: hooked.append(len(self._single)) or real_hook(self, p),
     )
     final = {}
     for oib in (False, True):
@@ -206,7 +244,9 @@ def test_in_backward_equals_the_normal_step_in_the_other_trainers(
                 }
             )
         final[oib] = load_file(res.run_dir / "final" / "model.safetensors")
-    assert len(hooked) > 2 * 10  # two steps of in-backward updates (20 tensors, one tied)
+    # whole steps of in-backward updates, at least one (an online step whose pairs all tie
+    # trains nothing)
+    assert len(hooked) >= hooked[0] > 0 and len(hooked) % hooked[0] == 0
     start = load_file(Path(tiny_dir) / "model.safetensors")
     common = start.keys() & final[False].keys()
     assert any((final[False][n].double() - start[n].double()).abs().max() > 1e-4 for n in common)

@@ -12,13 +12,14 @@ lean setting). The same idea as PyTorch's "optimizer step in backward" recipe an
 The update is the optimizer's own: each parameter has a one-parameter instance of the run's
 optimizer class that shares the run optimizer's state and takes its hyper-parameters (so the
 learning-rate schedule) at every call, so checkpoints are those of the normal path and the
-updates are the same numbers (tests/test_in_backward.py: AdamW, SGD, a warm-up schedule,
-checkpointing, resume). The input embedding and LM head weights are the exception: preftune's
-engine writes their gradients into `.grad` itself, outside autograd's accumulation (the head's
-early in the backward, the embedding rows at its very end; preftune/logps.py), so no hook can
-tell when they are complete. They get no hook, keep their gradient to the end of the backward
-(as they would anyway) and are updated by the normal `optimizer.step()` that follows it. What it cannot do follows from updating
-before the backward has ended:
+updates are the same numbers (tests/test_in_backward.py: AdamW, SGD, RMSprop, weight decay, a
+warm-up schedule, checkpointing, LoRA, an untied head, resume, the online and reward trainers).
+The input embedding and LM head weights are the exception: preftune's engine writes their
+gradients into `.grad` itself, outside autograd's accumulation (the head's early in the
+backward, the embedding rows at its very end; preftune/logps.py), so no hook can tell when they
+are complete. They get no hook, keep their gradient to the end of the backward (as they would
+anyway) and are updated by the normal `optimizer.step()` that follows it. The hooks are removed
+when training ends. What it cannot do follows from updating before the backward has ended:
 
 - no gradient clipping: the total norm is known only after the last parameter was updated
   (`max_grad_norm` must be null). The total norm is still computed and logged as `grad_norm`.
@@ -32,6 +33,7 @@ before the backward has ended:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 
@@ -56,10 +58,17 @@ class StepInBackward:
     `optimizer.step()` then updates) and checks that every gradient is finite.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        step: Callable[[], int] | None = None,
+    ):
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
         self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        self.step_no = 1
+        self._count = 1
+        # the number of the step being taken, for error messages (the trainer's, after a resume)
+        self.step_no = step or (lambda: self._count)
         self._norms: list[torch.Tensor] = []  # each gradient's norm, in its own dtype
         self._stepped: set[int] = set()
         cls = type(self.optimizer)
@@ -80,9 +89,10 @@ class StepInBackward:
         name = self.names.get(id(p), "?")
         if id(p) in self._stepped:  # a second gradient after the update would be lost
             raise TrainingError(
-                f"parameter {name} received a second gradient in step {self.step_no} after its "
-                f"in-backward update; optimizer_in_backward needs each gradient complete in one "
-                f"backward. Set optimizer_in_backward=false."
+                f"parameter {name} received a second gradient in step {self.step_no()} after its "
+                f"in-backward update, which would be lost: a second backward call in one step, or "
+                f"a parameter used in two reentrant-checkpointed segments. optimizer_in_backward "
+                f"needs each gradient complete in one backward; set optimizer_in_backward=false."
             )
         self._add_norm(name, p.grad)
         single, gi = self._single[id(p)]
@@ -95,14 +105,16 @@ class StepInBackward:
 
     def _add_norm(self, name: str, grad: torch.Tensor) -> None:
         # torch.nn.utils.get_total_norm's way: each tensor's norm in its dtype (no copy of
-        # the gradient), then the norm of those norms
+        # the gradient), then the norm of those norms. The finiteness test reads the norm on the
+        # host: free on CPU, one device sync per parameter on a GPU
         norm = torch.linalg.vector_norm(grad.detach())
         if not torch.isfinite(norm):
             raise TrainingError(
-                f"non-finite gradient in {name} at step {self.step_no}; training stopped. "
+                f"non-finite gradient in {name} at step {self.step_no()}; training stopped. "
                 f"optimizer_in_backward had already updated the parameters finished earlier in "
-                f"this backward (in memory only; the last checkpoint is intact). Lower lr, or "
-                f"check the data around this step."
+                f"this backward (in memory only; the last checkpoint is intact; without "
+                f"optimizer_in_backward the whole step is refused). Lower lr, or check the data "
+                f"around this step."
             )
         self._norms.append(norm)
 
@@ -116,7 +128,7 @@ class StepInBackward:
         norm = float(torch.linalg.vector_norm(torch.stack(self._norms))) if self._norms else 0.0
         self._norms = []
         self._stepped.clear()
-        self.step_no += 1
+        self._count += 1
         return norm
 
     def remove(self) -> None:

@@ -113,6 +113,8 @@ def run(trainer: Trainer) -> TrainResult:
             trainer.save()
     bar.close()
     train_time = time.perf_counter() - start
+    if trainer.in_backward is not None:  # a later backward on the model must not step it
+        trainer.in_backward.remove()
     final_eval = trainer.evaluate_pairs()
     if final_eval:
         _log(trainer, final_eval, trainer.step)

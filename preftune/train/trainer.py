@@ -131,7 +131,9 @@ def prepare_trainer(
                 f"{trainer.acc.num_processes}): each update must see the gradient averaged over "
                 f"all of them. Run one process, or set optimizer_in_backward=false."
             )
-        trainer.in_backward = StepInBackward(trainer.policy, trainer.optimizer)
+        trainer.in_backward = StepInBackward(
+            trainer.policy, trainer.optimizer, step=lambda: trainer.step + 1
+        )
     trainer.calibration = (
         BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
     )
