@@ -87,6 +87,11 @@ def _clips(name: str) -> bool:
     return VARIANTS[name].get("max_grad_norm", 1.0) != 0.0
 
 
+def _peer(name: str) -> str:
+    """The TRL variant whose losses a variant's must match (the same update rule)."""
+    return VARIANTS[name].get("peer", "trl")
+
+
 def base_spec(args) -> dict:
     return {
         "threads": args.threads,
@@ -215,11 +220,10 @@ def w1(args) -> None:
     for n in names:
         if n not in VARIANTS:
             raise SystemExit(f"unknown variant {n!r}; choose from {', '.join(VARIANTS)}")
-        peer = VARIANTS[n].get("peer", "trl")
-        if VARIANTS[n]["tool"] != "trl" and peer not in names:
+        if VARIANTS[n]["tool"] != "trl" and _peer(n) not in names:
             raise SystemExit(
-                f"variant {n!r} is compared with {peer!r} (the same update rule); "
-                f"add {peer} to --variants"
+                f"variant {n!r} is compared with {_peer(n)!r} (the same update rule); "
+                f"add {_peer(n)} to --variants"
             )
     rec = header(args)
     rates = [matmul(args, bf16=True in precisions)]
@@ -255,8 +259,7 @@ def w1(args) -> None:
     rows, comparisons = [], {}
     for key, d in runs.items():
         name, prec, rep = key.split("/")
-        # the TRL run with the same update rule (`peer`: e.g. no clipping), else `trl`
-        peer_key = f"{VARIANTS[name].get('peer', 'trl')}/{prec}/{rep}"
+        peer_key = f"{_peer(name)}/{prec}/{rep}"
         peer = runs.get(peer_key)
         agree = None
         if peer is not None and key != peer_key:
@@ -273,12 +276,11 @@ def w1(args) -> None:
             )
             # the other TRL settings with the same update rule (e.g. TRL's leanest), speed and
             # memory only
-            for other in runs:
+            for other in runs if VARIANTS[name]["tool"] != "trl" else []:
                 o_name, o_prec, o_rep = other.split("/")
                 if (
                     other != peer_key
                     and VARIANTS[o_name]["tool"] == "trl"
-                    and VARIANTS[name]["tool"] != "trl"
                     and (o_prec, o_rep) == (prec, rep)
                     and _clips(o_name) == _clips(name)
                 ):

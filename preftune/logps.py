@@ -139,6 +139,19 @@ def _decoder_inputs(decoder, ids: torch.Tensor) -> dict:
     }
 
 
+def weights_with_grad_written_here(model) -> list[torch.Tensor]:
+    """The weights whose gradient this module may add into `.grad` itself, outside autograd's
+    accumulation (`_EmbeddingIntoGrad`, `_HeadLogpsIntoGrad`): the input embedding's and the
+    LM head's. No autograd hook tells when their gradient is complete
+    (train/in_backward.py)."""
+    out = []
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, get, lambda: None)()
+        if isinstance(getattr(module, "weight", None), torch.Tensor):
+            out.append(module.weight)
+    return out
+
+
 FOLDED_PREFIX_ATTENTION = "preftune_folded_prefix"
 
 

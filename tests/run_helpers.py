@@ -4,8 +4,29 @@ from __future__ import annotations
 
 import pytest
 
+from preftune.config import build_config
 from preftune.train import checkpoint as ckpt
 from preftune.train.trainer import train
+
+
+def tiny_run_config(tiny_dir, tmp_path, name: str, **extra):
+    """A few steps of DPO on the tiny model and the bundled edit pairs, quiet, no evaluation."""
+    base = {
+        "model": str(tiny_dir),
+        "data": "arithmetic_edit",
+        "output_dir": str(tmp_path),
+        "run_name": name,
+        "num_train": 16,
+        "num_eval": 4,
+        "batch_size": 4,
+        "max_steps": 2,
+        "num_task_eval": 0,
+        "eval_before": False,
+        "quiet": True,
+        "report_to": "none",
+        "lr": 1e-3,
+    }
+    return build_config({**base, **extra})
 
 
 def train_killed_while_saving(config, step: int, monkeypatch) -> None:

@@ -7,35 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import train_killed_while_saving
+from run_helpers import tiny_run_config, train_killed_while_saving
 from safetensors.torch import load_file
 
-from preftune.config import ConfigError, build_config
+from preftune.config import ConfigError
 from preftune.models import save_tiny_model_dir
 from preftune.train.in_backward import StepInBackward
 from preftune.train.trainer import Trainer, TrainingError, train
 
 
 def cfg(tiny_dir, tmp_path, name, **extra):
-    base = {
-        "model": str(tiny_dir),
-        "data": "arithmetic_edit",
-        "output_dir": str(tmp_path),
-        "run_name": name,
-        "num_train": 16,
-        "num_eval": 4,
-        "batch_size": 4,
-        "max_steps": 3,
-        "num_task_eval": 0,
-        "eval_before": False,
-        "quiet": True,
-        "report_to": "none",
-        "lr": 1e-3,
-        "max_grad_norm": None,
-        "dtype": "float64",
-    }
-    base.update(extra)
-    return build_config(base)
+    extra = {"max_steps": 3, "max_grad_norm": None, "dtype": "float64", **extra}
+    return tiny_run_config(tiny_dir, tmp_path, name, **extra)
 
 
 @pytest.mark.parametrize(
@@ -177,7 +160,7 @@ def test_in_backward_refuses_clipping_and_accumulation(tiny_dir, tmp_path, extra
 def test_non_finite_gradient_names_the_parameter():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    StepInBackward(model, opt)
+    StepInBackward(model, opt, step=lambda: 1)
     x = torch.ones(2, 3)
     model[1].weight.register_hook(lambda g: g * float("nan"))  # the gradient, not the loss
     with pytest.raises(TrainingError, match=r"non-finite gradient in 1\.weight at step 1"):
@@ -187,7 +170,7 @@ def test_non_finite_gradient_names_the_parameter():
 def test_second_gradient_in_one_step_is_refused():
     """A parameter whose gradient arrives in two backward calls would be updated with half of it."""
     lin = torch.nn.Linear(3, 1)
-    inb = StepInBackward(lin, torch.optim.SGD(lin.parameters(), lr=0.1))
+    inb = StepInBackward(lin, torch.optim.SGD(lin.parameters(), lr=0.1), step=lambda: 1)
     x = torch.ones(2, 3)
     lin(x).sum().backward()
     with pytest.raises(TrainingError, match="second gradient"):

@@ -12,23 +12,16 @@ import time
 
 import pytest
 import torch
-from run_helpers import train_killed_while_saving
+from run_helpers import tiny_run_config, train_killed_while_saving
 from transformers import AutoModelForCausalLM
 
-from preftune.config import build_config
 from preftune.logps import sequence_logps
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import pair_batch
 from preftune.train.loop import run
 from preftune.train.trainer import Trainer, train
 
-
-def cfg(tiny_dir, tmp_path, name, **extra):
-    base = {"model": str(tiny_dir), "data": "arithmetic_edit", "output_dir": str(tmp_path), "run_name": name,
-            "num_train": 16, "num_eval": 4, "batch_size": 4, "max_steps": 2, "num_task_eval": 0,
-            "eval_before": False, "quiet": True, "report_to": "none", "lr": 1e-3}
-    base.update(extra)
-    return build_config(base)
+cfg = tiny_run_config
 
 
 def first_loss(run_dir):

@@ -37,17 +37,8 @@ from collections.abc import Callable
 
 import torch
 
+from preftune.logps import weights_with_grad_written_here
 from preftune.train.setup import TrainingError
-
-
-def _engine_written_weights(model) -> list[torch.Tensor]:
-    """The weights whose gradients preftune's log-prob engine adds into `.grad` by itself."""
-    out = []
-    for get in ("get_input_embeddings", "get_output_embeddings"):
-        module = getattr(model, get, lambda: None)()
-        if isinstance(getattr(module, "weight", None), torch.Tensor):
-            out.append(module.weight)
-    return out
 
 
 class StepInBackward:
@@ -62,13 +53,11 @@ class StepInBackward:
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        step: Callable[[], int] | None = None,
+        step: Callable[[], int],
     ):
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
         self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-        self._count = 1
-        # the number of the step being taken, for error messages (the trainer's, after a resume)
-        self.step_no = step or (lambda: self._count)
+        self.step_no = step  # the number of the step being taken, for error messages
         self._norms: list[torch.Tensor] = []  # each gradient's norm, in its own dtype
         self._stepped: set[int] = set()
         cls = type(self.optimizer)
@@ -77,7 +66,7 @@ class StepInBackward:
         # itself is looked up at each call: load_state_dict replaces the group dicts)
         self._single: dict[int, tuple[torch.optim.Optimizer, int]] = {}
         self._handles = []
-        written = {id(w) for w in _engine_written_weights(model)}
+        written = {id(w) for w in weights_with_grad_written_here(model)}
         for gi, group in enumerate(self.optimizer.param_groups):
             options = {k: v for k, v in group.items() if k in accepted}
             for p in group["params"]:
@@ -86,7 +75,7 @@ class StepInBackward:
                     self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
 
     def _hook(self, p: torch.Tensor) -> None:
-        name = self.names.get(id(p), "?")
+        name = self.names[id(p)]
         if id(p) in self._stepped:  # a second gradient after the update would be lost
             raise TrainingError(
                 f"parameter {name} received a second gradient in step {self.step_no()} after its "
@@ -124,11 +113,10 @@ class StepInBackward:
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._add_norm(self.names.get(id(p), "?"), p.grad)
-        norm = float(torch.linalg.vector_norm(torch.stack(self._norms))) if self._norms else 0.0
+                    self._add_norm(self.names[id(p)], p.grad)
+        norm = float(torch.nn.utils.get_total_norm(self._norms))
         self._norms = []
         self._stepped.clear()
-        self._count += 1
         return norm
 
     def remove(self) -> None:
