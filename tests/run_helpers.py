@@ -9,8 +9,8 @@ from preftune.train import checkpoint as ckpt
 from preftune.train.trainer import train
 
 
-def tiny_run_config(tiny_dir, tmp_path, name: str, **extra):
-    """A few steps of DPO on the tiny model and the bundled edit pairs, quiet, no evaluation."""
+def tiny_run_args(tiny_dir, tmp_path, name: str, **extra) -> dict:
+    """A few steps on the tiny model and the bundled edit pairs, quiet, no evaluation."""
     base = {
         "model": str(tiny_dir),
         "data": "arithmetic_edit",
@@ -26,7 +26,12 @@ def tiny_run_config(tiny_dir, tmp_path, name: str, **extra):
         "report_to": "none",
         "lr": 1e-3,
     }
-    return build_config({**base, **extra})
+    return {**base, **extra}
+
+
+def tiny_run_config(tiny_dir, tmp_path, name: str, **extra):
+    """`tiny_run_args` as a DPO Config."""
+    return build_config(tiny_run_args(tiny_dir, tmp_path, name, **extra))
 
 
 def train_killed_while_saving(config, step: int, monkeypatch) -> None:

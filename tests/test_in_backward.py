@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import tiny_run_config, train_killed_while_saving
+from run_helpers import tiny_run_args, tiny_run_config, train_killed_while_saving
 from safetensors.torch import load_file
 
 from preftune.config import ConfigError
@@ -197,24 +197,15 @@ def test_in_backward_equals_the_normal_step_in_the_other_trainers(
     )
     final = {}
     for oib in (False, True):
-        args = {
-            "model": str(tiny_dir),
-            "output_dir": str(tmp_path),
-            "run_name": f"{method}{oib}",
-            "data": "arithmetic_edit",
-            "num_train": 16,
-            "num_eval": 0,
-            "batch_size": 4,
-            "max_steps": 2,
-            "num_task_eval": 0,
-            "eval_before": False,
-            "quiet": True,
-            "report_to": "none",
-            "lr": 1e-3,
-            "dtype": "float64",
-            "max_grad_norm": None,
-            "optimizer_in_backward": oib,
-        }
+        args = tiny_run_args(
+            tiny_dir,
+            tmp_path,
+            f"{method}{oib}",
+            num_eval=0,
+            dtype="float64",
+            max_grad_norm=None,
+            optimizer_in_backward=oib,
+        )
         if method == "reward":
             res = train_reward(args)
         else:
