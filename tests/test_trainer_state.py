@@ -88,8 +88,11 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
     args = [f"{k}={v}" for k, v in cfg(tiny_dir, tmp_path, "killed", **common).flat().items()
             if k in ("model", "data", "output_dir", "run_name", "num_train", "num_eval", "batch_size", "max_steps",
                      "num_task_eval", "eval_before", "quiet", "report_to", "lr", "save_every", "keep_checkpoints")]
+    # like with like: the in-process runs use conftest's 1 thread, and a different thread count
+    # sums in another order on some CPUs (AVX-512), so bit-equality holds only at equal counts
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", "train", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     ckroot = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not (ckroot / "step-3").exists() and proc.poll() is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 
+import torch
 from tqdm.auto import tqdm
 
 from preftune.train import checkpoint as ckpt
@@ -32,6 +33,13 @@ def _resume(trainer: Trainer) -> None:
         path, trainer.acc.unwrap_model(trainer.policy), trainer.optimizer, trainer.scheduler
     )
     trainer.load_state(state)
+    saved_threads, threads = state.get("torch_threads"), torch.get_num_threads()
+    if saved_threads is not None and saved_threads != threads:
+        trainer.log_line(
+            f"warning: {path} was written by a run with {saved_threads} torch threads and this one "
+            f"has {threads}; it continues, but not bit-equal to an uninterrupted run "
+            f"(set OMP_NUM_THREADS={saved_threads} for that)"
+        )
     # metrics logged after the checkpoint belong to the lost part of the run: drop them
     mpath = trainer.run_dir / "metrics.jsonl"
     if mpath.exists() and trainer.acc.is_main_process:

@@ -468,7 +468,14 @@ class Trainer:
         tensors = {"loss_state": self.loss_state}
         if self.calibration is not None:
             tensors["calibration"] = self.calibration.state_dict()
-        return {"step": self.step, "loss": self.cfg.loss.loss, "tensors": tensors}
+        # the thread count is part of what makes a resumed run bit-equal: other counts sum in
+        # another order on some CPUs (loop._resume warns when it differs)
+        return {
+            "step": self.step,
+            "loss": self.cfg.loss.loss,
+            "torch_threads": torch.get_num_threads(),
+            "tensors": tensors,
+        }
 
     def load_state(self, state: dict) -> None:
         self.step = state["step"]
