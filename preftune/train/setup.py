@@ -14,10 +14,11 @@ from preftune.config import Config, ConfigError
 from preftune.data import arithmetic
 from preftune.data.records import load_records, unpair
 from preftune.data.tokenize import tokenize_records
+from preftune.errors import UserError
 from preftune.models import load_causal_lm, load_tokenizer, own_weights, resolve_model_path
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on: a non-finite loss or gradient, or a setting the run contradicts."""
 
 
