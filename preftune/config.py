@@ -104,9 +104,16 @@ class TrainConfig:
     chunk_size: int | None = None
     log_every: int = 1
     eval_every: int | None = None
-    save_every: int | None = None
+    save_every: int | None = None  # a checkpoint every N steps
+    # and one whenever this many minutes of training have passed since the last (null = off):
+    # a long run is resumable by default, a short one pays for no checkpoint
+    save_every_minutes: float | None = 30.0
     keep_checkpoints: int = 2
     resume: str | None = None
+    overwrite: bool = False  # replace an existing run directory of the same run_name
+    # divergence: stop when the gradient norm exceeds this many times the median of the last
+    # 20 steps (null = off); non-finite and vanished (exactly 0 with a non-zero loss) always stop
+    divergence_factor: float | None = 1000.0
     quiet: bool = False
     report_to: str = "tensorboard"  # tensorboard | wandb | mlflow | none (comma-separated)
 
@@ -378,6 +385,15 @@ def validate(cfg: Config) -> None:
             f"dtype must be float32, bfloat16, float16 or float64, got {cfg.model.dtype!r}",
         ),
         (t.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
+        (t.save_every is None or t.save_every >= 1, f"save_every must be >= 1, got {t.save_every}"),
+        (
+            t.save_every_minutes is None or t.save_every_minutes > 0,
+            f"save_every_minutes must be > 0 (or null), got {t.save_every_minutes}",
+        ),
+        (
+            t.divergence_factor is None or t.divergence_factor > 1,
+            f"divergence_factor must be > 1 (or null), got {t.divergence_factor}",
+        ),
     ]
     for ok, msg in checks:
         if not ok:

@@ -9,43 +9,7 @@ every other `Trainer` method and the one loop in `preftune.train.loop.run`.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
-
-import yaml
-
-from preftune.config import Config, build_config
-from preftune.train.trainer import TrainingError
-
-
-def resolve_config(config, overrides, default_name: Callable[[Config], str]) -> Config:
-    """`build_config`, plus `resume=RUN_DIR` reading that run's config.yaml (later overrides win),
-    as `preftune.train.trainer.train` does. A new run without `run_name` is named
-    `default_name(cfg)-TIME`."""
-    cfg = build_config(config, overrides)
-    if cfg.train.resume:
-        saved = Path(cfg.train.resume) / "config.yaml"
-        if not saved.exists():
-            raise TrainingError(
-                f"resume={cfg.train.resume}: no config.yaml there; is it a preftune run directory?"
-            )
-        base = yaml.safe_load(saved.read_text())
-        if isinstance(config, dict):  # keys given now win over the saved ones
-            base.update(config)
-        elif isinstance(config, str | Path):
-            base.update(yaml.safe_load(Path(config).read_text()) or {})
-        if isinstance(overrides, dict):
-            base.update(overrides)
-        else:
-            for item in overrides or []:
-                k, v = item.split("=", 1)
-                base[k.strip().lstrip("-").replace("-", "_")] = yaml.safe_load(v)
-        base["resume"] = cfg.train.resume
-        cfg = build_config(base)
-    elif cfg.train.run_name is None:
-        cfg.train.run_name = f"{default_name(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return cfg
 
 
 def split_even(items: list, parts: int) -> list[list]:

@@ -33,9 +33,10 @@ from preftune.online.base import append_jsonl, split_even
 from preftune.online.labels import label_online_pairs
 from preftune.online.prompts import load_prompts, user_text
 from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
+from preftune.train.guards import DivergedError
 from preftune.train.reference import ModelReference
 from preftune.train.setup import Datasets, load_policy, resolve_task
-from preftune.train.trainer import Trainer, TrainingError, prepare_trainer
+from preftune.train.trainer import Trainer, prepare_trainer
 
 
 def pair_example(chosen: Completion, rejected: Completion) -> dict:
@@ -158,9 +159,8 @@ class OnlineTrainer(Trainer):
             out, logps, n = self._loss(pairs, idx, self.reference, train=True)
             loss = out.losses.sum() * P / n_global  # x P: gradients are averaged over processes
             if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at step {self.step + 1}, micro-batch {i}; "
-                    f"step refused, last checkpoint kept"
+                raise DivergedError(
+                    self.step + 1, f"non-finite loss ({loss.item()}) in micro-batch {i}, step refused"
                 )
             self.acc.backward(loss)
             ntok += n

@@ -29,7 +29,7 @@ from preftune.online.base import split_even
 from preftune.online.loops import OnlineTrainer
 from preftune.online.remax import remax_returns, remax_sequence_losses
 from preftune.online.rso_data import apply_eos_penalty
-from preftune.train.trainer import TrainingError
+from preftune.train.guards import DivergedError
 
 
 def per_token_rows(values: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,10 +134,7 @@ class ReMaxTrainer(OnlineTrainer):
             seq_losses = remax_sequence_losses(logps, mask, returns)
             loss = seq_losses.sum() * P / n_tok  # token mean over the whole step (all processes)
             if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite ReMax loss at step {self.step + 1}; step refused, last "
-                    f"checkpoint kept"
-                )
+                raise DivergedError(self.step + 1, "non-finite ReMax loss, step refused")
             self.acc.backward(loss)
             ntok += sum(len(s.prompt_token_ids) + len(s.token_ids) for s in chosen)
             surrogate.append(seq_losses.detach())

@@ -1,37 +1,91 @@
-"""Atomic checkpoints: written under a temporary name, fsynced, then renamed.
+"""Checkpoints: the one place that writes and reads them. Tensors in safetensors, the rest in
+JSON, nothing unpickled.
 
-A kill at any moment leaves either the previous checkpoints alone or a stray `.tmp-*` folder
-that is ignored (and cleaned up) — never a half checkpoint under a real name. A checkpoint
-holds what "resumed equals uninterrupted" needs: trainable weights, optimizer, scheduler,
-RNG states, the step, and every loss / calibration state.
+A checkpoint `checkpoints/step-N/` holds what "resumed equals uninterrupted" needs:
+  weights.safetensors   trainable weights
+  state.safetensors     every other tensor: optimizer moments, RNG states, loss / calibration state
+  state.json            the rest (step, optimizer hyper-parameters, scheduler, Python and NumPy
+                        RNG), with each tensor replaced by its key in state.safetensors
+  manifest.json         size and SHA-256 of each file above; written last
+
+It is written under a temporary name, fsynced, then renamed: a kill at any moment leaves the
+earlier checkpoints alone and at most a stray `.tmp-*` folder, which is ignored and later
+removed. A checkpoint whose files do not match its manifest (truncated, corrupted, half copied)
+is passed over for the newest one that does, with a line saying so. A folder that holds a
+pickle file (`*.pt`, `*.pkl`, `*.bin`, ...) is refused outright: preftune does not unpickle, and
+such a folder was not written by it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from preftune.errors import UserError
+
 _STEP_RE = re.compile(r"^step-(\d+)$")
+FILES = ("weights.safetensors", "state.safetensors", "state.json")
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {
-        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
-    }
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from: foreign, corrupt, or for another model."""
+
+
+# ---- state <-> (tensors, JSON) ------------------------------------------------------------------
+def encode(obj, tensors: dict[str, torch.Tensor], path: str = "s"):
+    """`obj` as JSON-able data; each tensor moved into `tensors` under a key that replaces it.
+    Tuples and dicts with non-string keys (an optimizer's parameter ids) are tagged so that
+    `decode` gives back exactly what went in."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        return {"__items__": [[k, encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path}")
+
+
+def decode(obj, tensors: dict[str, torch.Tensor]):
+    if isinstance(obj, list):
+        return [decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return np.asarray(obj["__ndarray__"], dtype=obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(decode(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {k: decode(v, tensors) for k, v in obj["__items__"]}
+    return {k: decode(v, tensors) for k, v in obj.items()}
 
 
 def rng_state() -> dict:
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": np.random.get_state(legacy=False),
         "torch": torch.get_rng_state(),
     }
 
@@ -40,6 +94,21 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+# ---- writing ------------------------------------------------------------------------------------
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -51,6 +120,8 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(
     ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int
 ) -> Path:
+    """Write `checkpoints/step-{step}` atomically and keep the newest `keep` of them.
+    `state` is the trainer's: JSON-able values plus tensors anywhere inside `state["tensors"]`."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".tmp-step-{step}"
@@ -58,18 +129,18 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file(trainable_state(model), str(tmp / "weights.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-            "extra": state.get("tensors", {}),
-        },
-        tmp / "trainer.pt",
-    )
-    (tmp / "trainer_state.json").write_text(
-        json.dumps({k: v for k, v in state.items() if k != "tensors"}, indent=1)
-    )
+    tensors: dict[str, torch.Tensor] = {}
+    payload = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        **state,
+    }
+    doc = encode(payload, tensors)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(doc))
+    manifest = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _digest(tmp / f)} for f in FILES}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -86,32 +157,76 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    for path in reversed(list_checkpoints(ckpt_root)):
-        if all(
-            (path / f).exists() for f in ("weights.safetensors", "trainer.pt", "trainer_state.json")
-        ):
-            return path
+# ---- reading ------------------------------------------------------------------------------------
+def refuse_pickles(path: Path) -> None:
+    found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if found:
+        raise CheckpointError(
+            f"{path} holds {', '.join(found)}, a pickle file that could run code when loaded; "
+            f"preftune never unpickles and did not write it. Resume only runs preftune wrote "
+            f"(or delete that checkpoint folder to fall back to an earlier one)"
+        )
+
+
+def verify(path: Path) -> str | None:
+    """None when every file of the checkpoint matches its manifest, else what is wrong."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return "manifest.json is missing or unreadable"
+    for name in FILES:
+        f = path / name
+        want = manifest.get(name, {})
+        if not f.exists():
+            return f"{name} is missing"
+        if f.stat().st_size != want.get("bytes"):
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want.get('bytes')}"
+        if _digest(f) != want.get("sha256"):
+            return f"{name} does not match its checksum"
     return None
 
 
+def latest_checkpoint(ckpt_root: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint whose files match its manifest; each newer one passed over is
+    named with the reason. A folder holding a pickle file stops the search (CheckpointError)."""
+    for path in reversed(list_checkpoints(ckpt_root)):
+        refuse_pickles(path)
+        problem = verify(path)
+        if problem is None:
+            return path
+        log(f"warning: checkpoint {path} is incomplete or corrupt ({problem}); trying an older one")
+    return None
+
+
+def read_state(path: Path) -> dict:
+    """Everything but the weights, as it was saved: optimizer, scheduler, rng and the trainer's."""
+    refuse_pickles(path)
+    tensors = load_file(str(path / "state.safetensors"))
+    return decode(json.loads((path / "state.json").read_text()), tensors)
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    weights = load_file(str(path / "weights.safetensors"))
+    """Load weights, optimizer, scheduler and RNG states; return the trainer's state."""
+    try:
+        state = read_state(path)
+        weights = load_file(str(path / "weights.safetensors"))
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({e}); delete it to resume from an earlier one"
+        ) from None
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != expected:
         missing, extra = expected - set(weights), set(weights) - expected
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {path} does not match the model: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(extra)[:3]}; was it written with other model/LoRA settings?"
+            f"unexpected {sorted(extra)[:3]}; was it written with other model or LoRA settings?"
         )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w)
-    blob = torch.load(path / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
-    state = json.loads((path / "trainer_state.json").read_text())
-    state["tensors"] = blob["extra"]
+    optimizer.load_state_dict(state.pop("optimizer"))
+    scheduler.load_state_dict(state.pop("scheduler"))
+    set_rng_state(state.pop("rng"))
+    state.setdefault("tensors", {})
     return state

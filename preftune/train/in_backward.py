@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 
 from preftune.logps import weights_with_grad_written_here
+from preftune.train.guards import DivergedError
 from preftune.train.setup import TrainingError
 
 
@@ -98,12 +99,11 @@ class StepInBackward:
         # host: free on CPU, one device sync per parameter on a GPU
         norm = torch.linalg.vector_norm(grad.detach())
         if not torch.isfinite(norm):
-            raise TrainingError(
-                f"non-finite gradient in {name} at step {self.step_no()}; training stopped. "
-                f"optimizer_in_backward had already updated the parameters finished earlier in "
-                f"this backward (in memory only; the last checkpoint is intact; without "
-                f"optimizer_in_backward the whole step is refused). Lower lr, or check the data "
-                f"around this step."
+            raise DivergedError(
+                self.step_no(),
+                f"non-finite gradient in {name}; optimizer_in_backward had already updated the "
+                f"parameters finished earlier in this backward (in memory only; without "
+                f"optimizer_in_backward the whole step is refused)",
             )
         self._norms.append(norm)
 

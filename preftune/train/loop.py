@@ -1,9 +1,16 @@
 """The run, top to bottom: resume, evaluate before, train with a progress bar, evaluate and
-checkpoint on schedule, save the final model, evaluate after, write the summary."""
+checkpoint on schedule, save the final model, evaluate after, write the summary and report.
+
+Training that diverges (train/guards.py) stops with its checkpoints from the step before the
+divergence on moved aside, and the summary and report of what ran are written all the same.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 import time
 
 import torch
@@ -11,6 +18,7 @@ from tqdm.auto import tqdm
 
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import global_batches
+from preftune.train.guards import DivergedError, quarantine
 from preftune.train.trainer import Trainer, TrainResult, write_json
 
 
@@ -22,17 +30,32 @@ def _log(trainer: Trainer, metrics: dict, step: int) -> None:
     trainer.acc.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
 
 
+def _apply_lr(trainer: Trainer) -> None:
+    """A resume that changes `lr`: the schedule continues from the checkpoint's step with the
+    new peak lr (rundir.resume_config has said so)."""
+    sched, lr = trainer.scheduler, trainer.cfg.train.lr
+    if all(b == lr for b in sched.base_lrs):
+        return
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    factors = [f(sched.last_epoch) for f in sched.lr_lambdas]
+    for group, f in zip(trainer.optimizer.param_groups, factors):
+        group["lr"] = lr * f
+    sched._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
+
+
 def _resume(trainer: Trainer) -> None:
-    path = ckpt.latest_checkpoint(trainer.run_dir / "checkpoints")
+    path = ckpt.latest_checkpoint(trainer.run_dir / "checkpoints", log=trainer.log_line)
     if path is None:
         trainer.log_line(
             f"resume: no complete checkpoint in {trainer.run_dir}; starting from step 0"
         )
+        _truncate_metrics(trainer, 0)
         return
     state = ckpt.load_checkpoint(
         path, trainer.acc.unwrap_model(trainer.policy), trainer.optimizer, trainer.scheduler
     )
     trainer.load_state(state)
+    _apply_lr(trainer)
     saved_threads, threads = state.get("torch_threads"), torch.get_num_threads()
     if saved_threads is not None and saved_threads != threads:
         trainer.log_line(
@@ -40,16 +63,20 @@ def _resume(trainer: Trainer) -> None:
             f"has {threads}; it continues, but not bit-equal to an uninterrupted run "
             f"(set OMP_NUM_THREADS={saved_threads} for that)"
         )
-    # metrics logged after the checkpoint belong to the lost part of the run: drop them
+    _truncate_metrics(trainer, trainer.step)
+    trainer.log_line(f"resumed from {path} at step {trainer.step}")
+
+
+def _truncate_metrics(trainer: Trainer, step: int) -> None:
+    """Metrics logged after the checkpoint belong to the lost part of the run: drop them."""
     mpath = trainer.run_dir / "metrics.jsonl"
     if mpath.exists() and trainer.acc.is_main_process:
         kept = [
             ln
             for ln in mpath.read_text().splitlines()
-            if ln and json.loads(ln).get("step", 0) <= trainer.step
+            if ln and json.loads(ln).get("step", 0) <= step
         ]
         mpath.write_text("".join(ln + "\n" for ln in kept))
-    trainer.log_line(f"resumed from {path} at step {trainer.step}")
 
 
 def _task_eval(trainer: Trainer, summary: dict, tag: str) -> None:
@@ -62,10 +89,9 @@ def _task_eval(trainer: Trainer, summary: dict, tag: str) -> None:
     trainer.log_line(f"held-out task accuracy {tag}: {acc:.1%} ({len(samples)} problems)")
 
 
-def run(trainer: Trainer) -> TrainResult:
+def _start(trainer: Trainer) -> dict:
+    """Resume (if asked), evaluate before, say what will run; returns the summary so far."""
     cfg, t = trainer.cfg, trainer.cfg.train
-    if trainer.acc.is_main_process:
-        cfg.save(trainer.run_dir / "config.yaml")
     trainer.acc.init_trackers("preftune", config={k: str(v) for k, v in cfg.flat().items()})
     summary: dict = {}
     if t.resume:
@@ -84,12 +110,33 @@ def run(trainer: Trainer) -> TrainResult:
         trainer.log_line(
             f"note: {n_dropped} examples past the last full batch of each epoch are not used"
         )
+    procs = trainer.acc.num_processes
     trainer.log_line(
-        f"training {cfg.loss.loss} on {len(trainer.data.train)} examples: {trainer.total_steps} steps "
-        f"of {t.batch_size} ({t.grad_accum} micro-batches"
-        f"{f' in each of {trainer.acc.num_processes} processes' if trainer.acc.num_processes > 1 else ''}"
-        f"), run dir {trainer.run_dir}"
+        f"training {cfg.loss.loss} on {len(trainer.data.train)} examples: {trainer.total_steps} "
+        f"steps of {t.batch_size} ({t.grad_accum} micro-batches"
+        f"{f' in each of {procs} processes' if procs > 1 else ''}), run dir {trainer.run_dir}"
     )
+    return summary
+
+
+def _postfix(last: dict) -> dict:
+    """What the progress bar shows: the loss, and the margin and accuracy where the method
+    has them (KTO's unpaired steps have no margin)."""
+    shown = {"loss": f"{last['loss']:.4f}"}
+    for key, name, fmt in (
+        ("rewards/margins", "margin", ".3f"),
+        ("rewards/accuracies", "acc", ".2f"),
+    ):
+        v = last.get(key)
+        if v is not None and math.isfinite(v):
+            shown[name] = format(v, fmt)
+    return shown
+
+
+def _train(trainer: Trainer) -> dict:
+    """The steps, from `trainer.step` to the end; returns the last step's metrics."""
+    t = trainer.cfg.train
+    guard = trainer.guard
     bar = tqdm(
         total=trainer.total_steps,
         initial=trainer.step,
@@ -97,8 +144,8 @@ def run(trainer: Trainer) -> TrainResult:
         disable=trainer.quiet,
         dynamic_ncols=True,
     )
-    start = time.perf_counter()
     last: dict = {}
+    saved_at = time.monotonic()
     while trainer.step < trainer.total_steps:
         epoch, offset = divmod(trainer.step, trainer.per_epoch)
         batch = global_batches(
@@ -106,29 +153,53 @@ def run(trainer: Trainer) -> TrainResult:
         )[offset]
         last = trainer.train_step(batch)
         trainer.step += 1
+        guard.check(trainer.step, last.get("loss", float("nan")), last["grad_norm"])
         last["epoch"] = trainer.step / trainer.per_epoch
         if t.eval_every and trainer.step % t.eval_every == 0 and trainer.step < trainer.total_steps:
             last.update(trainer.evaluate_pairs())
         if trainer.step % t.log_every == 0 or trainer.step == trainer.total_steps:
             _log(trainer, last, trainer.step)
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{last['loss']:.4f}",
-            margin=f"{last.get('rewards/margins', float('nan')):.3f}",
-            acc=f"{last.get('rewards/accuracies', float('nan')):.2f}",
-        )
-        if t.save_every and trainer.step % t.save_every == 0:
+        bar.set_postfix(_postfix(last))
+        due = t.save_every and trainer.step % t.save_every == 0
+        late = t.save_every_minutes and time.monotonic() - saved_at >= 60 * t.save_every_minutes
+        if due or late:
             trainer.save()
+            saved_at = time.monotonic()
     bar.close()
+    return last
+
+
+def _stop_diverged(trainer: Trainer, summary: dict, err: DivergedError) -> None:
+    """Move the suspect checkpoints aside, write the summary and report, and stop."""
+    moved, left = [], None
+    if trainer.acc.is_main_process:
+        moved, left = quarantine(trainer.run_dir / "checkpoints", err.step)
+    summary.update({"steps": trainer.step, "diverged": str(err), "run_dir": str(trainer.run_dir)})
+    _write_summary(trainer, summary)
+    trainer.acc.end_training()
+    where = (f"moved {', '.join(moved)} to checkpoints/diverged/; " if moved else "") + (
+        f"resume from {left.name} with a lower lr: preftune train --resume {trainer.run_dir} lr=..."
+        if left
+        else "no checkpoint before it; start again with a lower lr"
+    )
+    raise DivergedError(err.step, f"{err.reason}; {where}") from None
+
+
+def run(trainer: Trainer) -> TrainResult:
+    summary = _start(trainer)
+    start = time.perf_counter()
+    try:
+        last = _train(trainer)
+    except DivergedError as err:
+        _stop_diverged(trainer, summary, err)
     train_time = time.perf_counter() - start
     if trainer.in_backward is not None:  # a later backward on the model must not step it
         trainer.in_backward.remove()
     final_eval = trainer.evaluate_pairs()
     if final_eval:
         _log(trainer, final_eval, trainer.step)
-    _save_final(trainer)
-    _task_eval(trainer, summary, "after")
-    summary.update({k: v for k, v in last.items()})
+    summary.update(last)
     summary.update(final_eval)
     summary.update(
         {
@@ -136,38 +207,55 @@ def run(trainer: Trainer) -> TrainResult:
             "train_seconds": train_time,
             "reference": trainer.reference_mode,
             "num_processes": trainer.acc.num_processes,
-            "loss_name": cfg.loss.loss,
+            "loss_name": trainer.cfg.loss.loss,
             "run_dir": str(trainer.run_dir),
         }
     )
-    if trainer.acc.is_main_process:
-        write_json(trainer.run_dir / "summary.json", summary)
-        try:
-            from preftune.report import write_report
-
-            write_report(trainer.run_dir)
-        except ImportError:
-            pass
+    _write_summary(trainer, summary, report=False)  # a kill in the final save keeps these
+    _save_final(trainer)
+    _task_eval(trainer, summary, "after")
+    _write_summary(trainer, summary)
     trainer.acc.end_training()
     _print_summary(trainer, summary)
     return TrainResult(trainer.run_dir, summary)
 
 
+def _write_summary(trainer: Trainer, summary: dict, report: bool = True) -> None:
+    if not trainer.acc.is_main_process:
+        return
+    write_json(trainer.run_dir / "summary.json", summary)
+    if report:
+        from preftune.report import write_report  # matplotlib only when a report is written
+
+        write_report(trainer.run_dir)
+
+
 def _save_final(trainer: Trainer) -> None:
+    """final/: one Hugging Face model folder, written under a temporary name and renamed, so a
+    kill leaves either the whole folder or none."""
     if not trainer.acc.is_main_process:
         return
     model = trainer.acc.unwrap_model(trainer.policy)
-    final = trainer.run_dir / "final"
+    final, tmp = trainer.run_dir / "final", trainer.run_dir / ".tmp-final"
+    if tmp.exists():
+        shutil.rmtree(tmp)
     if trainer.cfg.model.lora:
-        model.save_pretrained(final / "adapter")
-        trainer.tokenizer.save_pretrained(final / "adapter")
+        model.save_pretrained(tmp / "adapter")
+        trainer.tokenizer.save_pretrained(tmp / "adapter")
         import copy
 
         merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(final)
+        merged.save_pretrained(tmp)
     else:
-        model.save_pretrained(final)
-    trainer.tokenizer.save_pretrained(final)
+        model.save_pretrained(tmp)
+    trainer.tokenizer.save_pretrained(tmp)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
 
 
 def _print_summary(trainer: Trainer, s: dict) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from preftune.config import Config, ConfigError
 from preftune.losses import LOSSES
-from preftune.online.base import relabel_summary, resolve_config, split_argv
+from preftune.online.base import relabel_summary, split_argv
 from preftune.online.loops import OnlineDPOTrainer, RSOTrainer
 from preftune.online.remax_loop import ReMaxTrainer, check_remax
+from preftune.train.rundir import resolve
 from preftune.train.trainer import TrainResult
 
 ONLINE_METHODS = {"online_dpo": OnlineDPOTrainer, "rso": RSOTrainer, "remax": ReMaxTrainer}
@@ -83,7 +84,7 @@ def train_online(config=None, overrides=None) -> TrainResult:
     directory and the final metrics (`task/accuracy_before`/`_after` on a verifiable task)."""
     from preftune.train.loop import run
 
-    cfg = resolve_config(config, overrides, lambda c: c.online.method)
+    cfg = resolve(config, overrides)
     validate_online(cfg)
     trainer = ONLINE_METHODS[cfg.online.method](cfg)
     loss_name = "remax" if cfg.online.method == "remax" else cfg.loss.loss

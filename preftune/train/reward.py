@@ -20,9 +20,10 @@ import torch
 from preftune.config import Config
 from preftune.losses import LossOutput
 from preftune.models import load_tokenizer, own_weights, resolve_model_path
-from preftune.online.base import relabel_summary, resolve_config, split_argv
+from preftune.online.base import relabel_summary, split_argv
 from preftune.reward.loss import bradley_terry_loss
 from preftune.reward.model import load_reward_model, pad_right, sequence_rewards
+from preftune.train.rundir import resolve
 from preftune.train.setup import load_datasets
 from preftune.train.trainer import Trainer, TrainResult, prepare_trainer
 
@@ -103,7 +104,7 @@ def train_reward(config=None, overrides=None) -> TrainResult:
     (['key=value', ...] or a dict). Returns the run directory and the final metrics."""
     from preftune.train.loop import run
 
-    cfg = resolve_config(config, overrides, lambda c: "reward")
+    cfg = resolve(config, overrides)
     trainer = RewardTrainer(cfg)
     return relabel_summary(trainer, run(trainer), "reward", "bradley_terry")
 

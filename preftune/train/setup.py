@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -162,19 +160,6 @@ def create_optimizer_state(opt: torch.optim.Optimizer) -> None:
         if p.requires_grad
     }
     inner.load_state_dict({"state": state, "param_groups": inner.state_dict()["param_groups"]})
-
-
-def run_dir_for(cfg: Config) -> Path:
-    t = cfg.train
-    if t.resume:
-        return Path(t.resume)
-    name = t.run_name or f"{cfg.loss.loss}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = Path(t.output_dir) / name
-    if (path / "checkpoints").exists() and any((path / "checkpoints").iterdir()):
-        raise ConfigError(
-            f"{path} already holds a run; continue it with resume={path} or pick another run_name"
-        )
-    return path
 
 
 def trackers(cfg: Config) -> list[str]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from preftune.allocator import keep_freed_memory
 from preftune.calibrate import BetaCalibration
-from preftune.config import Config, build_config
+from preftune.config import Config
 from preftune.logps import attention_only, sequence_logps, sequence_logps_and_kl
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
 from preftune.models import cache_dir
@@ -34,6 +34,7 @@ from preftune.train.batches import (
     pair_batch,
     unpaired_batch,
 )
+from preftune.train.guards import DivergedError, DivergenceGuard
 from preftune.train.in_backward import StepInBackward
 from preftune.train.reference import (
     CachedReference,
@@ -42,6 +43,7 @@ from preftune.train.reference import (
     choose_mode,
     load_or_compute_cache,
 )
+from preftune.train.rundir import claim_once, release, resolve
 from preftune.train.setup import (
     Datasets,
     TrainingError,
@@ -49,7 +51,6 @@ from preftune.train.setup import (
     create_optimizer_state,
     load_datasets,
     load_policy,
-    run_dir_for,
     trackers,
 )
 
@@ -90,8 +91,16 @@ def prepare_trainer(
     """
     trainer.cfg = cfg
     trainer.spec = LOSSES[cfg.loss.loss]
-    trainer.run_dir = run_dir_for(cfg)
-    trainer.run_dir.mkdir(parents=True, exist_ok=True)
+    trainer.run_dir = claim_once(cfg, trainer.method or cfg.loss.loss)
+    try:
+        _prepare(trainer, cfg, load_model, load_data)
+    except BaseException:
+        if not cfg.train.resume:  # a run that never started leaves no folder behind
+            release(trainer.run_dir)
+        raise
+
+
+def _prepare(trainer, cfg: Config, load_model, load_data) -> None:
     trainer.acc = Accelerator(
         log_with=trackers(cfg) or None,
         project_dir=str(trainer.run_dir),
@@ -138,10 +147,13 @@ def prepare_trainer(
         BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
     )
     trainer.loss_state = trainer.spec.init_state() if trainer.spec.stateful else None
+    trainer.guard = DivergenceGuard(t.divergence_factor)
     trainer.step = 0
 
 
 class Trainer:
+    method: str | None = None  # names default run directories (the loss's name when None)
+
     def __init__(self, cfg: Config):
         prepare_trainer(
             self,
@@ -275,7 +287,10 @@ class Trainer:
 
     def _unpaired_logps(self, examples, idx, reference) -> tuple[UnpairedLogps, int]:
         b = unpaired_batch(
-            examples, idx, self.tokenizer.pad_token_id, self.cfg.train.packed,
+            examples,
+            idx,
+            self.tokenizer.pad_token_id,
+            self.cfg.train.packed,
             self.cfg.train.share_prefix,
         )
         tokens, kl_tokens = b.tokens.to(self.acc.device), b.kl_tokens.to(self.acc.device)
@@ -322,9 +337,10 @@ class Trainer:
             # over processes
             loss = out.losses.sum() * P / len(batch_idx)
             if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"non-finite loss ({loss.item()}) at step {self.step + 1}, micro-batch {i} "
-                    f"(examples {idx[:4]}...); step refused, last checkpoint kept"
+                raise DivergedError(
+                    self.step + 1,
+                    f"non-finite loss ({loss.item()}) in micro-batch {i} (examples {idx[:4]}...), "
+                    f"step refused",
                 )
             self.acc.backward(loss)
             ntok += n
@@ -369,7 +385,9 @@ class Trainer:
             flat = _flatten_dense_tensors(grads[start:end])
             dist.all_reduce(flat)
             flat.div_(P)
-            for g, reduced in zip(grads[start:end], _unflatten_dense_tensors(flat, grads[start:end])):
+            for g, reduced in zip(
+                grads[start:end], _unflatten_dense_tensors(flat, grads[start:end])
+            ):
                 g.copy_(reduced)
             start = end
 
@@ -379,10 +397,7 @@ class Trainer:
         params = [p for p in self.policy.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         if not torch.isfinite(norm):
-            raise TrainingError(
-                f"non-finite gradient norm at step {self.step + 1}; step refused, the last "
-                f"checkpoint is intact. Lower lr, or check the data around this step."
-            )
+            raise DivergedError(self.step + 1, f"non-finite gradient norm ({norm}), step refused")
         max_norm = self.cfg.train.max_grad_norm
         # clip_grad_norm_'s rule (scale by max_norm / (norm + 1e-6) where that is below 1),
         # without its pass over every gradient multiplying by exactly 1.0 when it is not
@@ -474,11 +489,13 @@ class Trainer:
             "step": self.step,
             "loss": self.cfg.loss.loss,
             "torch_threads": torch.get_num_threads(),
+            "grad_norm_history": self.guard.history,
             "tensors": tensors,
         }
 
     def load_state(self, state: dict) -> None:
         self.step = state["step"]
+        self.guard.history = list(state.get("grad_norm_history", []))
         self.loss_state = state["tensors"].get("loss_state")
         if self.calibration is not None and "calibration" in state["tensors"]:
             self.calibration.load_state_dict(state["tensors"]["calibration"])
@@ -502,25 +519,7 @@ def train(config=None, overrides=None) -> TrainResult:
     `overrides` (['key=value', ...] or a dict). Returns the run directory and final metrics."""
     from preftune.train.loop import run
 
-    cfg = build_config(config, overrides)
-    if cfg.train.resume:
-        saved = Path(cfg.train.resume) / "config.yaml"
-        if not saved.exists():
-            raise TrainingError(
-                f"resume={cfg.train.resume}: no config.yaml there; is it a preftune run directory?"
-            )
-        extra = dict(overrides) if isinstance(overrides, dict) else {}
-        if not isinstance(overrides, dict):
-            for item in overrides or []:
-                k, v = item.split("=", 1)
-                extra[k.strip().lstrip("-").replace("-", "_")] = v
-        import yaml
-
-        base = yaml.safe_load(saved.read_text())
-        base.update({k: (yaml.safe_load(v) if isinstance(v, str) else v) for k, v in extra.items()})
-        base["resume"] = cfg.train.resume
-        cfg = build_config(base)
-    return run(Trainer(cfg))
+    return run(Trainer(resolve(config, overrides)))
 
 
 def write_json(path: Path, obj) -> None:
