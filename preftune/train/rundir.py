@@ -26,6 +26,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, parse_flag_from_env
 
 from preftune.config import Config, ConfigError, build_config, parse_value
+from preftune.train import checkpoint as ckpt
 
 # Keys that change how a run is watched or saved, not what it trains.
 RESUMABLE = {
@@ -94,18 +95,26 @@ def resume_config(run_dir: str | Path, config=None, overrides=None) -> tuple[Con
         before = build_config(base)
     except (yaml.YAMLError, ConfigError) as e:
         raise ConfigError(f"resume={run_dir}: its config.yaml cannot be read ({e})") from None
+    for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
+        ckpt.refuse_pickles(path)  # before any model loads
     given = _raw(config, overrides)
-    after = build_config({**base, **given, "resume": str(run_dir), "overwrite": False})
-    old, new = _flat_values(before), _flat_values(after)
+    old = _flat_values(before)
+    try:
+        after = build_config({**base, **given, "resume": str(run_dir), "overwrite": False})
+    except ConfigError:  # e.g. another loss, which the saved loss_args do not fit
+        after = None
+    new = _flat_values(after) if after is not None else given
     changed = {k for k in new if new[k] != old.get(k)}
     refused = sorted(changed - APPLIED_ON_RESUME)
     if refused:
-        k = refused[0]
+        k = "loss" if "loss" in refused else refused[0]
         raise ConfigError(
             f"resume={run_dir}: {k}={new[k]!r} differs from the run's {k}={old.get(k)!r}; a "
             f"resumed run continues the same training (only lr, max_steps, epochs and the "
             f"logging/saving keys may change). Drop {k}, or start a new run with another run_name"
         )
+    if after is None:
+        after = build_config({**base, **given, "resume": str(run_dir), "overwrite": False})
     notes = [f"resume: {k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(changed - {"resume"})]
     return after, notes
 

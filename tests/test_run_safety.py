@@ -1,0 +1,239 @@
+"""Runs a user can trust with hours of compute: one run per directory, resume that applies an
+override or refuses it, checkpoints that are never unpickled and fall back past a corrupt one,
+divergence that is stopped and said."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from run_helpers import tiny_run_args, tiny_run_config
+from safetensors.torch import load_file
+
+from preftune.cli import main
+from preftune.config import ConfigError
+from preftune.train import checkpoint as ckpt
+from preftune.train.guards import DivergedError
+from preftune.train.trainer import train
+
+
+def metric_rows(run_dir) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "grad_norm" in r]
+
+
+def assert_same_final(a, b) -> None:
+    wa, wb = load_file(a / "final/model.safetensors"), load_file(b / "final/model.safetensors")
+    assert wa.keys() == wb.keys()
+    for n in wa:
+        torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_a_finished_run_is_never_written_again(tiny_dir, tmp_path):
+    first = train(tiny_run_config(tiny_dir, tmp_path, "run", max_steps=1))
+    before = {p: p.stat().st_mtime_ns for p in first.run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds a run; continue it with resume="):
+        train(tiny_run_config(tiny_dir, tmp_path, "run", max_steps=1))
+    assert {p: p.stat().st_mtime_ns for p in first.run_dir.rglob("*") if p.is_file()} == before
+    again = train(tiny_run_config(tiny_dir, tmp_path, "run", max_steps=2, overwrite=True))
+    assert len(metric_rows(again.run_dir)) == 2  # replaced, not appended to
+
+
+def test_default_names_started_in_the_same_second_get_their_own_folders(
+    tiny_dir, tmp_path, monkeypatch
+):
+    import preftune.train.rundir as rundir
+
+    monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20261202-000000")
+    a = train(tiny_run_config(tiny_dir, tmp_path, None, max_steps=1))
+    b = train(tiny_run_config(tiny_dir, tmp_path, None, max_steps=1))
+    assert (a.run_dir.name, b.run_dir.name) == ("dpo-20261202-000000", "dpo-20261202-000000-2")
+    assert len(metric_rows(a.run_dir)) == len(metric_rows(b.run_dir)) == 1
+
+
+def test_config_is_written_first_with_absolute_paths_and_resumes_from_elsewhere(
+    tiny_dir, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    rel_model = os.path.relpath(tiny_dir, tmp_path)
+    args = tiny_run_args(tiny_dir, "runs", "rel", model=rel_model, max_steps=3, save_every=1)
+    full = train(tiny_run_config(tiny_dir, tmp_path, "full", max_steps=3))
+    # killed by an exception right after its first checkpoint
+    real = ckpt.save_checkpoint
+
+    def stop_after_first(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train(args)
+    monkeypatch.setattr(ckpt, "save_checkpoint", real)
+    saved = (tmp_path / "runs/rel/config.yaml").read_text()
+    assert f"model: {tiny_dir}" in saved and f"output_dir: {tmp_path / 'runs'}" in saved
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    resumed = train(None, [f"resume={tmp_path / 'runs/rel'}"])
+    assert resumed.metrics["steps"] == 3
+    assert_same_final(full.run_dir, resumed.run_dir)
+
+
+def _cut_run(tiny_dir, tmp_path, name, **extra):
+    """A 4-step run stopped after its checkpoint at step 2 (by max_steps, then extended)."""
+    args = tiny_run_args(tiny_dir, tmp_path, name, **{"max_steps": 2, "save_every": 1, **extra})
+    train(args)
+    return tmp_path / name
+
+
+def test_resume_applies_lr_and_says_so(tiny_dir, tmp_path, capsys):
+    run = _cut_run(tiny_dir, tmp_path, "lr", scheduler="constant", warmup_ratio=0.0)
+    res = train(None, [f"resume={run}", "lr=1e-4", "max_steps=4", "quiet=false"])
+    out = capsys.readouterr().out
+    assert "resume: lr 0.001 -> 0.0001" in out and "resume: max_steps 2 -> 4" in out
+    lrs = [r["lr"] for r in metric_rows(res.run_dir)]
+    assert lrs[:2] == [1e-3, 1e-3] and lrs[2:] == pytest.approx([1e-4, 1e-4])
+    assert "lr: 0.0001" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("override", ["beta=0.5", "loss=ipo", "batch_size=2", "seed=3"])
+def test_resume_refuses_a_changed_key_by_name(tiny_dir, tmp_path, override):
+    run = _cut_run(tiny_dir, tmp_path, "refuse")
+    before = (run / "config.yaml").read_text()
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"resume=.*: {key}=.* differs from the run's {key}="):
+        train(None, [f"resume={run}", override])
+    assert (run / "config.yaml").read_text() == before
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_newest_intact_one(tiny_dir, tmp_path, capsys):
+    # a constant schedule, so that extending max_steps from 2 to 4 trains what 4 steps would
+    common = {"save_every": 1, "keep_checkpoints": 3, "scheduler": "constant", "warmup_ratio": 0.0}
+    full = train(tiny_run_config(tiny_dir, tmp_path, "full", max_steps=4, **common))
+    run = _cut_run(tiny_dir, tmp_path, "cut", **common)
+    weights = run / "checkpoints/step-2/weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8:] = b"\x00" * 8  # same size, other bytes: only the checksum can tell
+    weights.write_bytes(bytes(data))
+    resumed = train(None, [f"resume={run}", "max_steps=4", "quiet=false"])
+    out = capsys.readouterr().out
+    assert "checkpoint" in out and "step-2 is incomplete or corrupt" in out
+    assert "resumed from" in out and "step-1 at step 1" in out
+    assert_same_final(full.run_dir, resumed.run_dir)
+
+
+def test_a_checkpoint_holding_a_pickle_is_refused_not_executed(tiny_dir, tmp_path, capsys):
+    run = _cut_run(tiny_dir, tmp_path, "evil")
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (run / "checkpoints/step-2/trainer.pt").write_bytes(pickle.dumps(Payload()))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "max_steps=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # refused before the model loads
+    assert len(err) == 1 and err[0].startswith("preftune: error: ")
+    assert "trainer.pt, a pickle file" in err[0] and "Traceback" not in err[0]
+    assert not marker.exists()
+
+
+def test_divergence_stops_with_the_checkpoint_before_it_and_a_report(tiny_dir, tmp_path):
+    args = tiny_run_args(
+        tiny_dir,
+        tmp_path,
+        "boom",
+        lr=1e4,
+        max_grad_norm=None,
+        max_steps=6,
+        save_every=1,
+        scheduler="constant",
+        warmup_ratio=0.0,
+    )
+    with pytest.raises(DivergedError) as info:
+        train(args)
+    err = info.value
+    root = tmp_path / "boom/checkpoints"
+    assert "training diverged at step" in str(err) and "lower lr" in str(err)
+    left = [p.name for p in ckpt.list_checkpoints(root)]
+    assert all(int(n.split("-")[1]) < err.step - 1 for n in left)
+    assert (root / "diverged" / f"step-{err.step - 1}").exists()
+    summary = json.loads((tmp_path / "boom/summary.json").read_text())
+    assert summary["diverged"] and (tmp_path / "boom/report.html").exists()
+
+
+def test_divergence_reaches_the_cli_as_one_line(tiny_dir, tmp_path, capsys):
+    args = tiny_run_args(tiny_dir, tmp_path, "boomcli", lr=1e4, max_grad_norm=None, max_steps=6)
+    argv = ["train", *[f"{k}={'null' if v is None else v}" for k, v in args.items()]]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("preftune: error:")]
+    assert len(lines) == 1 and lines[0].startswith("preftune: error: training diverged at step")
+
+
+KILL_DRIVER = r"""
+import os, signal, sys
+from preftune.train import checkpoint as ckpt, loop
+from preftune.train.trainer import Trainer, train
+where, at = sys.argv[1], int(sys.argv[2])
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if where == "step":  # after the backward of step `at`, before its optimizer step
+    real_clip = Trainer._clip_and_check
+    def clip(self):
+        if self.step + 1 == at:
+            die()
+        return real_clip(self)
+    Trainer._clip_and_check = clip
+elif where == "checkpoint":  # files of checkpoint `at` written, not yet published
+    real_fsync = ckpt._fsync_dir
+    def fsync(path):
+        real_fsync(path)
+        if path.name == f".tmp-step-{at}":
+            die()
+    ckpt._fsync_dir = fsync
+elif where == "final":  # final/ half written
+    real_final = loop._save_final
+    def final(trainer):
+        trainer.acc.unwrap_model(trainer.policy).save_pretrained(trainer.run_dir / ".tmp-final")
+        die()
+    loop._save_final = final
+train(None, sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize(
+    "where,at",
+    [("step", 2), ("step", 5), ("checkpoint", 3), ("final", 0)],
+    ids=["before-first-checkpoint", "mid-step", "inside-checkpoint-write", "inside-final-save"],
+)
+def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tiny_dir, tmp_path, where, at):
+    common = {"max_steps": 6, "num_train": 24, "save_every": 3}
+    full = train(tiny_run_config(tiny_dir, tmp_path, "full", **common))
+    args = [f"{k}={v}" for k, v in tiny_run_args(tiny_dir, tmp_path, "killed", **common).items()]
+    # the same thread count as this process: bit-equality holds for equal counts only
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DRIVER, where, str(at), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (tmp_path / "killed/final").exists()
+    if where == "final":  # the training's summary was written before the final save began
+        summary = json.loads((tmp_path / "killed/summary.json").read_text())
+        assert summary["steps"] == 6 and "loss" in summary and "train_seconds" in summary
+    resumed = train(None, [f"resume={tmp_path / 'killed'}"])
+    assert resumed.metrics["steps"] == 6
+    assert_same_final(full.run_dir, resumed.run_dir)
+    steps = [r["step"] for r in metric_rows(resumed.run_dir)]
+    assert steps == list(range(1, 7)), "metrics.jsonl has each step once"
