@@ -237,3 +237,15 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(tiny_dir, tmp_pa
     assert_same_final(full.run_dir, resumed.run_dir)
     steps = [r["step"] for r in metric_rows(resumed.run_dir)]
     assert steps == list(range(1, 7)), "metrics.jsonl has each step once"
+
+
+def test_resume_with_another_thread_count_says_it_will_not_be_bit_equal(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    run = _cut_run(tiny_dir, tmp_path, "threads")
+    saved = ckpt.read_state(run / "checkpoints/step-2")["torch_threads"]
+    assert saved == torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: saved + 2)
+    train(None, [f"resume={run}", "quiet=false"])
+    out = capsys.readouterr().out
+    assert f"written by a run with {saved} torch threads and this one has {saved + 2}" in out
