@@ -120,13 +120,16 @@ class _EmbeddingIntoGrad(torch.autograd.Function):
         return None, None, None, None
 
 
-def _decoder_inputs(decoder, ids: torch.Tensor) -> dict:
+def _decoder_inputs(decoder, ids: torch.Tensor, fast_grads: bool = True) -> dict:
     """`input_ids` for the decoder, or their embeddings through `_EmbeddingIntoGrad` when the
     input embedding is a plain, trainable nn.Embedding and gradients are on. Subclasses (scaled
-    embeddings), max_norm, scale_grad_by_freq and sparse embeddings keep the module's own path."""
+    embeddings), max_norm, scale_grad_by_freq and sparse embeddings keep the module's own path,
+    and so does every model when `fast_grads` is off (a gradient written into `.grad` outside
+    autograd is never seen by DDP's reducer or FSDP's reduce-scatter)."""
     emb = decoder.get_input_embeddings() if hasattr(decoder, "get_input_embeddings") else None
     if (
-        type(emb) is not torch.nn.Embedding
+        not fast_grads
+        or type(emb) is not torch.nn.Embedding
         or not (torch.is_grad_enabled() and emb.weight.requires_grad)
         or emb.max_norm is not None
         or emb.scale_grad_by_freq
@@ -134,9 +137,7 @@ def _decoder_inputs(decoder, ids: torch.Tensor) -> dict:
     ):
         return {"input_ids": ids}
     anchor = torch.ones((), device=ids.device, requires_grad=True)
-    return {
-        "inputs_embeds": _EmbeddingIntoGrad.apply(ids, emb.weight, emb.padding_idx, anchor)
-    }
+    return {"inputs_embeds": _EmbeddingIntoGrad.apply(ids, emb.weight, emb.padding_idx, anchor)}
 
 
 def weights_with_grad_written_here(model) -> list[torch.Tensor]:
@@ -272,7 +273,9 @@ def _windowed_mask(decoder, batch: TokenBatch, window: int, mixed: bool, dtype: 
     return {"full_attention": _model_mask(decoder, mask, dtype), "sliding_attention": windowed}
 
 
-def _hidden_folded(decoder, batch: TokenBatch, dtype: torch.dtype) -> torch.Tensor:
+def _hidden_folded(
+    decoder, batch: TokenBatch, dtype: torch.dtype, fast_grads: bool = True
+) -> torch.Tensor:
     """(R*T, H) hidden states of the rows, with the prefix run as an extra row 0 of the same
     forward (see `_folded_prefix_attention`). Rows narrower than the prefix are padded to its
     length (the pad slots attend to themselves only and are dropped from the result)."""
@@ -298,7 +301,7 @@ def _hidden_folded(decoder, batch: TokenBatch, dtype: torch.dtype) -> torch.Tens
     impl, cfg._attn_implementation = cfg._attn_implementation, FOLDED_PREFIX_ATTENTION
     try:
         out = decoder(
-            **_decoder_inputs(decoder, ids),
+            **_decoder_inputs(decoder, ids, fast_grads),
             attention_mask=_model_mask(decoder, mask, dtype),
             position_ids=positions,
             use_cache=False,
@@ -309,7 +312,7 @@ def _hidden_folded(decoder, batch: TokenBatch, dtype: torch.dtype) -> torch.Tens
     return hidden[1:, :T].reshape(R * T, -1)
 
 
-def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
+def hidden_at_targets(model, batch: TokenBatch, fast_grads: bool = True) -> torch.Tensor:
     """(N, H) final hidden states at the scored positions. Prompt positions get no head work.
 
     A batch with a shared prefix runs it once where that pays (`_prefix_path`): folded into the
@@ -326,6 +329,9 @@ def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
     sliding-window model whose prefix + row width exceeds its window gets the window applied to
     a 4-D mask here (`_windowed_mask`): transformers' windowed KV cache keeps only the last keys
     of the prefix, and it does not window a 4-D mask it is given.
+
+    `fast_grads=False` keeps every gradient inside autograd (no `_EmbeddingIntoGrad`), as a
+    model wrapped by DDP or FSDP needs.
     """
     decoder, head, _, _ = _split_causal_lm(model)
     dtype = _compute_dtype(head.weight.dtype)
@@ -344,14 +350,16 @@ def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
     if batch.prefix_ids is not None:
         path = _prefix_path(decoder, batch, hybrid or windowed or _checkpointing(decoder))
         if path == "fold":
-            return _hidden_folded(decoder, batch, dtype).index_select(0, batch.target_pos)
+            return _hidden_folded(decoder, batch, dtype, fast_grads).index_select(
+                0, batch.target_pos
+            )
         if path == "rows":
             batch = batch.without_prefix()
     cache, mask = None, batch.attention_mask
     if batch.prefix_ids is not None:
         L0 = batch.prefix_ids.numel()
         pre = decoder(
-            **_decoder_inputs(decoder, batch.prefix_ids[None]),
+            **_decoder_inputs(decoder, batch.prefix_ids[None], fast_grads),
             position_ids=torch.arange(L0, device=batch.input_ids.device)[None],
             use_cache=True,
         )
@@ -359,7 +367,7 @@ def hidden_at_targets(model, batch: TokenBatch) -> torch.Tensor:
         cache.batch_repeat_interleave(batch.input_ids.shape[0])
         mask = with_prefix_columns(mask, L0)
     out = decoder(
-        **_decoder_inputs(decoder, batch.input_ids),
+        **_decoder_inputs(decoder, batch.input_ids, fast_grads),
         attention_mask=(
             _windowed_mask(decoder, batch, window, mixed, dtype)
             if windowed
@@ -484,23 +492,28 @@ def _fused_head(head, softcap, scale, hidden) -> bool:
 
 
 def token_logps(
-    model, batch: TokenBatch, hidden: torch.Tensor | None = None, chunk_size: int | None = None
+    model,
+    batch: TokenBatch,
+    hidden: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    fast_grads: bool = True,
 ) -> torch.Tensor:
     """(N,) log-prob of every scored token, chunked with recomputation in backward. A (position,
     token) pair scored for several sequences (the shared leading tokens of a prompt's
-    completions, `layouts.branch_point`) gets its LM-head work once."""
+    completions, `layouts.branch_point`) gets its LM-head work once. `fast_grads=False`: the
+    head's weight gradient through autograd (`_HeadLogpsIntoGrad` writes `.grad` itself)."""
     _, head, softcap, scale = _split_causal_lm(model)
     chunk_size = chunk_tokens(head, chunk_size)
     if hidden is None:
-        hidden = hidden_at_targets(model, batch)
+        hidden = hidden_at_targets(model, batch, fast_grads)
     targets, repeated = batch.target_ids, distinct_targets(batch.target_pos, batch.target_ids)
     if repeated is not None:
         first, inverse = repeated
         hidden, targets = hidden.index_select(0, first), targets.index_select(0, first)
-        return _token_logps(head, softcap, scale, hidden, targets, chunk_size).index_select(
-            0, inverse
-        )
-    return _token_logps(head, softcap, scale, hidden, targets, chunk_size)
+        return _token_logps(
+            head, softcap, scale, hidden, targets, chunk_size, fast_grads
+        ).index_select(0, inverse)
+    return _token_logps(head, softcap, scale, hidden, targets, chunk_size, fast_grads)
 
 
 def distinct_targets(
@@ -518,8 +531,10 @@ def distinct_targets(
     return first, inverse
 
 
-def _token_logps(head, softcap, scale, hidden, targets, chunk_size: int) -> torch.Tensor:
-    if _fused_head(head, softcap, scale, hidden):
+def _token_logps(
+    head, softcap, scale, hidden, targets, chunk_size: int, fast_grads: bool = True
+) -> torch.Tensor:
+    if fast_grads and _fused_head(head, softcap, scale, hidden):
         if hidden.shape[0] == 0:
             return hidden.new_zeros(0)
         return _HeadLogpsIntoGrad.apply(hidden, head.weight, targets, chunk_size)
@@ -539,9 +554,11 @@ def _token_logps(head, softcap, scale, hidden, targets, chunk_size: int) -> torc
     return torch.cat(parts) if parts else hidden.new_zeros(0)
 
 
-def sequence_logps(model, batch: TokenBatch, chunk_size: int | None = None) -> torch.Tensor:
+def sequence_logps(
+    model, batch: TokenBatch, chunk_size: int | None = None, fast_grads: bool = True
+) -> torch.Tensor:
     """(S,) log-probs of each sequence's completion, summed over its completion tokens."""
-    tok = token_logps(model, batch, chunk_size=chunk_size)
+    tok = token_logps(model, batch, chunk_size=chunk_size, fast_grads=fast_grads)
     return torch.zeros(batch.num_seqs, dtype=tok.dtype, device=tok.device).index_add(
         0, batch.seq_index, tok
     )
@@ -560,6 +577,7 @@ def sequence_logps_and_kl(
     batch: TokenBatch,
     ref_hidden: torch.Tensor,
     chunk_size: int | None = None,
+    fast_grads: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Policy sequence log-probs and TDPO's sequential KL, sum_t KL(p_ref || p_theta), per sequence.
 
@@ -567,8 +585,8 @@ def sequence_logps_and_kl(
     tensors is alive beyond one chunk. `ref_hidden` comes from `hidden_at_targets(reference, batch)`
     under no_grad.
     """
-    pol_hidden = hidden_at_targets(policy, batch)
-    tok = token_logps(policy, batch, hidden=pol_hidden, chunk_size=chunk_size)
+    pol_hidden = hidden_at_targets(policy, batch, fast_grads)
+    tok = token_logps(policy, batch, pol_hidden, chunk_size, fast_grads)
     _, ref_head, ref_cap, ref_scale = _split_causal_lm(reference)
     _, pol_head, pol_cap, pol_scale = _split_causal_lm(policy)
     chunk_size = chunk_tokens(pol_head, chunk_size)

@@ -182,16 +182,17 @@ def test_divergence_reaches_the_cli_as_one_line(tiny_dir, tmp_path, capsys):
 KILL_DRIVER = r"""
 import os, signal, sys
 from preftune.train import checkpoint as ckpt, loop
-from preftune.train.trainer import Trainer, train
+from preftune.train.step import StepEngine
+from preftune.train.trainer import train
 where, at = sys.argv[1], int(sys.argv[2])
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if where == "step":  # after the backward of step `at`, before its optimizer step
-    real_clip = Trainer._clip_and_check
-    def clip(self):
-        if self.step + 1 == at:
+    real_clip = StepEngine.clip_and_check
+    def clip(self, step):
+        if step == at:
             die()
-        return real_clip(self)
-    Trainer._clip_and_check = clip
+        return real_clip(self, step)
+    StepEngine.clip_and_check = clip
 elif where == "checkpoint":  # files of checkpoint `at` written, not yet published
     real_fsync = ckpt._fsync_dir
     def fsync(path):

@@ -206,22 +206,17 @@ def test_shared_prefix_changes_nothing_but_the_work(tiny_dir, tmp_path, monkeypa
 def test_clipping_equals_torchs_clip_grad_norm(max_norm):
     """The trainer skips clip_grad_norm_'s multiply-by-1.0 pass when nothing is clipped; the
     gradients and the returned norm stay torch's, clipped or not."""
-    from types import SimpleNamespace
+    from accelerate import Accelerator
 
     from preftune.models import tiny_causal_lm
+    from preftune.train.step import StepEngine
 
     a, b = tiny_causal_lm(64, seed=3), tiny_causal_lm(64, seed=3)
     torch.manual_seed(0)
     for pa, pb in zip(a.parameters(), b.parameters()):
         pa.grad = torch.randn_like(pa)
         pb.grad = pa.grad.clone()
-    fake = SimpleNamespace(
-        policy=a,
-        step=0,
-        in_backward=None,
-        cfg=SimpleNamespace(train=SimpleNamespace(max_grad_norm=max_norm)),
-    )
-    got = Trainer._clip_and_check(fake)
+    got = StepEngine(Accelerator(cpu=True), a, None, None, max_norm).clip_and_check(step=1)
     want = torch.nn.utils.clip_grad_norm_(list(b.parameters()), max_norm or float("inf"))
     assert got == float(want)
     for pa, pb in zip(a.parameters(), b.parameters()):

@@ -29,11 +29,11 @@ from preftune.data import arithmetic
 from preftune.data.tokenize import tokenize_records
 from preftune.generation import Completion, SamplingConfig, generate
 from preftune.judges import RewardModelJudge, load_judge
+from preftune.logps import sequence_logps
 from preftune.online.base import append_jsonl, split_even
 from preftune.online.labels import label_online_pairs
 from preftune.online.prompts import load_prompts, user_text
 from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
-from preftune.train.guards import DivergedError
 from preftune.train.reference import ModelReference
 from preftune.train.setup import Datasets, load_policy, resolve_task
 from preftune.train.trainer import Trainer, prepare_trainer
@@ -145,34 +145,28 @@ class OnlineTrainer(Trainer):
 
     # ---- one optimizer step on generated pairs ---------------------------------------------
     def _train_on_pairs(self, pairs: list[dict]) -> dict:
-        """One optimizer step on this process's pairs, as `Trainer.train_step` does on dataset
-        pairs; the global number of pairs, known only after judging, normalises the loss."""
-        t, P = self.cfg.train, self.acc.num_processes
+        """One optimizer step on this process's pairs, through the same step engine as
+        `Trainer.train_step`; the global number of pairs, known only after judging, normalises
+        the loss."""
         n_global = sum(self._gather_list([len(pairs)]))
         rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
         extra: dict[str, list] = {}
         log_ratios: list[torch.Tensor] = []
-        ntok, start = 0, time.perf_counter()
-        for i, idx in enumerate(split_even(list(range(len(pairs))), t.grad_accum)):
-            if not idx:
-                continue
+
+        def micro_loss(idx):
             out, logps, n = self._loss(pairs, idx, self.reference, train=True)
-            loss = out.losses.sum() * P / n_global  # x P: gradients are averaged over processes
-            if not torch.isfinite(loss):
-                raise DivergedError(
-                    self.step + 1, f"non-finite loss ({loss.item()}) in micro-batch {i}, step refused"
-                )
-            self.acc.backward(loss)
-            ntok += n
             self._record_local(rec, extra, out, logps)
             if logps.ref_chosen_logps is not None:
-                log_ratios += [
-                    (logps.policy_chosen_logps - logps.ref_chosen_logps).detach(),
-                    (logps.policy_rejected_logps - logps.ref_rejected_logps).detach(),
-                ]
-        if not pairs and P > 1:  # zero gradients, so every process has all of them
-            self.acc.backward(sum(p.sum() for p in self.policy.parameters() if p.requires_grad) * 0)
-        metrics = self._finish_step(start, ntok)
+                log_ratios.extend(
+                    [
+                        (logps.policy_chosen_logps - logps.ref_chosen_logps).detach(),
+                        (logps.policy_rejected_logps - logps.ref_rejected_logps).detach(),
+                    ]
+                )
+            return out.losses.sum(), n
+
+        micro = split_even(list(range(len(pairs))), self.cfg.train.grad_accum)
+        metrics = self.stepper.run(self.step + 1, micro, micro_loss, n_global, self._idle_loss)
         summary = self._summarise(self._gather_rec(rec), self._gather_rec(extra))
         # a step without pairs (all ties) trains nothing: its loss is NaN, the rest is left out
         metrics.update({k: v for k, v in summary.items() if k == "loss" or v == v})
@@ -180,18 +174,16 @@ class OnlineTrainer(Trainer):
             metrics["kl"] = self._gmean(torch.cat(log_ratios))
         return metrics
 
-    def _finish_step(self, start: float, ntok: int) -> dict:
-        self._sync_gradients()
-        grad_norm = self._clip_and_check()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        return {
-            "grad_norm": grad_norm,
-            "lr": self.scheduler.get_last_lr()[0],
-            "tokens_per_second": sum(self._gather_list([ntok])) / max(elapsed, 1e-9),
-        }
+    def _idle_loss(self) -> torch.Tensor:
+        """A forward through the prepared engine on a one-token pair, for a process with
+        nothing to train this step: the gradient sync of the others waits for its backward."""
+        eos = self.tokenizer.eos_token_id
+        batch = self._pair_batch(
+            [{"prompt_ids": [eos], "chosen_ids": [eos], "rejected_ids": [eos]}], [0]
+        )
+        with self.acc.autocast():
+            tokens = batch.tokens.to(self.acc.device)
+            return self.run_policy(sequence_logps, tokens, self.cfg.train.chunk_size).sum()
 
     # ---- metrics that hold under several processes with different batch sizes ---------------
     def _record_local(self, rec, extra, out, logps) -> None:

@@ -29,7 +29,6 @@ from preftune.online.base import split_even
 from preftune.online.loops import OnlineTrainer
 from preftune.online.remax import remax_returns, remax_sequence_losses
 from preftune.online.rso_data import apply_eos_penalty
-from preftune.train.guards import DivergedError
 
 
 def per_token_rows(values: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,14 +98,14 @@ class ReMaxTrainer(OnlineTrainer):
             )
 
     def _policy_gradient_step(self, samples, reward: torch.Tensor, baseline: torch.Tensor) -> dict:
-        t, o, P = self.cfg.train, self.cfg.online, self.acc.num_processes
-        dev = self.acc.device
+        """One step of the step engine whose loss is the token mean of the REINFORCE surrogate
+        over the whole step (all processes): each micro-batch's summed token losses over the
+        step's token count."""
+        t, o = self.cfg.train, self.cfg.online
         n_tok = sum(self._gather_list([sum(len(s.token_ids) for s in samples)]))
         surrogate, kls, advantages = [], [], []
-        ntok, start = 0, time.perf_counter()
-        for idx in split_even(list(range(len(samples))), t.grad_accum):
-            if not idx:
-                continue
+
+        def micro_loss(idx):
             chosen = [samples[i] for i in idx]
             batch = build_token_batch(
                 [list(s.prompt_token_ids) for s in chosen],
@@ -114,35 +113,25 @@ class ReMaxTrainer(OnlineTrainer):
                 self.tokenizer.pad_token_id,
                 packed=t.packed,
                 share_prefix=t.share_prefix,
-            ).to(dev)
+            ).to(self.acc.device)
             with self.acc.autocast():
-                tok = token_logps(self.policy, batch, chunk_size=t.chunk_size)
+                tok = self.run_policy(token_logps, batch, None, t.chunk_size)
                 ref_tok = self._ref_token_logps(batch, tok)
             logps, mask = per_token_rows(tok, batch)  # fp32 (fp64 models: fp64) from the engine
             ref_logps, _ = per_token_rows(ref_tok.to(tok.dtype), batch)
             r, rb = reward[idx].to(logps), baseline[idx].to(logps)
             returns = remax_returns(
-                logps.detach(),
-                ref_logps,
-                mask,
-                r,
-                rb,
-                o.remax_kl_ctl,
-                o.remax_gamma,
-                o.remax_clip_reward,
-            )
+                logps.detach(), ref_logps, mask, r, rb,
+                o.remax_kl_ctl, o.remax_gamma, o.remax_clip_reward,
+            )  # fmt: skip
             seq_losses = remax_sequence_losses(logps, mask, returns)
-            loss = seq_losses.sum() * P / n_tok  # token mean over the whole step (all processes)
-            if not torch.isfinite(loss):
-                raise DivergedError(self.step + 1, "non-finite ReMax loss, step refused")
-            self.acc.backward(loss)
-            ntok += sum(len(s.prompt_token_ids) + len(s.token_ids) for s in chosen)
             surrogate.append(seq_losses.detach())
             kls.append(((logps.detach() - ref_logps) * mask).sum(1))
             advantages.append((r - rb).clamp(-o.remax_clip_reward, o.remax_clip_reward))
-        if not samples and P > 1:
-            self.acc.backward(sum(p.sum() for p in self.policy.parameters() if p.requires_grad) * 0)
-        metrics = self._finish_step(start, ntok)
+            return seq_losses.sum(), sum(len(s.prompt_token_ids) + len(s.token_ids) for s in chosen)
+
+        micro = split_even(list(range(len(samples))), t.grad_accum)
+        metrics = self.stepper.run(self.step + 1, micro, micro_loss, n_tok, self._idle_loss)
         local = torch.cat(surrogate).sum().item() if surrogate else 0.0
         metrics["loss"] = sum(self._gather_list([local])) / max(n_tok, 1)
         metrics["kl"] = self._gmean(torch.cat(kls)) if kls else float("nan")

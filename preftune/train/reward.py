@@ -80,8 +80,8 @@ class RewardTrainer(Trainer):
         rows += [e["prompt_ids"] + e["rejected_ids"] for e in exs]
         ids, mask = pad_right(rows, self.tokenizer.pad_token_id)
         with self.acc.autocast():
-            rewards = sequence_rewards(
-                self.policy, ids.to(self.acc.device), mask.to(self.acc.device)
+            rewards = self.run_policy(
+                sequence_rewards, ids.to(self.acc.device), mask.to(self.acc.device)
             )
         n = len(exs)
         chosen, rejected = rewards[:n], rewards[n:]

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from preftune.allocator import keep_freed_memory
@@ -34,7 +34,7 @@ from preftune.train.batches import (
     pair_batch,
     unpaired_batch,
 )
-from preftune.train.guards import DivergedError, DivergenceGuard
+from preftune.train.guards import DivergenceGuard
 from preftune.train.in_backward import StepInBackward
 from preftune.train.reference import (
     CachedReference,
@@ -53,6 +53,7 @@ from preftune.train.setup import (
     load_policy,
     trackers,
 )
+from preftune.train.step import EngineModule, StepEngine, wrapped
 
 
 @dataclass
@@ -62,13 +63,12 @@ class TrainResult:
 
 
 def place_for_training(acc, policy, optimizer):
-    """The policy on the accelerator's device, NOT wrapped in DistributedDataParallel:
-    preftune.logps calls the decoder and head submodules directly (prompt tokens get no head
-    work), so DDP's forward would never run and its reducer never average anything. Gradients
-    are averaged explicitly by Trainer._sync_gradients, once per optimizer step (so gradient
-    accumulation needs no no_sync)."""
+    """(policy on the accelerator's device, the prepared `EngineModule` around it, the prepared
+    optimizer). Under several processes accelerate wraps the module (DDP), whose reducer
+    averages the gradients; the engine then keeps every gradient inside autograd."""
     policy.to(acc.device)
-    return policy, acc.prepare(optimizer)
+    engine, optimizer = acc.prepare(EngineModule(policy, fast_grads=not wrapped(acc)), optimizer)
+    return policy, engine, optimizer
 
 
 def _mean(values: list) -> float:
@@ -105,6 +105,9 @@ def _prepare(trainer, cfg: Config, load_model, load_data) -> None:
         log_with=trackers(cfg) or None,
         project_dir=str(trainer.run_dir),
         mixed_precision="bf16" if cfg.train.bf16 else "no",
+        # buffers (rotary tables) are equal everywhere: no broadcast, which would also make
+        # every forward a collective
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
     torch.manual_seed(cfg.train.seed)
     trainer.quiet = cfg.train.quiet or not trainer.acc.is_main_process
@@ -128,9 +131,15 @@ def _prepare(trainer, cfg: Config, load_model, load_data) -> None:
             f"processes x grad_accum={t.grad_accum}"
         )
     trainer.optimizer, trainer.scheduler = build_optimizer(cfg, trainer.policy, trainer.total_steps)
-    trainer.policy, trainer.optimizer = place_for_training(
+    trainer.policy, trainer.engine, trainer.optimizer = place_for_training(
         trainer.acc, trainer.policy, trainer.optimizer
     )
+    if wrapped(trainer.acc):
+        trainer.log_line(
+            f"{trainer.acc.distributed_type.value}: gradients averaged by the wrapper; the "
+            f"engine's gradient fast paths (embedding and LM-head gradients written into .grad) "
+            f"are off, since the wrapper would not see them"
+        )
     create_optimizer_state(trainer.optimizer)  # before the precompute and the first step
     trainer.in_backward = None
     if t.optimizer_in_backward:
@@ -143,6 +152,14 @@ def _prepare(trainer, cfg: Config, load_model, load_data) -> None:
         trainer.in_backward = StepInBackward(
             trainer.policy, trainer.optimizer, step=lambda: trainer.step + 1
         )
+    trainer.stepper = StepEngine(
+        trainer.acc,
+        trainer.engine,
+        trainer.optimizer,
+        trainer.scheduler,
+        t.max_grad_norm,
+        trainer.in_backward,
+    )
     trainer.calibration = (
         BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
     )
@@ -260,6 +277,15 @@ class Trainer:
         )
 
     # ---- one micro-batch -----------------------------------------------------------------------
+    def run_policy(self, fn, *args):
+        """`fn(policy, *args)`, one of the engine's functions. A forward with gradients goes
+        through the prepared module, so a wrapper (DDP) sees it; one without (evaluation, the
+        reference precompute, KTO's KL estimate) calls the bare model: no wrapper collective,
+        which processes with unequal shares of the eval set would wait on for ever."""
+        if torch.is_grad_enabled():
+            return self.engine(fn, *args)
+        return fn(self.policy, *args)
+
     def _paired_logps(self, examples, idx, reference) -> tuple[PreferenceLogps, int]:
         b = self._pair_batch(examples, idx)
         tokens = b.tokens.to(self.acc.device)
@@ -267,11 +293,15 @@ class Trainer:
         kl = None
         if self.spec.needs_seq_kl:
             ref_hidden = reference.hidden(tokens)
-            pol, kl = sequence_logps_and_kl(
-                self.policy, reference.head_model(), tokens, ref_hidden, self.cfg.train.chunk_size
+            pol, kl = self.run_policy(
+                sequence_logps_and_kl,
+                reference.head_model(),
+                tokens,
+                ref_hidden,
+                self.cfg.train.chunk_size,
             )
         else:
-            pol = sequence_logps(self.policy, tokens, self.cfg.train.chunk_size)
+            pol = self.run_policy(sequence_logps, tokens, self.cfg.train.chunk_size)
         ref = reference.logps(tokens, (b.index, n)).to(pol) if reference is not None else None
         logps = PreferenceLogps(
             policy_chosen_logps=pol[:n],
@@ -294,9 +324,9 @@ class Trainer:
             self.cfg.train.share_prefix,
         )
         tokens, kl_tokens = b.tokens.to(self.acc.device), b.kl_tokens.to(self.acc.device)
-        pol = sequence_logps(self.policy, tokens, self.cfg.train.chunk_size)
+        pol = self.run_policy(sequence_logps, tokens, self.cfg.train.chunk_size)
         with torch.no_grad():  # KTO's z0 is a detached estimate (METHODS.md §12)
-            kl_pol = sequence_logps(self.policy, kl_tokens, self.cfg.train.chunk_size)
+            kl_pol = self.run_policy(sequence_logps, kl_tokens, self.cfg.train.chunk_size)
         logps = UnpairedLogps(
             policy_logps=pol,
             ref_logps=reference.logps(tokens).to(pol),
@@ -324,86 +354,20 @@ class Trainer:
 
     # ---- one optimizer step ----------------------------------------------------------------------
     def train_step(self, batch_idx: list[int]) -> dict:
-        t = self.cfg.train
-        P = self.acc.num_processes
+        t, P = self.cfg.train, self.acc.num_processes
         micro = micro_batches(batch_idx, self.acc.process_index, P, t.grad_accum)
         rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
         extra: dict[str, list] = {}
-        ntok = 0
-        start = time.perf_counter()
-        for i, idx in enumerate(micro):
+
+        def micro_loss(idx):
             out, logps, n = self._loss(self.data.train, idx, self.reference, train=True)
-            # local sum over the global batch size; x P because the gradients are then averaged
-            # over processes
-            loss = out.losses.sum() * P / len(batch_idx)
-            if not torch.isfinite(loss):
-                raise DivergedError(
-                    self.step + 1,
-                    f"non-finite loss ({loss.item()}) in micro-batch {i} (examples {idx[:4]}...), "
-                    f"step refused",
-                )
-            self.acc.backward(loss)
-            ntok += n
             self._record(rec, extra, out, logps)
-        self._sync_gradients()
-        grad_norm = self._clip_and_check()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
+            return out.losses.sum(), n
+
+        step = self.stepper.run(self.step + 1, micro, micro_loss, len(batch_idx))
         metrics = self._summarise(rec, extra)
-        metrics.update(
-            {
-                "grad_norm": grad_norm,
-                "lr": self.scheduler.get_last_lr()[0],
-                "tokens_per_second": ntok * P / elapsed,
-                "step_time": elapsed,
-            }
-        )
+        metrics.update(step)
         return metrics
-
-    def _sync_gradients(self, bucket_elems: int = 1 << 24) -> None:
-        """Average gradients over processes: flattened into buckets (one all-reduce per ~64 MB
-        of fp32, not one per tensor), reduced, divided by the process count, copied back."""
-        P = self.acc.num_processes
-        if P == 1:
-            return
-        import torch.distributed as dist
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        for p in params:  # every process must send every tensor, trained this step or not
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params]
-        start = 0
-        while start < len(grads):
-            end, size = start, 0
-            while end < len(grads) and (end == start or size + grads[end].numel() <= bucket_elems):
-                size += grads[end].numel()
-                end += 1
-            flat = _flatten_dense_tensors(grads[start:end])
-            dist.all_reduce(flat)
-            flat.div_(P)
-            for g, reduced in zip(
-                grads[start:end], _unflatten_dense_tensors(flat, grads[start:end])
-            ):
-                g.copy_(reduced)
-            start = end
-
-    def _clip_and_check(self) -> float:
-        if self.in_backward is not None:  # updated, checked and freed in backward already
-            return self.in_backward.finish()
-        params = [p for p in self.policy.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not torch.isfinite(norm):
-            raise DivergedError(self.step + 1, f"non-finite gradient norm ({norm}), step refused")
-        max_norm = self.cfg.train.max_grad_norm
-        # clip_grad_norm_'s rule (scale by max_norm / (norm + 1e-6) where that is below 1),
-        # without its pass over every gradient multiplying by exactly 1.0 when it is not
-        if max_norm and max_norm / (float(norm) + 1e-6) < 1.0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return float(norm)
 
     def _record(self, rec, extra, out, logps) -> None:
         g = self.acc.gather

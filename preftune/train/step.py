@@ -1,0 +1,123 @@
+"""The one optimizer step, for every method, and the module accelerate prepares.
+
+`EngineModule` is the log-prob engine as an `nn.Module`: its `forward(fn, *args)` runs one of
+the engine's functions (`sequence_logps`, `token_logps`, `sequence_logps_and_kl`, the reward
+model's `sequence_rewards`) on the wrapped model. accelerate prepares this module, so DDP's
+reducer (and any other wrapper) sees every training forward and backward and averages the
+gradients itself: preftune writes no collective of its own. Under a wrapper the engine's two
+gradient fast paths that write `.grad` outside autograd (the input embedding's and the chunked
+LM head's) are off, with one line in the log saying so; one process keeps them.
+
+`StepEngine.run` is the step: micro-batches (each process its own), backward through
+accelerate with gradient sync on the last micro-batch only, the non-finite guard, clipping,
+the optimizer and scheduler step. Offline pairs, KTO, the reward model, online DPO / RSO and
+ReMax each supply their micro-batches and a function that returns a micro-batch's summed loss;
+none of them writes a step of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from preftune.logps import hidden_at_targets, sequence_logps, sequence_logps_and_kl, token_logps
+from preftune.train.guards import DivergedError
+
+# engine functions that take `fast_grads`
+_ENGINE_FNS = (sequence_logps, token_logps, sequence_logps_and_kl, hidden_at_targets)
+
+
+class EngineModule(torch.nn.Module):
+    """The module accelerate prepares: `self(fn, *args, **kw)` is `fn(model, *args, **kw)`."""
+
+    def __init__(self, model: torch.nn.Module, fast_grads: bool):
+        super().__init__()
+        self.model = model
+        self.fast_grads = fast_grads
+
+    def forward(self, fn: Callable, *args, **kwargs):
+        if fn in _ENGINE_FNS:
+            kwargs["fast_grads"] = self.fast_grads
+        return fn(self.model, *args, **kwargs)
+
+
+def wrapped(acc) -> bool:
+    """Whether accelerate wraps the prepared module (several processes: DDP)."""
+    return acc.num_processes > 1
+
+
+class StepEngine:
+    """One optimizer step: see the module docstring."""
+
+    def __init__(self, acc, engine, optimizer, scheduler, max_grad_norm, in_backward=None):
+        self.acc, self.engine = acc, engine
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.max_grad_norm, self.in_backward = max_grad_norm, in_backward
+        self.params = [p for p in acc.unwrap_model(engine).parameters() if p.requires_grad]
+
+    def run(
+        self,
+        step: int,
+        micro: Sequence,
+        micro_loss: Callable[[object], tuple[torch.Tensor, int]],
+        n_global: int,
+        idle_loss: Callable[[], torch.Tensor] | None = None,
+    ) -> dict:
+        """One step over this process's `micro` batches. `micro_loss(mb)` returns the summed
+        per-example loss of a micro-batch and its token count; each is divided by `n_global`,
+        the examples of the whole step over all processes, so accumulation over micro-batches
+        and averaging over processes give the full batch's mean. A process with nothing to
+        train this step still joins the gradient sync through `idle_loss()` (a forward
+        through the engine, multiplied by 0)."""
+        P, start, ntok = self.acc.num_processes, time.perf_counter(), 0
+        work = [mb for mb in micro if len(mb)]
+        if not work and P > 1:
+            self.acc.backward(idle_loss() * 0.0)
+        for i, mb in enumerate(work):
+            last = i == len(work) - 1
+            with contextlib.nullcontext() if last else self.acc.no_sync(self.engine):
+                loss_sum, n = micro_loss(mb)
+                # x P: the wrapper averages gradients over processes, the loss is a global mean
+                loss = loss_sum * P / n_global
+                if not torch.isfinite(loss):  # a host sync, once per micro-batch
+                    head = list(mb[:4]) if isinstance(mb, list) else ""
+                    raise DivergedError(
+                        step,
+                        f"non-finite loss ({loss.item()}) in micro-batch {i}"
+                        + (f" (examples {head}...)" if head else "")
+                        + ", step refused",
+                    )
+                self.acc.backward(loss)
+            ntok += n
+        grad_norm = self.clip_and_check(step)
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        tokens = self.acc.reduce(torch.tensor(float(ntok), device=self.acc.device), "sum")
+        return {
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_second": float(tokens) / max(elapsed, 1e-9),
+            "step_time": elapsed,
+        }
+
+    def clip_and_check(self, step: int) -> float:
+        """The gradient norm (before clipping) of the finished gradients, clipped to
+        `max_grad_norm`; a non-finite norm refuses the step."""
+        if self.in_backward is not None:  # updated, checked and freed in backward already
+            return self.in_backward.finish()
+        params = [p for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not torch.isfinite(norm):
+            raise DivergedError(step, f"non-finite gradient norm ({norm}), step refused")
+        # clip_grad_norm_'s rule (scale by max_norm / (norm + 1e-6) where that is below 1),
+        # without its pass over every gradient multiplying by exactly 1.0 when it is not
+        max_norm = self.max_grad_norm
+        if max_norm and max_norm / (float(norm) + 1e-6) < 1.0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
