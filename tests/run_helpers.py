@@ -37,14 +37,14 @@ def tiny_run_config(tiny_dir, tmp_path, name: str, **extra):
 def train_killed_while_saving(config, step: int, monkeypatch) -> None:
     """Train with `config` until the save of checkpoint `step` is interrupted, after its files
     are written and before the rename that publishes it, as a kill there would."""
-    real = ckpt._fsync_dir
+    real = ckpt.fsync_tree
 
     def crash(path):
         real(path)
         if path.name == f".tmp-step-{step}":
             raise KeyboardInterrupt("simulated kill inside save_checkpoint")
 
-    monkeypatch.setattr(ckpt, "_fsync_dir", crash)
+    monkeypatch.setattr(ckpt, "fsync_tree", crash)
     with pytest.raises(KeyboardInterrupt):
         train(config)
-    monkeypatch.setattr(ckpt, "_fsync_dir", real)
+    monkeypatch.setattr(ckpt, "fsync_tree", real)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
 import subprocess
 import sys
 
@@ -17,8 +18,9 @@ from safetensors.torch import load_file
 
 from preftune.cli import main
 from preftune.config import ConfigError
+from preftune.errors import UserError
 from preftune.train import checkpoint as ckpt
-from preftune.train.guards import DivergedError
+from preftune.train.guards import DivergedError, DivergenceGuard
 from preftune.train.trainer import train
 
 
@@ -93,9 +95,9 @@ def _cut_run(tiny_dir, tmp_path, name, **extra):
 
 def test_resume_applies_lr_and_says_so(tiny_dir, tmp_path, capsys):
     run = _cut_run(tiny_dir, tmp_path, "lr", scheduler="constant", warmup_ratio=0.0)
-    res = train(None, [f"resume={run}", "lr=1e-4", "max_steps=4", "quiet=false"])
-    out = capsys.readouterr().out
-    assert "resume: lr 0.001 -> 0.0001" in out and "resume: max_steps 2 -> 4" in out
+    res = train(None, [f"resume={run}", "lr=1e-4", "max_steps=4"])  # quiet, as saved
+    err = capsys.readouterr().err  # said whatever quiet says
+    assert "resume: lr 0.001 -> 0.0001" in err and "resume: max_steps 2 -> 4" in err
     lrs = [r["lr"] for r in metric_rows(res.run_dir)]
     assert lrs[:2] == [1e-3, 1e-3] and lrs[2:] == pytest.approx([1e-4, 1e-4])
     assert "lr: 0.0001" in (run / "config.yaml").read_text()
@@ -121,9 +123,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_newest_intact_one(tiny_dir,
     data[-8:] = b"\x00" * 8  # same size, other bytes: only the checksum can tell
     weights.write_bytes(bytes(data))
     resumed = train(None, [f"resume={run}", "max_steps=4", "quiet=false"])
-    out = capsys.readouterr().out
-    assert "checkpoint" in out and "step-2 is incomplete or corrupt" in out
-    assert "resumed from" in out and "step-1 at step 1" in out
+    out = capsys.readouterr()
+    assert "warning: checkpoint" in out.err and "step-2 is incomplete or corrupt" in out.err
+    assert "moved step-2 to" in out.err and (run / "checkpoints/unusable/step-2").exists()
+    assert "resumed from" in out.out and "step-1 at step 1" in out.out
     assert_same_final(full.run_dir, resumed.run_dir)
 
 
@@ -161,9 +164,12 @@ def test_divergence_stops_with_the_checkpoint_before_it_and_a_report(tiny_dir, t
     err = info.value
     root = tmp_path / "boom/checkpoints"
     assert "training diverged at step" in str(err) and "lower lr" in str(err)
-    left = [p.name for p in ckpt.list_checkpoints(root)]
-    assert all(int(n.split("-")[1]) < err.step - 1 for n in left)
-    assert (root / "diverged" / f"step-{err.step - 1}").exists()
+    left = ckpt.list_checkpoints(root)
+    assert all(ckpt.step_of(p) < err.first - 1 for p in left)
+    assert (root / "diverged" / f"step-{max(err.first - 1, 1)}").exists()
+    for path in left:  # what is kept was taken before the weights blew up
+        w = load_file(path / "weights.safetensors")
+        assert max(float(t.abs().max()) for t in w.values()) < 10
     summary = json.loads((tmp_path / "boom/summary.json").read_text())
     assert summary["diverged"] and (tmp_path / "boom/report.html").exists()
 
@@ -181,7 +187,7 @@ def test_divergence_reaches_the_cli_as_one_line(tiny_dir, tmp_path, capsys):
 
 KILL_DRIVER = r"""
 import os, signal, sys
-from preftune.train import checkpoint as ckpt, loop
+from preftune.train import checkpoint as ckpt
 from preftune.train.step import StepEngine
 from preftune.train.trainer import train
 where, at = sys.argv[1], int(sys.argv[2])
@@ -193,19 +199,14 @@ if where == "step":  # after the backward of step `at`, before its optimizer ste
             die()
         return real_clip(self, step)
     StepEngine.clip_and_check = clip
-elif where == "checkpoint":  # files of checkpoint `at` written, not yet published
-    real_fsync = ckpt._fsync_dir
+else:  # files of checkpoint `at` (or of final/) written and fsynced, not yet published
+    name = ".tmp-final" if where == "final" else f".tmp-step-{at}"
+    real_fsync = ckpt.fsync_tree
     def fsync(path):
         real_fsync(path)
-        if path.name == f".tmp-step-{at}":
+        if path.name == name:
             die()
-    ckpt._fsync_dir = fsync
-elif where == "final":  # final/ half written
-    real_final = loop._save_final
-    def final(trainer):
-        trainer.acc.unwrap_model(trainer.policy).save_pretrained(trainer.run_dir / ".tmp-final")
-        die()
-    loop._save_final = final
+    ckpt.fsync_tree = fsync
 train(None, sys.argv[3:])
 """
 
@@ -247,6 +248,76 @@ def test_resume_with_another_thread_count_says_it_will_not_be_bit_equal(
     saved = ckpt.read_state(run / "checkpoints/step-2")["torch_threads"]
     assert saved == torch.get_num_threads()
     monkeypatch.setattr(torch, "get_num_threads", lambda: saved + 2)
-    train(None, [f"resume={run}", "quiet=false"])
-    out = capsys.readouterr().out
-    assert f"written by a run with {saved} torch threads and this one has {saved + 2}" in out
+    train(None, [f"resume={run}"])
+    err = capsys.readouterr().err
+    assert f"written by a run with {saved} torch threads and this one has {saved + 2}" in err
+
+
+def test_overwrite_puts_the_old_run_back_when_the_new_one_cannot_start(tiny_dir, tmp_path):
+    first = train(tiny_run_config(tiny_dir, tmp_path, "keep", max_steps=1))
+    before = {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()}
+    bad = tiny_run_args(
+        tiny_dir, tmp_path, "keep", overwrite=True, data=str(tmp_path / "nope.jsonl")
+    )
+    with pytest.raises(UserError):
+        train(bad)
+    assert {p: p.read_bytes() for p in first.run_dir.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".replaced-*"))
+
+
+def test_an_edited_config_yaml_cannot_change_what_a_resume_trains(tiny_dir, tmp_path):
+    run = _cut_run(tiny_dir, tmp_path, "edited")
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("seed: 0", "seed: 7"))
+    with pytest.raises(ConfigError, match="seed=7 differs from the run's seed=0"):
+        train(None, [f"resume={run}", "max_steps=3"])
+
+
+def test_a_run_directory_in_use_is_refused_and_a_stale_lock_taken_over(tiny_dir, tmp_path):
+    run = _cut_run(tiny_dir, tmp_path, "locked")
+    (run / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+    with pytest.raises(ConfigError, match="is being written by another preftune run"):
+        train(None, [f"resume={run}", "max_steps=3"])
+    (run / ".lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname()}))
+    assert train(None, [f"resume={run}", "max_steps=3"]).metrics["steps"] == 3
+    assert not (run / ".lock").exists()
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", ".."])
+def test_run_name_is_a_plain_folder_name(tiny_dir, tmp_path, name):
+    with pytest.raises(ConfigError, match="must be a plain folder name"):
+        train(tiny_run_config(tiny_dir, tmp_path, name, overwrite=True))
+
+
+def test_save_every_minutes_checkpoints_a_long_run_by_default(tiny_dir, tmp_path, monkeypatch):
+    import preftune.train.loop as loop
+
+    clock = iter(range(0, 10**6, 31 * 60))  # 31 minutes pass between two looks at the clock
+    monkeypatch.setattr(loop.time, "monotonic", lambda: next(clock))
+    res = train(tiny_run_config(tiny_dir, tmp_path, "timed", max_steps=3, keep_checkpoints=5))
+    assert [p.name for p in ckpt.list_checkpoints(res.run_dir / "checkpoints")] == [
+        "step-1",
+        "step-2",
+        "step-3",
+    ]
+
+
+def test_guard_rules():
+    g = DivergenceGuard(factor=100.0)
+    for step in range(1, 7):
+        g.check(step, 0.7, 1.0 + 0.1 * step)
+    g.check(7, 0.7, 50.0)  # 35x the median: large, not divergence
+    with pytest.raises(DivergedError, match="is 714x the median 1.4 of the last 7 steps") as info:
+        g.check(8, 0.7, 1000.0)
+    assert info.value.first == 8
+    g = DivergenceGuard(factor=100.0)
+    for step in range(1, 5):
+        g.check(step, 0.0, 0.0)  # a hinge loss at exactly 0: converged, not vanished
+        g.check(step, float("nan"), 0.0)  # an online step without pairs trained nothing
+    assert g.history == []
+    g.check(5, 0.5, 0.0)
+    with pytest.raises(DivergedError, match="exactly 0 for 2 steps") as info:
+        g.check(6, 0.5, 0.0)
+    assert info.value.first == 5
+    with pytest.raises(DivergedError, match="gradient norm inf"):
+        DivergenceGuard(None).check(1, 0.5, float("inf"))

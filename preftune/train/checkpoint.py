@@ -44,26 +44,31 @@ class CheckpointError(UserError):
 
 
 # ---- state <-> (tensors, JSON) ------------------------------------------------------------------
-def encode(obj, tensors: dict[str, torch.Tensor], path: str = "s"):
-    """`obj` as JSON-able data; each tensor moved into `tensors` under a key that replaces it.
-    Tuples and dicts with non-string keys (an optimizer's parameter ids) are tagged so that
-    `decode` gives back exactly what went in."""
+def encode(obj, tensors: dict[str, torch.Tensor]):
+    """`obj` as JSON-able data; each tensor moved into `tensors` under a numbered key that
+    replaces it. Tuples and dicts with non-string keys (an optimizer's parameter ids) are tagged
+    so that `decode` gives back exactly what went in."""
     if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().cpu().contiguous()
-        return {"__tensor__": path}
+        key = f"t{len(tensors)}"
+        t = obj.detach().cpu().contiguous()
+        seen = {v.untyped_storage().data_ptr() for v in tensors.values() if v.numel()}
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = t.clone()  # safetensors refuses two tensors sharing memory
+        tensors[key] = t
+        return {"__tensor__": key}
     if isinstance(obj, np.ndarray):
         return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj):
-            return {k: encode(v, tensors, f"{path}.{k}") for k, v in obj.items()}
-        return {"__items__": [[k, encode(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
+            return {k: encode(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[k, encode(v, tensors)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
-        return {"__tuple__": [encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]}
+        return {"__tuple__": [encode(v, tensors) for v in obj]}
     if isinstance(obj, list):
-        return [encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return [encode(v, tensors) for v in obj]
     if obj is None or isinstance(obj, bool | int | float | str):
         return obj
-    raise TypeError(f"cannot checkpoint a {type(obj).__name__} at {path}")
+    raise TypeError(f"cannot checkpoint a {type(obj).__name__}")
 
 
 def decode(obj, tensors: dict[str, torch.Tensor]):
@@ -83,17 +88,23 @@ def decode(obj, tensors: dict[str, torch.Tensor]):
 
 
 def rng_state() -> dict:
-    return {
+    """This process's generators: Python's, NumPy's, torch's and, where present, CUDA's."""
+    state = {
         "python": random.getstate(),
         "numpy": np.random.get_state(legacy=False),
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -111,17 +122,44 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+def fsync_tree(path: Path) -> None:
+    """fsync every file below `path`, and `path` itself."""
+    for f in path.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_entry(path)
+
+
+def fsync_entry(path: Path) -> None:
+    """fsync a folder, so that names created or renamed in it are on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the fsynced folder `tmp` to `final`; an existing `final` is renamed aside first
+    and deleted only after, so a kill leaves one of the two under a name it can be found by."""
+    old = final.with_name(f".old-{final.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)  # the commit point
+    fsync_entry(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def save_checkpoint(
-    ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int
+    ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int, rng=None
 ) -> Path:
-    """Write `checkpoints/step-{step}` atomically and keep the newest `keep` of them.
-    `state` is the trainer's: JSON-able values plus tensors anywhere inside `state["tensors"]`."""
+    """Write `checkpoints/step-{step}` atomically and keep the newest `keep` of those up to it.
+    `state` is the trainer's: JSON-able values plus tensors anywhere inside `state["tensors"]`;
+    `rng` every process's generator states (default: this process's)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f".tmp-step-{step}"
@@ -133,7 +171,7 @@ def save_checkpoint(
     payload = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
+        "rng": rng if rng is not None else [rng_state()],
         **state,
     }
     doc = encode(payload, tensors)
@@ -141,13 +179,17 @@ def save_checkpoint(
     (tmp / "state.json").write_text(json.dumps(doc))
     manifest = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _digest(tmp / f)} for f in FILES}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)  # the commit point
-    for old in list_checkpoints(ckpt_root)[:-keep]:
+    fsync_tree(tmp)
+    publish(tmp, final)
+    # never the one just written, nor one newer than it (moved aside on resume, not pruned)
+    upto = [p for p in list_checkpoints(ckpt_root) if step_of(p) <= step]
+    for old in upto[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def step_of(path: Path) -> int:
+    return int(_STEP_RE.match(path.name).group(1))
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -188,9 +230,8 @@ def verify(path: Path) -> str | None:
 
 def latest_checkpoint(ckpt_root: Path, log: Callable[[str], None] = print) -> Path | None:
     """The newest checkpoint whose files match its manifest; each newer one passed over is
-    named with the reason. A folder holding a pickle file stops the search (CheckpointError)."""
+    named with the reason."""
     for path in reversed(list_checkpoints(ckpt_root)):
-        refuse_pickles(path)
         problem = verify(path)
         if problem is None:
             return path
@@ -205,8 +246,9 @@ def read_state(path: Path) -> dict:
     return decode(json.loads((path / "state.json").read_text()), tensors)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Load weights, optimizer, scheduler and RNG states; return the trainer's state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
+    """Load weights, optimizer, scheduler and process `rank`'s RNG states; return the
+    trainer's state."""
     try:
         state = read_state(path)
         weights = load_file(str(path / "weights.safetensors"))
@@ -227,6 +269,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
             params[n].copy_(w)
     optimizer.load_state_dict(state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
-    set_rng_state(state.pop("rng"))
+    rngs = state.pop("rng")
+    if len(rngs) <= rank:
+        raise CheckpointError(
+            f"checkpoint {path} holds the generators of {len(rngs)} processes and this is process "
+            f"{rank}; resume with the number of processes it was written by"
+        )
+    set_rng_state(rngs[rank])
     state.setdefault("tensors", {})
     return state

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 
 import torch
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from preftune.config import ConfigError
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import global_batches
 from preftune.train.guards import DivergedError, quarantine
+from preftune.train.rundir import check_same_training, save_config
 from preftune.train.trainer import Trainer, TrainResult, write_json
 
 
@@ -30,12 +32,11 @@ def _log(trainer: Trainer, metrics: dict, step: int) -> None:
     trainer.acc.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
 
 
-def _apply_lr(trainer: Trainer) -> None:
-    """A resume that changes `lr`: the schedule continues from the checkpoint's step with the
-    new peak lr (rundir.resume_config has said so)."""
+def _apply_schedule(trainer: Trainer) -> None:
+    """After a resume, the optimizer's lr from this run's schedule at the checkpoint's step:
+    the same value when nothing changed, the new one when `lr`, `max_steps` or `epochs` did
+    (rundir.resume_config has said so)."""
     sched, lr = trainer.scheduler, trainer.cfg.train.lr
-    if all(b == lr for b in sched.base_lrs):
-        return
     sched.base_lrs = [lr] * len(sched.base_lrs)
     factors = [f(sched.last_epoch) for f in sched.lr_lambdas]
     for group, f in zip(trainer.optimizer.param_groups, factors):
@@ -44,27 +45,46 @@ def _apply_lr(trainer: Trainer) -> None:
 
 
 def _resume(trainer: Trainer) -> None:
-    path = ckpt.latest_checkpoint(trainer.run_dir / "checkpoints", log=trainer.log_line)
+    root = trainer.run_dir / "checkpoints"
+    path = ckpt.latest_checkpoint(root, log=trainer.warn)
+    if path is None and (trainer.run_dir / "final").exists():
+        raise ConfigError(
+            f"resume={trainer.run_dir}: the run has finished and kept no checkpoint to continue "
+            f"from (set save_every to keep one); start a new run from its final/ model instead"
+        )
+    if trainer.acc.is_main_process:  # newer, unusable ones: kept aside, never pruned or reused
+        moved, _ = quarantine(root, (ckpt.step_of(path) if path else 0) + 2, into="unusable")
+        if moved:
+            trainer.warn(f"moved {', '.join(moved)} to {root / 'unusable'}")
     if path is None:
-        trainer.log_line(
-            f"resume: no complete checkpoint in {trainer.run_dir}; starting from step 0"
+        trainer.warn(f"resume: no complete checkpoint in {trainer.run_dir}; starting from step 0")
+    else:
+        state = ckpt.load_checkpoint(
+            path,
+            trainer.acc.unwrap_model(trainer.policy),
+            trainer.optimizer,
+            trainer.scheduler,
+            rank=trainer.acc.process_index,
         )
-        _truncate_metrics(trainer, 0)
-        return
-    state = ckpt.load_checkpoint(
-        path, trainer.acc.unwrap_model(trainer.policy), trainer.optimizer, trainer.scheduler
-    )
-    trainer.load_state(state)
-    _apply_lr(trainer)
-    saved_threads, threads = state.get("torch_threads"), torch.get_num_threads()
-    if saved_threads is not None and saved_threads != threads:
-        trainer.log_line(
-            f"warning: {path} was written by a run with {saved_threads} torch threads and this one "
-            f"has {threads}; it continues, but not bit-equal to an uninterrupted run "
-            f"(set OMP_NUM_THREADS={saved_threads} for that)"
-        )
+        if "config" in state:
+            check_same_training(trainer.run_dir, state["config"], trainer.cfg)
+        trainer.load_state(state)
+        _apply_schedule(trainer)
+        _warn_threads(trainer, path, state.get("torch_threads"))
     _truncate_metrics(trainer, trainer.step)
-    trainer.log_line(f"resumed from {path} at step {trainer.step}")
+    if trainer.acc.is_main_process:  # the keys this resume applied, once it has succeeded
+        save_config(trainer.cfg, trainer.run_dir)
+    trainer.log_line(f"resumed from {path} at step {trainer.step}" if path else "resume: step 0")
+
+
+def _warn_threads(trainer: Trainer, path, saved: int | None) -> None:
+    threads = torch.get_num_threads()
+    if saved is not None and saved != threads:
+        trainer.warn(
+            f"{path} was written by a run with {saved} torch threads and this one has {threads}; "
+            f"it continues, but not bit-equal to an uninterrupted run (set OMP_NUM_THREADS="
+            f"{saved} for that)"
+        )
 
 
 def _truncate_metrics(trainer: Trainer, step: int) -> None:
@@ -153,40 +173,57 @@ def _train(trainer: Trainer) -> dict:
         )[offset]
         last = trainer.train_step(batch)
         trainer.step += 1
-        guard.check(trainer.step, last.get("loss", float("nan")), last["grad_norm"])
         last["epoch"] = trainer.step / trainer.per_epoch
         if t.eval_every and trainer.step % t.eval_every == 0 and trainer.step < trainer.total_steps:
             last.update(trainer.evaluate_pairs())
         if trainer.step % t.log_every == 0 or trainer.step == trainer.total_steps:
             _log(trainer, last, trainer.step)
+        guard.check(trainer.step, last.get("loss", float("nan")), last["grad_norm"])
         bar.update(1)
         bar.set_postfix(_postfix(last))
         due = t.save_every and trainer.step % t.save_every == 0
-        late = t.save_every_minutes and time.monotonic() - saved_at >= 60 * t.save_every_minutes
-        if due or late:
+        if due or _late(trainer, saved_at):
             trainer.save()
             saved_at = time.monotonic()
     bar.close()
     return last
 
 
+def _late(trainer: Trainer, saved_at: float) -> bool:
+    """Whether save_every_minutes have passed since the last checkpoint, as the main process's
+    clock says: every process must take the same decision (a checkpoint gathers from all)."""
+    minutes = trainer.cfg.train.save_every_minutes
+    late = [bool(minutes) and time.monotonic() - saved_at >= 60 * minutes]
+    if trainer.acc.num_processes > 1:
+        broadcast_object_list(late, from_process=0)
+    return late[0]
+
+
 def _stop_diverged(trainer: Trainer, summary: dict, err: DivergedError) -> None:
     """Move the suspect checkpoints aside, write the summary and report, and stop."""
     moved, left = [], None
     if trainer.acc.is_main_process:
-        moved, left = quarantine(trainer.run_dir / "checkpoints", err.step)
+        moved, left = quarantine(trainer.run_dir / "checkpoints", err.first)
     summary.update({"steps": trainer.step, "diverged": str(err), "run_dir": str(trainer.run_dir)})
     _write_summary(trainer, summary)
     trainer.acc.end_training()
+    trainer.rundir.finish()
     where = (f"moved {', '.join(moved)} to checkpoints/diverged/; " if moved else "") + (
         f"resume from {left.name} with a lower lr: preftune train --resume {trainer.run_dir} lr=..."
         if left
         else "no checkpoint before it; start again with a lower lr"
     )
-    raise DivergedError(err.step, f"{err.reason}; {where}") from None
+    raise DivergedError(err.step, f"{err.reason}; {where}", err.first) from None
 
 
 def run(trainer: Trainer) -> TrainResult:
+    try:
+        return _run(trainer)
+    finally:
+        trainer.rundir.unlock()  # whatever happened; a kill leaves a lock the next run takes over
+
+
+def _run(trainer: Trainer) -> TrainResult:
     summary = _start(trainer)
     start = time.perf_counter()
     try:
@@ -216,6 +253,7 @@ def run(trainer: Trainer) -> TrainResult:
     _task_eval(trainer, summary, "after")
     _write_summary(trainer, summary)
     trainer.acc.end_training()
+    trainer.rundir.finish()
     _print_summary(trainer, summary)
     return TrainResult(trainer.run_dir, summary)
 
@@ -249,13 +287,8 @@ def _save_final(trainer: Trainer) -> None:
     else:
         model.save_pretrained(tmp)
     trainer.tokenizer.save_pretrained(tmp)
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+    ckpt.fsync_tree(tmp)
+    ckpt.publish(tmp, final)
 
 
 def _print_summary(trainer: Trainer, s: dict) -> None:

@@ -16,9 +16,13 @@ the same training.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -48,6 +52,7 @@ RESUMABLE = {
 }
 # lr, and how long to train, change the schedule from the checkpoint's step on: applied and said
 APPLIED_ON_RESUME = RESUMABLE | {"lr", "max_steps", "epochs", "resume", "overwrite"}
+LOCK = ".lock"
 # config values that name local files or folders: stored absolute in config.yaml
 PATH_KEYS = ("model", "data", "eval_data", "output_dir", "judge", "rso_output")
 
@@ -69,6 +74,8 @@ def _raw(config, overrides) -> dict:
         for item in overrides or []:
             k, v = item.split("=", 1)
             raw[k.strip().lstrip("-").replace("-", "_")] = parse_value(v)
+    for key in ("resume", "overwrite"):
+        raw.pop(key, None)
     return raw
 
 
@@ -78,10 +85,33 @@ def _flat_values(cfg: Config) -> dict:
     return {**flat, **args}
 
 
+def training_keys(cfg: Config) -> dict:
+    """The keys that define what a run trains (all but APPLIED_ON_RESUME), as JSON values:
+    stored in each checkpoint and compared on resume."""
+    values = _flat_values(cfg)
+    return json.loads(json.dumps({k: v for k, v in values.items() if k not in APPLIED_ON_RESUME}))
+
+
+def _refuse(run_dir: Path, key: str, new, old) -> None:
+    raise ConfigError(
+        f"resume={run_dir}: {key}={new!r} differs from the run's {key}={old!r}; a resumed run "
+        f"continues the same training (only lr, max_steps, epochs and the logging/saving keys "
+        f"may change). Drop {key}, or start a new run with another run_name"
+    )
+
+
+def check_same_training(run_dir: Path, saved: dict, cfg: Config) -> None:
+    """Refuse a resume whose training keys differ from those a checkpoint was taken under."""
+    now = training_keys(cfg)
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) != now.get(key):
+            _refuse(run_dir, key, now.get(key), saved.get(key))
+
+
 def resume_config(run_dir: str | Path, config=None, overrides=None) -> tuple[Config, list[str]]:
     """The resumed run's Config: DIR's config.yaml plus what is given now; returns it with the
     lines that say which keys were applied. Refuses a changed key that would alter training."""
-    run_dir = Path(run_dir).resolve()
+    run_dir = Path(run_dir).expanduser().resolve()
     saved = run_dir / "config.yaml"
     if not run_dir.is_dir():
         raise ConfigError(f"resume={run_dir}: no such folder; give the run directory to continue")
@@ -92,31 +122,28 @@ def resume_config(run_dir: str | Path, config=None, overrides=None) -> tuple[Con
         )
     try:
         base = yaml.safe_load(saved.read_text())
-        before = build_config(base)
-    except (yaml.YAMLError, ConfigError) as e:
+        old = _flat_values(build_config(base))
+    except (yaml.YAMLError, ConfigError, TypeError) as e:
         raise ConfigError(f"resume={run_dir}: its config.yaml cannot be read ({e})") from None
     for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
         ckpt.refuse_pickles(path)  # before any model loads
     given = _raw(config, overrides)
-    old = _flat_values(before)
     try:
         after = build_config({**base, **given, "resume": str(run_dir), "overwrite": False})
     except ConfigError:  # e.g. another loss, which the saved loss_args do not fit
-        after = None
-    new = _flat_values(after) if after is not None else given
-    changed = {k for k in new if new[k] != old.get(k)}
-    refused = sorted(changed - APPLIED_ON_RESUME)
-    if refused:
-        k = "loss" if "loss" in refused else refused[0]
-        raise ConfigError(
-            f"resume={run_dir}: {k}={new[k]!r} differs from the run's {k}={old.get(k)!r}; a "
-            f"resumed run continues the same training (only lr, max_steps, epochs and the "
-            f"logging/saving keys may change). Drop {k}, or start a new run with another run_name"
+        changed = sorted(
+            k for k, v in given.items() if k not in APPLIED_ON_RESUME and v != old.get(k)
         )
-    if after is None:
-        after = build_config({**base, **given, "resume": str(run_dir), "overwrite": False})
-    notes = [f"resume: {k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(changed - {"resume"})]
-    return after, notes
+        if changed:
+            k = "loss" if "loss" in changed else changed[0]
+            _refuse(run_dir, k, given[k], old.get(k))
+        raise
+    absolute_paths(after)  # a relative path given again names the same file
+    new = _flat_values(after)
+    changed = {k for k in new if new[k] != old.get(k)} - {"resume", "overwrite"}
+    for k in sorted(changed - APPLIED_ON_RESUME):
+        _refuse(run_dir, k, new[k], old.get(k))
+    return after, [f"resume: {k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(changed)]
 
 
 def absolute_paths(cfg: Config) -> None:
@@ -139,42 +166,130 @@ def _check_writable(folder: Path) -> None:
         )
 
 
-def claim(cfg: Config, default_name: str) -> Path:
-    """The run's directory: for a resume, DIR (which must hold config.yaml); for a new run a
-    fresh folder, claimed atomically and holding config.yaml when this returns."""
-    t = cfg.train
-    if t.resume:
-        path = Path(t.resume).resolve()
-        if not (path / "config.yaml").exists():
-            raise ConfigError(f"resume={path}: not a preftune run directory (no config.yaml)")
-        _save_config(cfg, path / "config.yaml")  # with the keys the resume applied
-        return path
-    out = Path(t.output_dir).expanduser().resolve()
-    _check_writable(out)
-    out.mkdir(parents=True, exist_ok=True)
-    named = t.run_name is not None
-    base = t.run_name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = out / base
-    if named and path.exists() and any(path.iterdir()):
-        if not t.overwrite:
+def _lock(path: Path) -> None:
+    """Take `path/.lock` (created exclusively); a lock left by a process that no longer runs on
+    this host is taken over. Refuses while another live process holds it."""
+    lock, me = path / LOCK, {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == me["host"] and _alive(holder.get("pid")):
+                raise ConfigError(
+                    f"{path} is being written by another preftune run (pid {holder['pid']}); "
+                    f"wait for it to end, or pick another run_name"
+                ) from None
+            lock.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return
+    raise ConfigError(f"{path}: could not take {LOCK}; another run is starting in it")
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RunDir:
+    """A claimed run directory; `replaced` is an old run moved aside by overwrite=true, deleted
+    once the new run has finished and put back if it fails before its first step."""
+
+    path: Path
+    resumed: bool
+    replaced: Path | None = None
+    owner: bool = True  # the process that claimed it (the main one); the others touch nothing
+
+    def unlock(self) -> None:
+        if self.owner:
+            (self.path / LOCK).unlink(missing_ok=True)
+
+    def release(self) -> None:
+        """The run failed before it started: leave the folder as it was found."""
+        if not self.owner:
+            return
+        self.unlock()
+        if not self.resumed and {p.name for p in self.path.iterdir()} <= {"config.yaml"}:
+            shutil.rmtree(self.path)
+            if self.replaced is not None:
+                self.replaced.rename(self.path)
+
+    def finish(self) -> None:
+        """The run has ended (finished, or stopped with its directory complete)."""
+        self.unlock()
+        if self.replaced is not None and self.replaced.exists():
+            shutil.rmtree(self.replaced)
+            self.replaced = None
+
+
+def _new_folder(out: Path, name: str | None, default_name: str, overwrite: bool) -> RunDir:
+    """Claim out/name (or a fresh default name) for a new run."""
+    if name is None:
+        base = f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for n in range(1, 1000):
+            path = out / (base if n == 1 else f"{base}-{n}")
+            try:
+                path.mkdir()
+            except FileExistsError:  # a default name taken by a run started in the same second
+                continue
+            _lock(path)
+            return RunDir(path, resumed=False)
+        raise ConfigError(f"{out}: no free run name starting with {base}; set run_name")
+    if name in (".", "..") or Path(name).name != name:
+        raise ConfigError(f"run_name={name!r} must be a plain folder name (no '/' or '..')")
+    path, replaced = out / name, None
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
             raise ConfigError(
                 f"{path} already holds a run; continue it with resume={path}, replace it with "
                 f"overwrite=true, or pick another run_name"
             )
-        shutil.rmtree(path)
-    for n in range(2, 1000):
-        try:
-            path.mkdir(exist_ok=named)
-            break
-        except FileExistsError:  # a default name taken by a run started in the same second
-            path = out / f"{base}-{n}"
-    t.run_name = path.name
+        _lock(path)  # refuses while that run is still going
+        (path / LOCK).unlink()
+        replaced = out / f".replaced-{name}-{os.getpid()}"
+        path.rename(replaced)  # deleted once the new run has finished (RunDir.finish)
+    path.mkdir(exist_ok=True)
+    _lock(path)
+    if any(p.name != LOCK for p in path.iterdir()):  # another run got in between
+        (path / LOCK).unlink()
+        raise ConfigError(f"{path} already holds a run; pick another run_name")
+    return RunDir(path, resumed=False, replaced=replaced)
+
+
+def claim(cfg: Config, default_name: str) -> RunDir:
+    """The run's directory, locked: for a resume, DIR (which must hold config.yaml); for a new
+    run a fresh folder, holding config.yaml when this returns."""
+    t = cfg.train
+    if t.resume:
+        path = Path(t.resume).expanduser().resolve()
+        if not (path / "config.yaml").exists():
+            raise ConfigError(f"resume={path}: not a preftune run directory (no config.yaml)")
+        _lock(path)
+        return RunDir(path, resumed=True)
+    out = Path(t.output_dir).expanduser().resolve()
+    _check_writable(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = _new_folder(out, t.run_name, default_name, t.overwrite)
+    t.run_name = run.path.name
     absolute_paths(cfg)
-    _save_config(cfg, path / "config.yaml")
-    return path
+    save_config(cfg, run.path)
+    return run
 
 
-def claim_once(cfg: Config, default_name: str) -> Path:
+def claim_once(cfg: Config, default_name: str) -> RunDir:
     """`claim` on the main process only; every process gets its answer (the folder, or the
     error it raised), so two processes never pick two folders or both claim one."""
     # as accelerate's AcceleratorState builds it, so the Accelerator made next shares it
@@ -182,39 +297,44 @@ def claim_once(cfg: Config, default_name: str) -> Path:
     if state.num_processes == 1:
         return claim(cfg, default_name)
     answer: list = [None]
+    error = None
     if state.is_main_process:
         try:
             answer = [claim(cfg, default_name)]
-        except ConfigError as e:
-            answer = [str(e)]
+        except Exception as e:  # every process must hear of it, or the others wait for ever
+            error, answer = e, [f"{type(e).__name__}: {e}"]
     broadcast_object_list(answer, from_process=0)
+    if error is not None:
+        raise error
     if isinstance(answer[0], str):
-        raise ConfigError(answer[0])
-    cfg.train.run_name = answer[0].name
+        raise ConfigError(f"the main process could not claim the run directory: {answer[0]}")
+    cfg.train.run_name = answer[0].path.name
     absolute_paths(cfg)
-    return answer[0]
+    if state.is_main_process:
+        return answer[0]
+    return RunDir(answer[0].path, answer[0].resumed, owner=False)
 
 
 def resolve(config=None, overrides=None) -> Config:
     """The Config of a run about to start: `build_config(config, overrides)`, or for
-    `resume=DIR` the resumed run's (see `resume_config`, whose notes are printed here)."""
+    `resume=DIR` the resumed run's (see `resume_config`, whose notes are printed here, to
+    stderr and whatever `quiet` says)."""
     cfg = build_config(config, overrides)
     if not cfg.train.resume:
         return cfg
     cfg, notes = resume_config(cfg.train.resume, config, overrides)
-    for line in notes if not cfg.train.quiet else []:
-        print(f"[preftune] {line}", flush=True)
+    for line in notes:
+        print(f"[preftune] {line}", file=sys.stderr, flush=True)
     return cfg
 
 
-def release(path: Path) -> None:
-    """Remove a run directory claimed by a run that failed before it started, if it holds
-    nothing but its config.yaml."""
-    if path.is_dir() and {p.name for p in path.iterdir()} <= {"config.yaml"}:
-        shutil.rmtree(path)
-
-
-def _save_config(cfg: Config, path: Path) -> None:
-    tmp = path.with_name(".tmp-config.yaml")
-    cfg.save(tmp)
-    tmp.replace(path)  # atomic: a kill leaves the old config.yaml or the new one
+def save_config(cfg: Config, run_dir: Path) -> None:
+    """config.yaml, written atomically (a kill leaves the old one or the new one), without
+    `overwrite` (re-running it must not replace the run)."""
+    overwrite, cfg.train.overwrite = cfg.train.overwrite, False
+    tmp = run_dir / ".tmp-config.yaml"
+    try:
+        cfg.save(tmp)
+    finally:
+        cfg.train.overwrite = overwrite
+    tmp.replace(run_dir / "config.yaml")

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
 from tqdm.auto import tqdm
 
 from preftune.allocator import keep_freed_memory
@@ -43,7 +44,7 @@ from preftune.train.reference import (
     choose_mode,
     load_or_compute_cache,
 )
-from preftune.train.rundir import claim_once, release, resolve
+from preftune.train.rundir import claim_once, resolve, training_keys
 from preftune.train.setup import (
     Datasets,
     TrainingError,
@@ -91,12 +92,12 @@ def prepare_trainer(
     """
     trainer.cfg = cfg
     trainer.spec = LOSSES[cfg.loss.loss]
-    trainer.run_dir = claim_once(cfg, trainer.method or cfg.loss.loss)
+    trainer.rundir = claim_once(cfg, trainer.method or cfg.loss.loss)
+    trainer.run_dir = trainer.rundir.path
     try:
         _prepare(trainer, cfg, load_model, load_data)
     except BaseException:
-        if not cfg.train.resume:  # a run that never started leaves no folder behind
-            release(trainer.run_dir)
+        trainer.rundir.release()  # a run that never started leaves the folder as it found it
         raise
 
 
@@ -184,6 +185,11 @@ class Trainer:
     def log_line(self, text: str) -> None:
         if not self.quiet:
             tqdm.write(f"[preftune] {text}")
+
+    def warn(self, text: str) -> None:
+        """What the user must see whatever `quiet` says: to stderr, from the main process."""
+        if self.acc.is_main_process:
+            tqdm.write(f"[preftune] warning: {text}", file=sys.stderr)
 
     def _build_reference(self):
         mode, why = choose_mode(
@@ -453,18 +459,23 @@ class Trainer:
             "step": self.step,
             "loss": self.cfg.loss.loss,
             "torch_threads": torch.get_num_threads(),
-            "grad_norm_history": self.guard.history,
+            "guard": self.guard.state_dict(),
+            "config": training_keys(self.cfg),  # rundir.check_same_training reads it
             "tensors": tensors,
         }
 
     def load_state(self, state: dict) -> None:
         self.step = state["step"]
-        self.guard.history = list(state.get("grad_norm_history", []))
+        self.guard.load_state_dict(state.get("guard", {}))
         self.loss_state = state["tensors"].get("loss_state")
         if self.calibration is not None and "calibration" in state["tensors"]:
             self.calibration.load_state_dict(state["tensors"]["calibration"])
 
     def save(self) -> Path | None:
+        """A checkpoint of the run (every process calls this: each one's generators go in)."""
+        rngs = [ckpt.rng_state()]
+        if self.acc.num_processes > 1:
+            rngs = gather_object(rngs)
         if not self.acc.is_main_process:
             return None
         return ckpt.save_checkpoint(
@@ -475,6 +486,7 @@ class Trainer:
             self.scheduler,
             self.state(),
             self.cfg.train.keep_checkpoints,
+            rngs,
         )
 
 
