@@ -155,7 +155,7 @@ class OnlineTrainer(Trainer):
 
         def micro_loss(idx):
             out, logps, n = self._loss(pairs, idx, self.reference, train=True)
-            self._record_local(rec, extra, out, logps)
+            self._record(rec, extra, out, logps)
             if logps.ref_chosen_logps is not None:
                 log_ratios.extend(
                     [
@@ -184,39 +184,6 @@ class OnlineTrainer(Trainer):
         with self.acc.autocast():
             tokens = batch.tokens.to(self.acc.device)
             return self.run_policy(sequence_logps, tokens, self.cfg.train.chunk_size).sum()
-
-    # ---- metrics that hold under several processes with different batch sizes ---------------
-    def _record_local(self, rec, extra, out, logps) -> None:
-        rec["loss"].append(out.losses.detach())
-        rec["chosen"].append(out.chosen_rewards.detach())
-        rec["rejected"].append(out.rejected_rewards.detach())
-        rec["lp_c"].append(logps.policy_chosen_logps.detach())
-        rec["lp_r"].append(logps.policy_rejected_logps.detach())
-        for k, v in out.metrics.items():
-            extra.setdefault(k, []).append(torch.as_tensor(v, dtype=torch.float32).reshape(-1))
-
-    def _gather_list(self, values: list) -> list:
-        if self.acc.num_processes == 1:
-            return list(values)
-        from accelerate.utils import gather_object
-
-        return gather_object(list(values))
-
-    def _gather_rec(self, rec: dict[str, list]) -> dict[str, list]:
-        """Each key's values from every process, as one CPU tensor (or none)."""
-        out = {}
-        for k, parts in rec.items():
-            local = (
-                torch.cat([p.reshape(-1).float().cpu() for p in parts]).tolist() if parts else []
-            )
-            values = self._gather_list(local)
-            out[k] = [torch.tensor(values)] if values else []
-        return out
-
-    def _gmean(self, values: torch.Tensor | list) -> float:
-        local = values.reshape(-1).float().tolist() if torch.is_tensor(values) else list(values)
-        values = self._gather_list(local)
-        return sum(values) / len(values) if values else float("nan")
 
     def _generation_metrics(self, comps: list[Completion], scores: torch.Tensor) -> dict:
         return {

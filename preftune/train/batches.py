@@ -177,7 +177,6 @@ def pair_batch(
 @dataclass
 class UnpairedBatch:
     tokens: TokenBatch  # B examples
-    kl_tokens: TokenBatch  # prompt_i with completion_(i+1 mod B): mismatched pairs for KTO's z0
     labels: torch.Tensor
     lengths: torch.Tensor
     num_tokens: int
@@ -187,20 +186,35 @@ def unpaired_batch(
     examples: list[dict], idx: list[int], pad_id: int, packed: bool, share_prefix: bool = False
 ) -> UnpairedBatch:
     exs = [examples[i] for i in idx]
-    if len(exs) < 2:
-        raise ValueError(
-            "KTO needs at least 2 examples per micro-batch per process to build mismatched KL "
-            "pairs; raise batch_size or lower grad_accum / the number of processes"
-        )
     prompts = [e["prompt_ids"] for e in exs]
     comps = [e["completion_ids"] for e in exs]
-    shifted = comps[1:] + comps[:1]  # cyclic shift within the micro-batch, as in HALOs
     return UnpairedBatch(
         tokens=build_token_batch(prompts, comps, pad_id, packed=packed, share_prefix=share_prefix),
-        kl_tokens=build_token_batch(
-            prompts, shifted, pad_id, packed=packed, share_prefix=share_prefix
-        ),
         labels=torch.tensor([e["label"] for e in exs], dtype=torch.bool),
         lengths=torch.tensor([len(c) for c in comps]),
         num_tokens=sum(len(p) + len(c) for p, c in zip(prompts, comps)),
     )
+
+
+def mismatched_pairs(idx: list[int]) -> list[tuple[int, int]]:
+    """KTO's KL pairs of a batch (METHODS.md §12): example idx[j]'s prompt with example
+    idx[j + 1 mod B]'s completion, the cyclic shift of HALOs."""
+    if len(idx) < 2:
+        raise ValueError(
+            "KTO needs at least 2 examples in a batch to build its mismatched KL pairs; raise "
+            "batch_size"
+        )
+    return [(idx[j], idx[(j + 1) % len(idx)]) for j in range(len(idx))]
+
+
+def kl_batch(
+    examples: list[dict],
+    pairs: list[tuple[int, int]],
+    pad_id: int,
+    packed: bool,
+    share_prefix: bool,
+) -> TokenBatch:
+    """The token batch of (prompt of example a, completion of example b) for each pair (a, b)."""
+    prompts = [examples[a]["prompt_ids"] for a, _ in pairs]
+    comps = [examples[b]["completion_ids"] for _, b in pairs]
+    return build_token_batch(prompts, comps, pad_id, packed=packed, share_prefix=share_prefix)

@@ -206,7 +206,7 @@ def _stop_diverged(trainer: Trainer, summary: dict, err: DivergedError) -> None:
         moved, left = quarantine(trainer.run_dir / "checkpoints", err.first)
     summary.update({"steps": trainer.step, "diverged": str(err), "run_dir": str(trainer.run_dir)})
     _write_summary(trainer, summary)
-    trainer.acc.end_training()
+    _end_trackers(trainer)
     trainer.rundir.finish()
     where = (f"moved {', '.join(moved)} to checkpoints/diverged/; " if moved else "") + (
         f"resume from {left.name} with a lower lr: preftune train --resume {trainer.run_dir} lr=..."
@@ -252,10 +252,17 @@ def _run(trainer: Trainer) -> TrainResult:
     _save_final(trainer)
     _task_eval(trainer, summary, "after")
     _write_summary(trainer, summary)
-    trainer.acc.end_training()
+    _end_trackers(trainer)
     trainer.rundir.finish()
     _print_summary(trainer, summary)
     return TrainResult(trainer.run_dir, summary)
+
+
+def _end_trackers(trainer: Trainer) -> None:
+    """Close the trackers. Not `Accelerator.end_training`, which also destroys the process
+    group: a Python caller (a sweep under torchrun) may train again in the same processes."""
+    for tracker in trainer.acc.trackers:
+        tracker.finish()
 
 
 def _write_summary(trainer: Trainer, summary: dict, report: bool = True) -> None:

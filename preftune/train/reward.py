@@ -73,7 +73,7 @@ class RewardTrainer(Trainer):
         self.reference, self.reference_mode = None, "none"
         self.log_line("reward model: one score read at the last real token (no reference)")
 
-    def _loss(self, examples, idx, reference, train: bool):
+    def _loss(self, examples, idx, reference, train: bool, kl=None):
         """Per-pair Bradley–Terry losses of examples[idx]: one forward over [chosen; rejected]."""
         exs = [examples[i] for i in idx]
         rows = [e["prompt_ids"] + e["chosen_ids"] for e in exs]

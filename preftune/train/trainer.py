@@ -30,8 +30,10 @@ from preftune.models import cache_dir
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import (
     example_lengths,
+    kl_batch,
     length_sorted_batches,
     micro_batches,
+    mismatched_pairs,
     pair_batch,
     unpaired_batch,
 )
@@ -321,32 +323,54 @@ class Trainer:
         )
         return logps, b.num_tokens
 
-    def _unpaired_logps(self, examples, idx, reference) -> tuple[UnpairedLogps, int]:
-        b = unpaired_batch(
-            examples,
-            idx,
-            self.tokenizer.pad_token_id,
-            self.cfg.train.packed,
-            self.cfg.train.share_prefix,
-        )
-        tokens, kl_tokens = b.tokens.to(self.acc.device), b.kl_tokens.to(self.acc.device)
-        pol = self.run_policy(sequence_logps, tokens, self.cfg.train.chunk_size)
-        with torch.no_grad():  # KTO's z0 is a detached estimate (METHODS.md §12)
-            kl_pol = self.run_policy(sequence_logps, kl_tokens, self.cfg.train.chunk_size)
+    def _unpaired_logps(self, examples, idx, reference, kl=None) -> tuple[UnpairedLogps, int]:
+        """KTO's log-probs of examples[idx]; `kl` the (policy, reference) log-probs of the
+        step's KL pairs (`step_kl`), else those of idx's own (evaluation)."""
+        t = self.cfg.train
+        b = unpaired_batch(examples, idx, self.tokenizer.pad_token_id, t.packed, t.share_prefix)
+        tokens = b.tokens.to(self.acc.device)
+        pol = self.run_policy(sequence_logps, tokens, t.chunk_size)
+        kl_pol, kl_ref = kl if kl is not None else self.kl_logps(examples, idx, reference)
         logps = UnpairedLogps(
             policy_logps=pol,
             ref_logps=reference.logps(tokens).to(pol),
             labels=b.labels.to(pol.device),
-            kl_policy_logps=kl_pol,
-            kl_ref_logps=reference.logps(kl_tokens).to(pol),
+            kl_policy_logps=kl_pol.to(pol),
+            kl_ref_logps=kl_ref.to(pol),
             lengths=b.lengths.to(pol.device),
         )
         return logps, b.num_tokens
 
-    def _loss(self, examples, idx, reference, train: bool):
+    @torch.no_grad()  # KTO's z0 is a detached estimate (METHODS.md §12)
+    def kl_logps(self, examples, idx, reference, pairs=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(policy, reference) log-probs of KTO's mismatched pairs of examples[idx]."""
+        t = self.cfg.train
+        pairs = mismatched_pairs(idx) if pairs is None else pairs
+        tokens = kl_batch(examples, pairs, self.tokenizer.pad_token_id, t.packed, t.share_prefix)
+        tokens = tokens.to(self.acc.device)
         with self.acc.autocast():
-            build = self._unpaired_logps if self.spec.unpaired else self._paired_logps
-            logps, ntok = build(examples, idx, reference)
+            return self.run_policy(sequence_logps, tokens, t.chunk_size), reference.logps(tokens)
+
+    def step_kl(self, batch_idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """KTO's KL pairs of a whole step, each process scoring its share in micro-batch-sized
+        pieces, gathered: z0 is the step's whatever the processes and micro-batches (HALOs
+        gathers it over processes too), so accumulation and N processes equal one batch."""
+        P, t = self.acc.num_processes, self.cfg.train
+        pairs = mismatched_pairs(batch_idx)[self.acc.process_index :: P]
+        size = max(1, len(pairs) // t.grad_accum)
+        parts = [
+            self.kl_logps(self.data.train, None, self.reference, pairs[s : s + size])
+            for s in range(0, len(pairs), size)
+        ]
+        pol, ref = (torch.cat([p[i].double() for p in parts]) for i in (0, 1))
+        return self.acc.gather(pol), self.acc.gather(ref)
+
+    def _loss(self, examples, idx, reference, train: bool, kl=None):
+        with self.acc.autocast():
+            if self.spec.unpaired:
+                logps, ntok = self._unpaired_logps(examples, idx, reference, kl)
+            else:
+                logps, ntok = self._paired_logps(examples, idx, reference)
             hp = self.cfg.loss.loss_args
             if self.calibration is not None and train:
                 out = self.calibration(
@@ -364,29 +388,53 @@ class Trainer:
         micro = micro_batches(batch_idx, self.acc.process_index, P, t.grad_accum)
         rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
         extra: dict[str, list] = {}
+        kl = self.step_kl(batch_idx) if self.spec.unpaired else None
 
         def micro_loss(idx):
-            out, logps, n = self._loss(self.data.train, idx, self.reference, train=True)
+            out, logps, n = self._loss(self.data.train, idx, self.reference, True, kl)
             self._record(rec, extra, out, logps)
             return out.losses.sum(), n
 
         step = self.stepper.run(self.step + 1, micro, micro_loss, len(batch_idx))
-        metrics = self._summarise(rec, extra)
+        metrics = self._summarise(self._gather_rec(rec), self._gather_rec(extra))
         metrics.update(step)
         return metrics
 
     def _record(self, rec, extra, out, logps) -> None:
-        g = self.acc.gather
-        rec["loss"].append(g(out.losses.detach()))
-        rec["chosen"].append(g(out.chosen_rewards.detach()))
-        rec["rejected"].append(g(out.rejected_rewards.detach()))
+        """This process's per-example values of a micro-batch; `_gather_rec` collects them
+        from every process once per step (their sizes may differ: KTO's chosen / rejected)."""
+        rec["loss"].append(out.losses.detach())
+        rec["chosen"].append(out.chosen_rewards.detach())
+        rec["rejected"].append(out.rejected_rewards.detach())
         if isinstance(logps, PreferenceLogps):
-            rec["lp_c"].append(g(logps.policy_chosen_logps.detach()))
-            rec["lp_r"].append(g(logps.policy_rejected_logps.detach()))
+            rec["lp_c"].append(logps.policy_chosen_logps.detach())
+            rec["lp_r"].append(logps.policy_rejected_logps.detach())
         for k, v in out.metrics.items():
             extra.setdefault(k, []).append(
                 torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1)
             )
+
+    # ---- metrics that hold under several processes with different batch sizes ---------------
+    def _gather_list(self, values: list) -> list:
+        if self.acc.num_processes == 1:
+            return list(values)
+        return gather_object(list(values))
+
+    def _gather_rec(self, rec: dict[str, list]) -> dict[str, list]:
+        """Each key's values from every process, as one CPU tensor (or none)."""
+        out = {}
+        for k, parts in rec.items():
+            local = (
+                torch.cat([p.reshape(-1).float().cpu() for p in parts]).tolist() if parts else []
+            )
+            values = self._gather_list(local)
+            out[k] = [torch.tensor(values)] if values else []
+        return out
+
+    def _gmean(self, values: torch.Tensor | list) -> float:
+        local = values.reshape(-1).float().tolist() if torch.is_tensor(values) else list(values)
+        values = self._gather_list(local)
+        return sum(values) / len(values) if values else float("nan")
 
     @staticmethod
     def _summarise(rec, extra, prefix: str = "") -> dict:
@@ -428,7 +476,7 @@ class Trainer:
             out, logps, _ = self._loss(self.data.eval, idx, reference, train=False)
             self._record(rec, extra, out, logps)
         self.policy.train(was)
-        return self._summarise(rec, extra, prefix="eval/")
+        return self._summarise(self._gather_rec(rec), self._gather_rec(extra), prefix="eval/")
 
     def task_accuracy(self, tag: str) -> tuple[float | None, list]:
         if not self.data.task_problems:

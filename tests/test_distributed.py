@@ -1,0 +1,101 @@
+"""N processes equal one: DDP through accelerate (2 CPU processes over gloo), for the methods
+whose training step differs (a TDPO loss with its frozen reference, KTO with its step-wide
+KL estimate, the reward model, LoRA), plus online DPO, whose processes must stay in sync.
+One torchrun launch runs them all (tests/ddp_driver.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from run_helpers import tiny_run_args
+
+from preftune.train.online import train_online
+from preftune.train.reward import train_reward
+from preftune.train.trainer import train
+
+HERE = Path(__file__).parent
+# float64 weights: the 2-process run keeps every gradient in autograd (the wrapper must see
+# them) and sums each process's half batch, the 1-process run uses the engine's fast paths;
+# in float64 those differ by rounding only
+COMMON = {"dtype": "float64", "max_steps": 3, "share_prefix": False}
+JOBS = {
+    "tdpo": ("train", {"loss": "tdpo1"}),
+    "kto": ("train", {"loss": "kto", "grad_accum": 2, "batch_size": 8}),
+    "reward": ("reward", {}),
+    "lora": ("train", {"lora": True, "lora_r": 4}),
+}
+ENTRY = {"train": train, "reward": train_reward, "online": train_online}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "grad_norm" in r]
+
+
+def _args(tiny_dir, tmp_path, name, **extra) -> dict:
+    return tiny_run_args(tiny_dir, tmp_path, name, **{**COMMON, **extra})
+
+
+@pytest.fixture(scope="module")
+def two_processes(tiny_dir, tmp_path_factory):
+    """Every job run once under `torchrun --nproc_per_node 2`; returns the output folder."""
+    out = tmp_path_factory.mktemp("ddp")
+    jobs = [
+        {"kind": kind, "args": _args(tiny_dir, out, name, **extra)}
+        for name, (kind, extra) in JOBS.items()
+    ]
+    online = _args(tiny_dir, out, "online", method="online_dpo", num_eval=0, max_new_tokens=6)
+    online["judge"] = "online_helpers:length_score"
+    jobs.append({"kind": "online", "args": online})
+    (out / "jobs.json").write_text(json.dumps(jobs))
+    # ACCELERATE_USE_CPU: without it accelerate under torchrun on a CPU machine sees 2 single runs
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+         str(HERE / "ddp_driver.py"), str(out / "jobs.json")],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_two_processes_equal_one(two_processes, tiny_dir, tmp_path, name):
+    kind, extra = JOBS[name]
+    one = ENTRY[kind](_args(tiny_dir, tmp_path, name, **extra)).run_dir
+    two = two_processes / name
+    assert json.loads((two / "summary.json").read_text())["num_processes"] == 2
+    a, b = _losses(one), _losses(two)
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b):
+        assert math.isclose(x, y, rel_tol=1e-7), (a, b)
+    digests = {p.read_text() for p in two.glob("weights-rank*.sha256")}
+    assert len(digests) == 1, "the two processes' weights differ"
+
+
+def test_online_dpo_processes_stay_in_sync(two_processes):
+    """Each process samples and judges its own prompts; DDP averages the gradients, so every
+    process ends with the same weights (each would drift apart on its own pairs otherwise)."""
+    run = two_processes / "online"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("pairs/trained", 0) for r in rows) > 0
+    assert len({p.read_text() for p in run.glob("weights-rank*.sha256")}) == 1
