@@ -48,8 +48,12 @@ class DataConfig:
     task: str | None = (
         "auto"  # verifiable task for task/accuracy: 'arithmetic', None; 'auto' = by data
     )
-    num_train: int | None = 256  # use the first N training records (None = all)
-    num_eval: int = 64  # held-out pairs for eval/ metrics
+    # training records: null = all; auto = all of a user's data, the bundled sets' first 256
+    # (the default job); N = the first N of the training part, in file order
+    num_train: int | str | None = "auto"
+    # held-out pairs for eval/ metrics (at most a fifth of the data), drawn at random by `seed`;
+    # the bundled sets hold out their last ones. Ignored when eval_data is given
+    num_eval: int = 64
     num_task_eval: int = 256  # held-out task problems for task/accuracy
     max_length: int = 512
     max_prompt_length: int = 256
@@ -221,13 +225,24 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if "None" in t:
             return None
         raise ConfigError(f"'{key}' cannot be null")
+    if t.startswith("int | str") and value == "auto":  # num_train
+        return value
+    if t.startswith("str") and isinstance(value, dict | list):
+        raise ConfigError(
+            f"'{key}' must be a single value, got {value!r}; config keys are flat "
+            f"('{key}: value' at the top level, no sections)"
+        )
     if t.startswith("bool"):
         if isinstance(value, bool):
             return value
         raise ConfigError(f"'{key}' must be true or false, got {value!r}")
     if isinstance(value, str) and (t.startswith("int") or t.startswith("float")):
         try:  # YAML 1.1 reads '1e-5' as a string
-            value = float(value) if t.startswith("float") or not value.lstrip("-").isdigit() else int(value)
+            value = (
+                float(value)
+                if t.startswith("float") or not value.lstrip("-").isdigit()
+                else int(value)
+            )
         except ValueError:
             pass
     if t.startswith("int"):
@@ -263,13 +278,7 @@ def build_config(
     elif isinstance(source, dict):
         raw = dict(source)
     elif source is not None:
-        path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config file must be a mapping of key: value")
-        raw = loaded
+        raw = _read_yaml(Path(source))
     if isinstance(overrides, dict):
         raw.update(overrides)
     else:
@@ -284,8 +293,12 @@ def build_config(
     owner = _owner()
     hparams = _loss_hparam_names()
     sections: dict[str, dict] = {s: {} for s in SECTIONS}
-    loss_args: dict = dict(raw.pop("loss_args", None) or {})
+    loss_args = raw.pop("loss_args", None) or {}
+    if not isinstance(loss_args, dict):
+        raise ConfigError(f"'loss_args' must be a mapping such as {{beta: 0.1}}, got {loss_args!r}")
+    loss_args = dict(loss_args)
     for key, value in raw.items():
+        key = str(key)
         if key in owner:
             sections[owner[key]][key] = value
         elif key in hparams:
@@ -308,6 +321,27 @@ def build_config(
     return cfg
 
 
+def _read_yaml(path: Path) -> dict:
+    """A config file's mapping; what stops it being read is one ConfigError naming the file."""
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; give a YAML file of key: value lines")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix the file") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of key: value lines")
+    return loaded
+
+
 def validate(cfg: Config) -> None:
     """Everything that can be checked before a model loads."""
     from preftune.losses import LOSSES, validate_hparams
@@ -318,7 +352,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"unknown loss '{cfg.loss.loss}'"
             + (f"; did you mean '{hint[0]}'?" if hint else "")
-            + f". Available: {', '.join(LOSSES)}"
+            + f" Available: {', '.join(LOSSES)}"
         )
     try:
         cfg.loss.loss_args = validate_hparams(cfg.loss.loss, cfg.loss.loss_args)
@@ -370,8 +404,27 @@ def validate(cfg: Config) -> None:
             "max_length must be > 1 and max_prompt_length >= 1",
         ),
         (
-            d.num_train is None or d.num_train >= 1,
-            f"num_train must be >= 1 (or null for all), got {d.num_train}",
+            d.num_train in (None, "auto") or (isinstance(d.num_train, int) and d.num_train >= 1),
+            f"num_train must be >= 1, null (all records) or auto, got {d.num_train!r}",
+        ),
+        (d.num_eval >= 0, f"num_eval must be >= 0 (0: hold nothing out), got {d.num_eval}"),
+        (d.num_task_eval >= 0, f"num_task_eval must be >= 0, got {d.num_task_eval}"),
+        (
+            d.task in ("auto", "arithmetic", None),
+            f"task must be auto, arithmetic or null, got {d.task!r}",
+        ),
+        (
+            t.optimizer in ("adamw", "rmsprop", "sgd"),
+            f"optimizer must be adamw, rmsprop or sgd, got {t.optimizer!r}",
+        ),
+        (t.log_every >= 1, f"log_every must be >= 1, got {t.log_every}"),
+        (
+            t.eval_every is None or t.eval_every >= 0,
+            f"eval_every must be >= 0 (0 or null: only before and after), got {t.eval_every}",
+        ),
+        (
+            t.save_every is None or t.save_every >= 0,
+            f"save_every must be >= 0 (0 or null: no checkpoints), got {t.save_every}",
         ),
         (
             cfg.model.dtype in ("float32", "bfloat16", "float16", "float64"),

@@ -46,7 +46,8 @@ def test_parquet_and_saved_dataset_read_like_jsonl(tmp_path):
 
 def test_implicit_prompt_is_the_shared_prefix():
     p, c, r = shared_prefix("Q: 2+2? A: 4", "Q: 2+2? A: 5")
-    assert (p, c, r) == ("Q: 2+2? A: ", "4", "5")
+    assert (p, c, r) == ("Q: 2+2? A:", " 4", " 5")  # the space opens the completion, as in TRL
+    assert shared_prefix("A: 45", "A: 46") == ("A:", " 45", " 46")  # whole words
     msgs = CONV["prompt"]
     p, c, r = shared_prefix(msgs + CONV["chosen"], msgs + CONV["rejected"])
     assert p == msgs and c == CONV["chosen"] and r == CONV["rejected"]
@@ -82,11 +83,11 @@ def test_standard_completion_gets_eos(tokenizer):
     assert ids[-1] == tokenizer.eos_token_id
 
 
-def test_truncation_keeps_prompt_start_and_is_counted(tokenizer):
-    rec = {"prompt": "word " * 50, "chosen": " yes " * 30, "rejected": " no"}
+def test_truncation_keeps_prompt_end_and_is_counted(tokenizer):
+    rec = {"prompt": "word " * 50 + "Question?", "chosen": " yes " * 30, "rejected": " no"}
     (ex,), stats = tokenize_records([rec], tokenizer, max_length=40, max_prompt_length=20)
     full_prompt = prompt_ids(tokenizer, rec["prompt"])
-    assert ex["prompt_ids"] == full_prompt[:20]
+    assert ex["prompt_ids"] == full_prompt[-20:]  # the question survives, as in TRL
     assert len(ex["prompt_ids"]) + len(ex["chosen_ids"]) <= 40
     assert stats.prompt_truncated == 1 and stats.completion_truncated == 1
     assert "truncated 1 prompts" in stats.summary()

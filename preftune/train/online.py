@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from preftune.config import Config, ConfigError
 from preftune.losses import LOSSES
-from preftune.online.base import relabel_summary, resolve_config, split_argv
+from preftune.online.base import relabel_summary, resolve_config
 from preftune.online.loops import OnlineDPOTrainer, RSOTrainer
 from preftune.online.remax_loop import ReMaxTrainer, check_remax
+from preftune.train.setup import check_before_loading
 from preftune.train.trainer import TrainResult
 
 ONLINE_METHODS = {"online_dpo": OnlineDPOTrainer, "rso": RSOTrainer, "remax": ReMaxTrainer}
@@ -85,13 +86,8 @@ def train_online(config=None, overrides=None) -> TrainResult:
 
     cfg = resolve_config(config, overrides, lambda c: c.online.method)
     validate_online(cfg)
+    if not cfg.train.resume:
+        check_before_loading(cfg)
     trainer = ONLINE_METHODS[cfg.online.method](cfg)
     loss_name = "remax" if cfg.online.method == "remax" else cfg.loss.loss
     return relabel_summary(trainer, run(trainer), cfg.online.method, loss_name)
-
-
-def main(argv: list[str]) -> int:
-    """`preftune online [config.yaml] key=value ...`"""
-    config, overrides = split_argv(argv)
-    train_online(config, overrides)
-    return 0
