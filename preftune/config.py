@@ -369,6 +369,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"beta_calibration needs a loss with a beta; '{cfg.loss.loss}' has none"
             )
+        for k, v in cfg.loss.beta_calibration.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ConfigError(f"beta_calibration.{k} must be a number, got {v!r}")
         fr = cfg.loss.beta_calibration.get("filter_ratio", 0.2)
         if not 0 <= fr < 1:
             raise ConfigError(f"beta_calibration.filter_ratio must be in [0, 1), got {fr}")

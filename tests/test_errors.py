@@ -4,7 +4,8 @@ no traceback, before training, and leave every existing run directory as it was.
 Each row of CASES is one bad input: the command line (a config file first, then key=value
 overrides that follow the tiny-run defaults in BASE), a `setup(tmp, tiny)` that writes what the
 row needs under `tmp`, and words the message must hold (what was wrong and where). `{tmp}` and
-`{tiny}` in a row's strings name that folder and the tiny model. To add a row, append a Case.
+`{tiny}` in a row's strings name that folder and the tiny model (other braces are doubled: they
+go through str.format). To add a row, append a Case.
 """
 
 from __future__ import annotations
@@ -97,6 +98,11 @@ def _no_chat_template(folder: Path) -> None:
     (folder / "chat_template.jinja").unlink()
 
 
+def _no_tokenizer(folder: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).unlink()
+
+
 def _adapter_only(folder: Path) -> None:
     (folder / "config.json").unlink()
     (folder / "adapter_config.json").write_text("{}")
@@ -155,6 +161,9 @@ CASES = [
     Case("data-dataset-without-train-split", ["data={tmp}/saved"], _saved_dataset_without_train, ("saved", "'train'")),
     Case("eval-data-missing", ["data={tmp}/d.jsonl", "eval_data={tmp}/nope.jsonl"], pairs("d.jsonl", 8),
          ("eval_data=", "nope.jsonl")),
+    Case("eval-data-unpaired-for-dpo", ["data={tmp}/d.jsonl", "eval_data={tmp}/e.jsonl"],
+         both(pairs("d.jsonl", 8), lines("e.jsonl", {"prompt": "p", "completion": "c", "label": True})),
+         ("eval_data=", "e.jsonl", "loss=kto")),
     Case("batch-size-above-data", ["data={tmp}/d.jsonl", "batch_size=64"], pairs("d.jsonl", 10),
          ("d.jsonl", "batch_size=64")),
     # ---- config ----
@@ -176,6 +185,7 @@ CASES = [
     Case("config-unknown-loss", ["loss=dpp"], None, ("dpp", "did you mean")),
     Case("config-num-eval-negative", ["num_eval=-1"], None, ("num_eval",)),
     Case("config-unknown-optimizer", ["optimizer=adam"], None, ("optimizer", "adamw")),
+    Case("config-calibration-not-a-number", ["beta_calibration={{alpha: high}}"], None, ("beta_calibration.alpha",)),
     # ---- models ----
     Case("model-missing-folder", ["model={tmp}/nope"], None, ("nope", "no such folder")),
     Case("model-hub-id", ["model=no-such-owner/no-such-model"], None, ("no-such-owner/no-such-model", "hub")),
@@ -188,6 +198,9 @@ CASES = [
          ("rc", "trust_remote_code=true")),
     Case("model-config-not-json", ["model={tmp}/bad"],
          model_copy("bad", lambda f: (f / "config.json").write_text("{oops")), ("config.json", "not valid JSON")),
+    Case("model-without-tokenizer", ["model={tmp}/nt"], model_copy("nt", _no_tokenizer), ("nt", "tokenizer")),
+    Case("model-corrupt-safetensors", ["model={tmp}/cs"],
+         model_copy("cs", lambda f: (f / "model.safetensors").write_bytes(b"\x08" * 64)), ("cs", "cannot be loaded")),
     Case("model-lora-adapter-folder", ["model={tmp}/ad"], model_copy("ad", _adapter_only), ("ad", "LoRA adapter")),
     Case("model-lora-targets-nothing", ["lora=true", "lora_target_modules=no_such_proj", "data=arithmetic_edit",
                                         "num_train=4"], None, ("lora_target_modules=no_such_proj",)),

@@ -104,11 +104,13 @@ def load_datasets(cfg: Config, tokenizer, unpaired: bool) -> Datasets:
         eval_records = [records[i] for i in split.eval]
         eval_where = [report.where[i] for i in split.eval]
     train_records = [records[i] for i in split.train]
-    if not unpaired and any("completion" in r for r in train_records):
-        raise ConfigError(
-            f"loss '{cfg.loss.loss}' needs paired records (prompt, chosen, rejected); "
-            f"data={d.data} holds unpaired ones (prompt, completion, label); use loss=kto"
-        )
+    for key, recs in (("data", records), ("eval_data", eval_records)):
+        if not unpaired and any("completion" in r for r in recs):
+            raise ConfigError(
+                f"loss '{cfg.loss.loss}' needs paired records (prompt, chosen, rejected); "
+                f"{key}={getattr(d, key)} holds unpaired ones (prompt, completion, label); "
+                f"use loss=kto"
+            )
     train_where = [report.where[i] for i in split.train]
     train, stats = _tokenize(cfg, train_records, train_where, tokenizer, unpaired)
     evald, eval_stats = _tokenize(cfg, eval_records, eval_where, tokenizer, unpaired)
