@@ -344,9 +344,16 @@ def _read_yaml(path: Path) -> dict:
 
 def validate(cfg: Config) -> None:
     """Everything that can be checked before a model loads."""
+    _validate_loss(cfg)
+    for ok, msg in _value_checks(cfg):
+        if not ok:
+            raise ConfigError(msg)
+    _validate_combinations(cfg)
+
+
+def _validate_loss(cfg: Config) -> None:
     from preftune.losses import LOSSES, validate_hparams
 
-    t, d = cfg.train, cfg.data
     if cfg.loss.loss not in LOSSES:
         hint = difflib.get_close_matches(cfg.loss.loss, list(LOSSES), n=1)
         raise ConfigError(
@@ -375,7 +382,12 @@ def validate(cfg: Config) -> None:
         fr = cfg.loss.beta_calibration.get("filter_ratio", 0.2)
         if not 0 <= fr < 1:
             raise ConfigError(f"beta_calibration.filter_ratio must be in [0, 1), got {fr}")
-    checks = [
+
+
+def _value_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """(holds, message if not) for each key checked on its own."""
+    t, d = cfg.train, cfg.data
+    return [
         (t.lr > 0, f"lr must be > 0, got {t.lr}"),
         (t.batch_size >= 1, f"batch_size must be >= 1, got {t.batch_size}"),
         (t.grad_accum >= 1, f"grad_accum must be >= 1, got {t.grad_accum}"),
@@ -435,9 +447,10 @@ def validate(cfg: Config) -> None:
         ),
         (t.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
+
+
+def _validate_combinations(cfg: Config) -> None:
+    t = cfg.train
     if t.optimizer_in_backward:
         # each parameter is updated before the backward has finished (train/in_backward.py)
         if t.max_grad_norm:
