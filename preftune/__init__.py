@@ -2,20 +2,30 @@
 
 Public API:
     train(config=None, overrides=None) -> TrainResult   (run directory + final metrics)
+    train_online(config=None, overrides=None), train_reward(config=None, overrides=None)
     build_config(source, overrides) -> Config
+    UserError: what every mistake a user can fix raises (exit code 2 from the CLI)
     losses.compute(name, logps, **hparams), losses.LOSSES
 """
 
+# The subpackage preftune.train is imported before the function of the same name is bound:
+# Python sets a package's attribute to a subpackage when that is first imported, which would
+# otherwise replace `preftune.train` with the module on the first run (and a second call would
+# find a module). Importing the subpackage is cheap: its names load on first use.
+import preftune.train  # noqa: F401
+from preftune.api import train, train_online, train_reward
 from preftune.config import Config, ConfigError, build_config
+from preftune.errors import UserError
 
 __version__ = "0.1.0"
 
-
-def train(config=None, overrides=None):
-    """Run the offline trainer; see preftune.train.trainer.train."""
-    from preftune.train.trainer import train as _train
-
-    return _train(config, overrides)
-
-
-__all__ = ["Config", "ConfigError", "build_config", "train", "__version__"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "UserError",
+    "build_config",
+    "train",
+    "train_online",
+    "train_reward",
+    "__version__",
+]

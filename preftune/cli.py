@@ -6,21 +6,27 @@ import argparse
 import sys
 
 
-def _train(args) -> int:
-    from preftune.train.trainer import train
-
+def _config_and_overrides(args) -> tuple[str | None, list[str]]:
+    """[config.yaml] key=value ... plus the options, as (config path, overrides)."""
     overrides = list(args.overrides)
+    config = overrides.pop(0) if overrides and "=" not in overrides[0] else None
     if args.resume:
         overrides.append(f"resume={args.resume}")
     if args.quiet:
         overrides.append("quiet=true")
     if args.skip_invalid:
         overrides.append("skip_invalid=true")
-    config = None
-    if args.overrides and "=" not in args.overrides[0]:
-        config = overrides.pop(0)
-    train(config, overrides)
-    return 0
+    return config, overrides
+
+
+def _run(entry: str):
+    def run(args) -> int:
+        import preftune.api
+
+        getattr(preftune.api, entry)(*_config_and_overrides(args))
+        return 0
+
+    return run
 
 
 def _losses(args) -> int:
@@ -29,7 +35,10 @@ def _losses(args) -> int:
     rows = loss_table()
     cols = ["name", "hyper-parameters", "log-probs", "reference", "paper"]
     keys = ["name", "hyperparameters", "reduction", "needs_reference", "paper"]
-    table = [[str(r[k]) if k != "needs_reference" else ("yes" if r[k] else "no") for k in keys] for r in rows]
+    table = [
+        [str(r[k]) if k != "needs_reference" else ("yes" if r[k] else "no") for k in keys]
+        for r in rows
+    ]
     widths = [max(len(c), *(len(row[i]) for row in table)) for i, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     print("  ".join("-" * w for w in widths))
@@ -59,13 +68,17 @@ def _compare(args) -> int:
     return 0
 
 
-def _delegate(module: str):
-    def run(args) -> int:
-        import importlib
-
-        return importlib.import_module(module).main(list(args.overrides))
-
-    return run
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="an optional config.yaml, then key=value overrides")
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
+    )
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bar; the one-line summary only"
+    )
+    p.add_argument(
+        "--skip-invalid", action="store_true", help="drop invalid records and report them"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,17 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys (YAML file or key=value):\n" + help_text(),
     )
-    t.add_argument("overrides", nargs="*", help="an optional config.yaml, then key=value overrides")
-    t.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a run from its newest complete checkpoint"
-    )
-    t.add_argument(
-        "--quiet", action="store_true", help="no progress bar; the one-line summary only"
-    )
-    t.add_argument(
-        "--skip-invalid", action="store_true", help="drop invalid records and report them"
-    )
-    t.set_defaults(func=_train)
+    _add_run_arguments(t)
+    t.set_defaults(func=_run("train"))
 
     sub.add_parser(
         "losses", help="list every loss with its paper and hyper-parameters"
@@ -117,20 +121,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare.html")
     c.set_defaults(func=_compare)
 
-    for name, module, text in (
-        ("reward", "preftune.train.reward", "train a Bradley-Terry reward model"),
-        ("online", "preftune.train.online", "online DPO / RSO / ReMax with a judge"),
+    for name, entry, text in (
+        ("reward", "train_reward", "train a Bradley-Terry reward model"),
+        ("online", "train_online", "online DPO / RSO / ReMax with a judge"),
     ):
         s = sub.add_parser(name, help=text)
-        s.add_argument(
-            "overrides", nargs="*", help="an optional config.yaml, then key=value overrides"
-        )
-        s.set_defaults(func=_delegate(module))
+        _add_run_arguments(s)
+        s.set_defaults(func=_run(entry))
     return p
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Options and key=value overrides in any order (`train lr=1e-5 --quiet beta=0.2`):
+    argparse ends a positional list at the first option, so what follows it comes back unknown
+    and joins the overrides; anything else unknown is an error as usual."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # an unknown '--key=value' is an override too: build_config strips the dashes
+    strays = [a for a in extra if a.startswith("-") and "=" not in a]
+    if strays or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(strays or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from preftune.errors import UserError
 
     try:

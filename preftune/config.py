@@ -48,8 +48,12 @@ class DataConfig:
     task: str | None = (
         "auto"  # verifiable task for task/accuracy: 'arithmetic', None; 'auto' = by data
     )
-    num_train: int | None = 256  # use the first N training records (None = all)
-    num_eval: int = 64  # held-out pairs for eval/ metrics
+    # training records: null = all; auto = all of a user's data, the bundled sets' first 256
+    # (the default job); N = the first N of the training part, in file order
+    num_train: int | str | None = "auto"
+    # held-out pairs for eval/ metrics (at most a fifth of the data), drawn at random by `seed`;
+    # the bundled sets hold out their last ones. Ignored when eval_data is given
+    num_eval: int = 64
     num_task_eval: int = 256  # held-out task problems for task/accuracy
     max_length: int = 512
     max_prompt_length: int = 256
@@ -228,13 +232,24 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if "None" in t:
             return None
         raise ConfigError(f"'{key}' cannot be null")
+    if t.startswith("int | str") and value == "auto":  # num_train
+        return value
+    if t.startswith("str") and isinstance(value, dict | list):
+        raise ConfigError(
+            f"'{key}' must be a single value, got {value!r}; config keys are flat "
+            f"('{key}: value' at the top level, no sections)"
+        )
     if t.startswith("bool"):
         if isinstance(value, bool):
             return value
         raise ConfigError(f"'{key}' must be true or false, got {value!r}")
     if isinstance(value, str) and (t.startswith("int") or t.startswith("float")):
         try:  # YAML 1.1 reads '1e-5' as a string
-            value = float(value) if t.startswith("float") or not value.lstrip("-").isdigit() else int(value)
+            value = (
+                float(value)
+                if t.startswith("float") or not value.lstrip("-").isdigit()
+                else int(value)
+            )
         except ValueError:
             pass
     if t.startswith("int"):
@@ -270,13 +285,7 @@ def build_config(
     elif isinstance(source, dict):
         raw = dict(source)
     elif source is not None:
-        path = Path(source)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config file must be a mapping of key: value")
-        raw = loaded
+        raw = _read_yaml(Path(source))
     if isinstance(overrides, dict):
         raw.update(overrides)
     else:
@@ -291,8 +300,12 @@ def build_config(
     owner = _owner()
     hparams = _loss_hparam_names()
     sections: dict[str, dict] = {s: {} for s in SECTIONS}
-    loss_args: dict = dict(raw.pop("loss_args", None) or {})
+    loss_args = raw.pop("loss_args", None) or {}
+    if not isinstance(loss_args, dict):
+        raise ConfigError(f"'loss_args' must be a mapping such as {{beta: 0.1}}, got {loss_args!r}")
+    loss_args = dict(loss_args)
     for key, value in raw.items():
+        key = str(key)
         if key in owner:
             sections[owner[key]][key] = value
         elif key in hparams:
@@ -315,17 +328,45 @@ def build_config(
     return cfg
 
 
+def _read_yaml(path: Path) -> dict:
+    """A config file's mapping; what stops it being read is one ConfigError naming the file."""
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {path} {what}; give a YAML file of key: value lines")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix the file") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of key: value lines")
+    return loaded
+
+
 def validate(cfg: Config) -> None:
     """Everything that can be checked before a model loads."""
+    _validate_loss(cfg)
+    for ok, msg in _value_checks(cfg):
+        if not ok:
+            raise ConfigError(msg)
+    _validate_combinations(cfg)
+
+
+def _validate_loss(cfg: Config) -> None:
     from preftune.losses import LOSSES, validate_hparams
 
-    t, d = cfg.train, cfg.data
     if cfg.loss.loss not in LOSSES:
         hint = difflib.get_close_matches(cfg.loss.loss, list(LOSSES), n=1)
         raise ConfigError(
             f"unknown loss '{cfg.loss.loss}'"
             + (f"; did you mean '{hint[0]}'?" if hint else "")
-            + f". Available: {', '.join(LOSSES)}"
+            + f" Available: {', '.join(LOSSES)}"
         )
     try:
         cfg.loss.loss_args = validate_hparams(cfg.loss.loss, cfg.loss.loss_args)
@@ -342,10 +383,18 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"beta_calibration needs a loss with a beta; '{cfg.loss.loss}' has none"
             )
+        for k, v in cfg.loss.beta_calibration.items():
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ConfigError(f"beta_calibration.{k} must be a number, got {v!r}")
         fr = cfg.loss.beta_calibration.get("filter_ratio", 0.2)
         if not 0 <= fr < 1:
             raise ConfigError(f"beta_calibration.filter_ratio must be in [0, 1), got {fr}")
-    checks = [
+
+
+def _value_checks(cfg: Config) -> list[tuple[bool, str]]:
+    """(holds, message if not) for each key checked on its own."""
+    t, d = cfg.train, cfg.data
+    return [
         (t.lr > 0, f"lr must be > 0, got {t.lr}"),
         (t.batch_size >= 1, f"batch_size must be >= 1, got {t.batch_size}"),
         (t.grad_accum >= 1, f"grad_accum must be >= 1, got {t.grad_accum}"),
@@ -377,8 +426,27 @@ def validate(cfg: Config) -> None:
             "max_length must be > 1 and max_prompt_length >= 1",
         ),
         (
-            d.num_train is None or d.num_train >= 1,
-            f"num_train must be >= 1 (or null for all), got {d.num_train}",
+            d.num_train in (None, "auto") or (isinstance(d.num_train, int) and d.num_train >= 1),
+            f"num_train must be >= 1, null (all records) or auto, got {d.num_train!r}",
+        ),
+        (d.num_eval >= 0, f"num_eval must be >= 0 (0: hold nothing out), got {d.num_eval}"),
+        (d.num_task_eval >= 0, f"num_task_eval must be >= 0, got {d.num_task_eval}"),
+        (
+            d.task in ("auto", "arithmetic", None),
+            f"task must be auto, arithmetic or null, got {d.task!r}",
+        ),
+        (
+            t.optimizer in ("adamw", "rmsprop", "sgd"),
+            f"optimizer must be adamw, rmsprop or sgd, got {t.optimizer!r}",
+        ),
+        (t.log_every >= 1, f"log_every must be >= 1, got {t.log_every}"),
+        (
+            t.eval_every is None or t.eval_every >= 0,
+            f"eval_every must be >= 0 (0 or null: only before and after), got {t.eval_every}",
+        ),
+        (
+            t.save_every is None or t.save_every >= 0,
+            f"save_every must be >= 0 (0 or null: no checkpoints), got {t.save_every}",
         ),
         (
             cfg.model.dtype in ("float32", "bfloat16", "float16", "float64"),
@@ -395,9 +463,10 @@ def validate(cfg: Config) -> None:
             f"divergence_factor must be > 1 (or null), got {t.divergence_factor}",
         ),
     ]
-    for ok, msg in checks:
-        if not ok:
-            raise ConfigError(msg)
+
+
+def _validate_combinations(cfg: Config) -> None:
+    t = cfg.train
     if t.optimizer_in_backward:
         # each parameter is updated before the backward has finished (train/in_backward.py)
         if t.max_grad_norm:

@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from preftune.layouts import shared_prefix_length
+from preftune.logps import cache_argument
 
 
 @dataclass(frozen=True)
@@ -207,9 +208,10 @@ def _generate_rows(
     if prefix and cfg.num_return_sequences == 1:
         ids, mask = _mid_pad(rows, prefix, pad_id)
         out = model(input_ids=ids[:1, :prefix].to(device), use_cache=True)
-        cache = out.past_key_values
+        name = cache_argument(model)  # generate takes the name its model's forward takes
+        cache = getattr(out, name)
         cache.batch_repeat_interleave(len(rows))
-        kwargs["past_key_values"] = cache
+        kwargs[name] = cache
     else:
         ids, mask = _left_pad(rows, pad_id)
     seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)

@@ -18,6 +18,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from preftune.config import ConfigError
+from preftune.models import check_model_source, load_or_explain
 from preftune.reward.loss import pool_last_token
 
 JUDGE_SPECS_HELP = (
@@ -138,23 +140,18 @@ class RewardModelJudge:
 
 
 def _load_reward_model(path: Path, tokenizer: Any):
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(
-            f"reward model directory {path} has no config.json; point to a "
-            f"directory written by save_pretrained"
-        )
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
+    check_model_source(str(path), key="judge")
+    model = load_or_explain(
+        lambda: AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch.float32, use_safetensors=True
-        )
-    except (OSError, ValueError) as e:
-        raise RuntimeError(
-            f"could not load a sequence-classification reward model from {path}: {e}"
-        ) from e
+        ),
+        str(path),
+        key="judge",
+    )
     if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_or_explain(lambda: AutoTokenizer.from_pretrained(path), str(path), "judge")
     return model, tokenizer
 
 
@@ -235,7 +232,7 @@ class CallableJudge:
 def load_judge(spec: str, batch_size: int = 8) -> Judge:
     """Build a judge from a config string; see `JUDGE_SPECS_HELP` for the accepted forms."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"judge spec must be a non-empty string: {JUDGE_SPECS_HELP}")
+        raise ConfigError(f"judge spec must be a non-empty string: {JUDGE_SPECS_HELP}")
     spec = spec.strip()
     if spec.lower() in ("verifier", "arithmetic"):
         return VerifierJudge()
@@ -243,10 +240,13 @@ def load_judge(spec: str, batch_size: int = 8) -> Judge:
     if path.is_dir():
         return RewardModelJudge(path, batch_size=batch_size)
     if ":" in spec and not path.exists():
-        return CallableJudge(spec)
+        try:
+            return CallableJudge(spec)
+        except (ImportError, AttributeError, TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None  # each already names the judge and the fix
     if path.exists():
-        raise ValueError(f"judge '{spec}' is a file; a reward model is given as its directory")
-    raise ValueError(
+        raise ConfigError(f"judge '{spec}' is a file; a reward model is given as its directory")
+    raise ConfigError(
         f"unknown judge '{spec}' (not a directory here either). Use {JUDGE_SPECS_HELP}. Hub ids "
         f"are not downloaded at run time: fetch one with `huggingface-cli download ID "
         f"--local-dir DIR` and pass DIR."

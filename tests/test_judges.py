@@ -14,6 +14,7 @@ from preftune.judges import (
     VerifierJudge,
     load_judge,
 )
+from preftune.models import ModelNotFoundError
 
 PROMPTS = ["one plus two equals", "a", "b c d e f"]
 COMPLETIONS = [" three", " b c d e", " yes no"]
@@ -111,7 +112,7 @@ def test_reward_model_judge_errors(rm_dir, tmp_path):
     two = _save_reward_model(tmp_path / "two", num_labels=2)
     with pytest.raises(ValueError, match="num_labels=2"):
         RewardModelJudge(two)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
         RewardModelJudge(tmp_path)
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         RewardModelJudge(rm_dir).score(["a", "b"], ["c"])
@@ -173,7 +174,7 @@ def test_load_judge_dispatch(rm_dir, tmp_path):
     assert isinstance(load_judge("online_helpers:length_score"), CallableJudge)
     rm = load_judge(str(rm_dir), batch_size=4)
     assert isinstance(rm, RewardModelJudge) and rm.batch_size == 4
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelNotFoundError, match="config.json"):
         load_judge(str(tmp_path))
     with pytest.raises(ValueError, match="unknown judge 'OpenAssistant/some-rm'.*--local-dir"):
         load_judge("OpenAssistant/some-rm")

@@ -89,7 +89,9 @@ def test_margin_column_and_centering_enter_the_loss(tiny_dir, tmp_path):
     ids, mask = pad_right(seqs, trainer.tokenizer.pad_token_id)
     with torch.no_grad():
         r = sequence_rewards(trainer.policy, ids, mask)
-    want = bradley_terry_loss(r[:2], r[2:], torch.tensor([0.5, 1.5]), 0.01)
+    margins = torch.tensor([e["margin"] for e in exs])  # which records train is drawn by seed
+    assert margins.abs().sum() > 0
+    want = bradley_terry_loss(r[:2], r[2:], margins, 0.01)
     torch.testing.assert_close(out.losses, want)
     assert not torch.allclose(out.losses, bradley_terry_loss(r[:2], r[2:]))
 

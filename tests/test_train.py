@@ -86,3 +86,14 @@ def test_accumulation_equals_full_batch(tiny_dir, tmp_path, loss):
     pa, pb = _params(a.run_dir), _params(b.run_dir)
     for n in pa:
         torch.testing.assert_close(pa[n], pb[n], rtol=1e-9, atol=1e-9)
+
+
+def test_python_api_trains_twice_in_one_process(tiny_dir, tmp_path):
+    """`preftune.train` stays the function after the subpackage preftune.train is imported (it
+    used to be replaced by the module on the first run, so a second call raised TypeError)."""
+    import preftune
+
+    first = preftune.train(tiny_args(tiny_dir, tmp_path, "api-1", max_steps=1, eval_before=False))
+    second = preftune.train(tiny_args(tiny_dir, tmp_path, "api-2", max_steps=1, eval_before=False))
+    assert (first.run_dir / "final").is_dir() and (second.run_dir / "final").is_dir()
+    assert callable(preftune.train) and callable(preftune.train_reward)

@@ -1,7 +1,5 @@
-"""Reading and validating preference records.
-
-Sources: a JSONL file, a Parquet file, a directory written by ``datasets.save_to_disk``, a
-Hugging Face hub id (needs the network), or a Python list of dicts.
+"""Validating preference records, read from a source (`preftune.data.sources`) or given as a
+Python list of dicts.
 
 Canonical record kinds
 - paired:   {"prompt", "chosen", "rejected"} — strings (standard form) or message lists
@@ -11,25 +9,21 @@ Canonical record kinds
 
 Every problem is an error naming the source, the line (1-based, as an editor shows it) and the
 field, with what to do. ``skip_invalid=True`` drops bad records instead, and the returned
-``LoadReport`` says how many and why: nothing is dropped silently.
+``LoadReport`` says how many and why: nothing is dropped silently. A chosen answer identical to
+its rejected one is invalid: there is nothing to prefer.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from preftune.errors import UserError
+from preftune.data.sources import DataError, read_items
 
 PAIRED_FIELDS = ("prompt", "chosen", "rejected")
 UNPAIRED_FIELDS = ("prompt", "completion", "label")
-
-
-class DataError(UserError, ValueError):
-    """A record is invalid: the message names the source, line and field."""
 
 
 @dataclass
@@ -37,6 +31,7 @@ class LoadReport:
     source: str
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
+    where: list[str] = field(default_factory=list)  # file:line (or row) of each kept record
 
     def summary(self) -> str:
         if not self.skipped:
@@ -77,8 +72,11 @@ def shared_prefix(chosen: str | list, rejected: str | list) -> tuple[Any, Any, A
         n = 0
         while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
             n += 1
-        # Cut at a word boundary so a shared first letter of the answers stays in the completions.
-        cut = chosen.rfind(" ", 0, n) + 1 if n < len(chosen) else n
+        if n == len(chosen) == len(rejected):
+            return chosen, "", ""
+        # Cut before the space that starts the first differing word, so a shared first letter of
+        # the answers stays in the completions and the space opens them (as TRL's extract_prompt).
+        cut = max(chosen.rfind(" ", 0, n), 0)
         return chosen[:cut], chosen[cut:], rejected[cut:]
     raise DataError("'chosen' and 'rejected' must both be strings or both be message lists")
 
@@ -86,7 +84,10 @@ def shared_prefix(chosen: str | list, rejected: str | list) -> tuple[Any, Any, A
 def validate_record(rec: Any, where: str) -> dict:
     """Return the canonical form of one record or raise DataError naming `where` and the field."""
     if not isinstance(rec, dict):
-        raise DataError(f"{where}: a record must be an object, got {type(rec).__name__}")
+        raise DataError(
+            f'{where}: a record must be a JSON object ({{"prompt": ..., ...}}), got '
+            f"{type(rec).__name__}"
+        )
     if "completion" in rec or "label" in rec:
         missing = [k for k in UNPAIRED_FIELDS if k not in rec]
         if missing:
@@ -108,11 +109,17 @@ def validate_record(rec: Any, where: str) -> dict:
             )
         if (why := _check_text(rec[name], name)) is not None:
             raise DataError(f"{where}: field '{name}': {why}")
+    if rec["chosen"] == rec["rejected"]:
+        raise DataError(
+            f"{where}: 'chosen' and 'rejected' are identical, nothing to prefer; fix or remove "
+            f"the record"
+        )
     if "prompt" not in rec:
         prompt, chosen, rejected = shared_prefix(rec["chosen"], rec["rejected"])
         if not chosen or not rejected:
             raise DataError(
-                f"{where}: implicit prompt: 'chosen' and 'rejected' are identical, nothing to prefer"
+                f"{where}: implicit prompt: one of 'chosen' and 'rejected' is all of the other, "
+                f"so one completion would be empty; give the 'prompt' field"
             )
     else:
         prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
@@ -127,61 +134,29 @@ def validate_record(rec: Any, where: str) -> dict:
         )
     out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if "margin" in rec:
-        out["margin"] = float(rec["margin"])
+        m = rec["margin"]
+        if isinstance(m, bool) or not isinstance(m, int | float):
+            raise DataError(f"{where}: field 'margin' must be a number, got {m!r}")
+        out["margin"] = float(m)
     return out
 
 
-def _iter_source(source: str | Path) -> tuple[str, list[tuple[str, Any]]]:
-    path = Path(source)
-    if path.is_dir():
-        from datasets import load_from_disk
+SKIP_HINT = "or pass --skip-invalid (skip_invalid=true) to drop invalid records and count them"
 
-        ds = load_from_disk(str(path))
-        if hasattr(ds, "keys"):  # a DatasetDict: take 'train'
-            if "train" not in ds:
-                raise DataError(
-                    f"{path}: a DatasetDict without a 'train' split; splits are {list(ds.keys())}"
-                )
-            ds = ds["train"]
-        return str(path), [(f"{path} row {i + 1}", row) for i, row in enumerate(ds)]
-    if path.suffix == ".parquet":
-        from datasets import Dataset
 
-        ds = Dataset.from_parquet(str(path))
-        return str(path), [(f"{path} row {i + 1}", row) for i, row in enumerate(ds)]
-    if path.suffix in (".jsonl", ".json") or path.exists():
-        if not path.exists():
-            raise DataError(f"{path}: no such file")
-        items = []
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    items.append((f"{path}:{lineno}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    items.append(
-                        (
-                            f"{path}:{lineno}",
-                            DataError(f"{path}:{lineno}: not valid JSON ({e.msg})"),
-                        )
-                    )
-        return str(path), items
-    # Anything else is taken as a hub dataset id; this is the only path that needs the network.
-    from datasets import load_dataset
-
-    ds = load_dataset(str(source), split="train")
-    return str(source), [(f"{source} row {i + 1}", row) for i, row in enumerate(ds)]
+def skip_reason(e: DataError) -> str:
+    """The reason a skipped record is counted under: the message less its place and advice."""
+    return str(e).split(": ", 1)[-1].split("; ")[0]
 
 
 def load_records(
-    source: str | Path | list[dict], skip_invalid: bool = False
+    source: str | Path | list[dict], skip_invalid: bool = False, key: str = "data"
 ) -> tuple[list[dict], LoadReport]:
     """Read and validate every record of `source`; see the module docstring."""
     if isinstance(source, list):
         name, items = "<list>", [(f"record {i}", r) for i, r in enumerate(source)]
     else:
-        name, items = _iter_source(source)
+        name, items = read_items(source, key)
     report = LoadReport(name)
     out = []
     for where, rec in items:
@@ -189,20 +164,24 @@ def load_records(
             if isinstance(rec, DataError):
                 raise rec
             out.append(validate_record(rec, where))
+            report.where.append(where)
         except DataError as e:
             if not skip_invalid:
-                raise DataError(
-                    f"{e}\n  (pass --skip-invalid to drop invalid records and report them)"
-                ) from None
-            report.skipped[str(e).split(": ", 1)[-1]] += 1
+                raise DataError(f"{e}; {SKIP_HINT}") from None
+            report.skipped[skip_reason(e)] += 1
     report.kept = len(out)
     if not out:
+        why = f" ({report.summary()})" if report.skipped else " (it holds no records)"
         raise DataError(
-            f"{name}: no valid records" + (f" ({report.summary()})" if report.skipped else "")
+            f"{key}={name}: no valid records{why}; each line must be one JSON object with "
+            f"prompt, chosen and rejected (or prompt, completion and label)"
         )
     kinds = {("completion" in r) for r in out}
     if len(kinds) > 1:
-        raise DataError(f"{name}: mixes paired and unpaired records; use one kind per dataset")
+        raise DataError(
+            f"{key}={name}: mixes paired records (chosen, rejected) and unpaired ones "
+            f"(completion, label); use one kind per data set"
+        )
     return out, report
 
 

@@ -4,8 +4,9 @@ Online DPO (METHODS.md §13), RSO (§4) and ReMax (§14) only need prompts: they
 completions themselves. Any record kind gives one — paired `{prompt, chosen, rejected}` (also
 with an implicit prompt), unpaired `{prompt, completion, label}`, or prompt-only `{prompt}` —
 as a string or a message list. Paired records additionally give held-out preference pairs for
-the `eval/` metrics, split off exactly as `preftune train` does (the last `num_eval` records,
-at most a fifth), and their prompts are never trained on.
+the `eval/` metrics, split off exactly as `preftune train` does (`num_eval` records, at most a
+fifth, drawn at random by `seed`; the bundled sets' last ones), and their prompts are never
+trained on.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from preftune.config import Config
-from preftune.data import arithmetic
-from preftune.data.records import DataError, _check_text, _iter_source, validate_record
+from preftune.data.records import SKIP_HINT, DataError, _check_text, validate_record
+from preftune.data.sources import BUNDLED, read_items
+from preftune.data.split import split_records, train_limit
 from preftune.data.tokenize import render_prompt
-from preftune.train.setup import BUNDLED
 
 
 @dataclass
@@ -30,18 +31,14 @@ class PromptSet:
     notes: list[str] = field(default_factory=list)
 
 
-def source_of(data: str) -> str | Path:
-    return arithmetic.bundled_path(BUNDLED[data]) if data in BUNDLED else data
-
-
 def read_prompt_records(
-    source: str | Path | list, skip_invalid: bool = False
+    source: str | Path | list, skip_invalid: bool = False, key: str = "data"
 ) -> tuple[list, list[dict], int]:
     """(prompts of every record, canonical paired records) of `source`; errors name the line."""
     if isinstance(source, list):
         name, items = "<list>", [(f"record {i}", r) for i, r in enumerate(source)]
     else:
-        name, items = _iter_source(source)
+        name, items = read_items(source, key)
     prompts, paired, skipped = [], [], 0
     for where, rec in items:
         try:
@@ -63,12 +60,10 @@ def read_prompt_records(
             prompts.append(rec["prompt"])
         except DataError as e:
             if not skip_invalid:
-                raise DataError(
-                    f"{e}\n  (pass skip_invalid=true to drop invalid records and report them)"
-                ) from None
+                raise DataError(f"{e}; {SKIP_HINT}") from None
             skipped += 1
     if not prompts:
-        raise DataError(f"{name}: no records with a prompt")
+        raise DataError(f"{key}={name}: no records with a prompt; give records with a 'prompt'")
     if paired and len(paired) != len(prompts):
         paired = []  # a mixed file: its pairs are not a held-out split of the prompts
     return prompts, paired, skipped
@@ -77,19 +72,22 @@ def read_prompt_records(
 def load_prompts(cfg: Config, tokenizer) -> PromptSet:
     """The prompts to generate from, and held-out pairs (from `eval_data`, or split off `data`)."""
     d = cfg.data
-    prompts, paired, skipped = read_prompt_records(source_of(d.data), d.skip_invalid)
+    prompts, paired, skipped = read_prompt_records(d.data, d.skip_invalid)
     notes = [f"{d.data}: {skipped} invalid records skipped"] if skipped else []
     if d.eval_data:
-        _, eval_records, eval_skipped = read_prompt_records(d.eval_data, d.skip_invalid)
+        _, eval_records, eval_skipped = read_prompt_records(
+            d.eval_data, d.skip_invalid, "eval_data"
+        )
         if eval_skipped:
             notes.append(f"{d.eval_data}: {eval_skipped} invalid records skipped")
-    elif paired:
-        n_eval = min(d.num_eval, len(paired) // 5)  # the same split as `preftune train`
-        eval_records = paired[len(paired) - n_eval :]
-        prompts = prompts[: len(prompts) - n_eval]
+    elif paired:  # the same split as `preftune train`
+        split = split_records(len(paired), d.num_eval, None, cfg.train.seed, d.data in BUNDLED)
+        eval_records = [paired[i] for i in split.eval]
+        prompts = [prompts[i] for i in split.train]
     else:
         eval_records = []
     held_out = {_key(r["prompt"]) for r in eval_records}
+    limit = train_limit(d.num_train, d.data in BUNDLED)
     seen: set[str] = set()
     out, too_long = [], 0
     for p in prompts:
@@ -103,7 +101,7 @@ def load_prompts(cfg: Config, tokenizer) -> PromptSet:
             too_long += 1
             continue
         out.append({"prompt": p, "text": text, "num_tokens": n})
-        if d.num_train is not None and len(out) == d.num_train:
+        if limit is not None and len(out) == limit:
             break
     if too_long:
         notes.append(

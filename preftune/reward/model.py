@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from preftune.models import disable_dropout, resolve_model_path
+from preftune.models import disable_dropout, load_or_explain, resolve_model_path
 from preftune.reward.loss import pool_last_token
 
 
@@ -25,12 +25,16 @@ def load_reward_model(
     """A causal-LM base (or an existing reward model) with a fresh 1-output score head."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(name_or_path),
-        num_labels=1,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
+    path = resolve_model_path(name_or_path, trust_remote_code)
+    model = load_or_explain(
+        lambda: AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=1,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        ),
+        name_or_path,
     )
     model.config.pad_token_id = pad_token_id
     disable_dropout(model)

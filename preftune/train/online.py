@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from preftune.config import Config, ConfigError
 from preftune.losses import LOSSES
-from preftune.online.base import relabel_summary, split_argv
+from preftune.online.base import relabel_summary
 from preftune.online.loops import OnlineDPOTrainer, RSOTrainer
 from preftune.online.remax_loop import ReMaxTrainer, check_remax
 from preftune.train.rundir import resolve
@@ -89,10 +89,3 @@ def train_online(config=None, overrides=None) -> TrainResult:
     trainer = ONLINE_METHODS[cfg.online.method](cfg)
     loss_name = "remax" if cfg.online.method == "remax" else cfg.loss.loss
     return relabel_summary(trainer, run(trainer), cfg.online.method, loss_name)
-
-
-def main(argv: list[str]) -> int:
-    """`preftune online [config.yaml] key=value ...`"""
-    config, overrides = split_argv(argv)
-    train_online(config, overrides)
-    return 0

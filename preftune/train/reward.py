@@ -19,43 +19,25 @@ import torch
 
 from preftune.config import Config
 from preftune.losses import LossOutput
-from preftune.models import load_tokenizer, own_weights, resolve_model_path
-from preftune.online.base import relabel_summary, split_argv
+from preftune.models import load_tokenizer, progress_bars, resolve_model_path
+from preftune.online.base import relabel_summary
 from preftune.reward.loss import bradley_terry_loss
 from preftune.reward.model import load_reward_model, pad_right, sequence_rewards
 from preftune.train.rundir import resolve
-from preftune.train.setup import load_datasets
+from preftune.train.setup import load_datasets, prepare_model
 from preftune.train.trainer import Trainer, TrainResult, prepare_trainer
 
 
 def _load_model(cfg: Config):
     m = cfg.model
     tokenizer = load_tokenizer(m.model, trust_remote_code=m.trust_remote_code)
-    model = load_reward_model(
-        m.model, tokenizer.pad_token_id, getattr(torch, m.dtype), m.trust_remote_code
-    )
-    if not m.lora:
-        own_weights(model)
-    model.train()  # as load_policy: checkpointing only acts in train mode; dropout is off
-    if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if m.lora:
-        from peft import LoraConfig, get_peft_model
-
-        target = m.lora_target_modules
-        model = get_peft_model(
-            model,
-            LoraConfig(
-                r=m.lora_r,
-                lora_alpha=m.lora_alpha,
-                lora_dropout=m.lora_dropout,
-                task_type="SEQ_CLS",  # keeps the new score head fully trainable
-                target_modules=target
-                if target == "all-linear"
-                else [t.strip() for t in target.split(",")],
-            ),
+    with progress_bars(not cfg.train.quiet):
+        model = load_reward_model(
+            m.model, tokenizer.pad_token_id, getattr(torch, m.dtype), m.trust_remote_code
         )
-    return model, tokenizer, resolve_model_path(m.model)
+    # peft's SEQ_CLS task keeps the new score head fully trainable under LoRA
+    model = prepare_model(cfg, model, "SEQ_CLS")
+    return model, tokenizer, resolve_model_path(m.model, m.trust_remote_code)
 
 
 class RewardTrainer(Trainer):
@@ -107,10 +89,3 @@ def train_reward(config=None, overrides=None) -> TrainResult:
     cfg = resolve(config, overrides)
     trainer = RewardTrainer(cfg)
     return relabel_summary(trainer, run(trainer), "reward", "bradley_terry")
-
-
-def main(argv: list[str]) -> int:
-    """`preftune reward [config.yaml] key=value ...`"""
-    config, overrides = split_argv(argv)
-    train_reward(config, overrides)
-    return 0

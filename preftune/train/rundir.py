@@ -155,17 +155,6 @@ def absolute_paths(cfg: Config) -> None:
                 setattr(section, key, str(Path(value).expanduser().resolve()))
 
 
-def _check_writable(folder: Path) -> None:
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"output_dir={folder}: {probe} is not a writable folder; choose output_dir=<a folder "
-            f"you can write>"
-        )
-
-
 def _lock(path: Path) -> None:
     """Take `path/.lock` (created exclusively); a lock left by a process that no longer runs on
     this host is taken over. Refuses while another live process holds it."""
@@ -280,7 +269,6 @@ def claim(cfg: Config, default_name: str) -> RunDir:
         _lock(path)
         return RunDir(path, resumed=True)
     out = Path(t.output_dir).expanduser().resolve()
-    _check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     run = _new_folder(out, t.run_name, default_name, t.overwrite)
     t.run_name = run.path.name

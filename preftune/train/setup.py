@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from preftune.config import Config, ConfigError
 from preftune.data import arithmetic
 from preftune.data.records import load_records, unpair
+from preftune.data.sources import BUNDLED, check_source
+from preftune.data.split import split_note, split_records
 from preftune.data.tokenize import tokenize_records
 from preftune.errors import UserError
-from preftune.models import load_causal_lm, load_tokenizer, own_weights, resolve_model_path
+from preftune.models import (
+    check_model_source,
+    load_causal_lm,
+    load_tokenizer,
+    own_weights,
+    progress_bars,
+    resolve_model_path,
+)
 
 
 class TrainingError(UserError, RuntimeError):
     """Training cannot go on: a non-finite loss or gradient, or a setting the run contradicts."""
-
-
-BUNDLED = {"arithmetic": "onpolicy", "arithmetic_onpolicy": "onpolicy", "arithmetic_edit": "edit"}
 
 
 @dataclass
@@ -32,6 +40,33 @@ class Datasets:
     notes: list[str]  # what the user should know: skipped, truncated
 
 
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an output_dir where no run folder can be made: the nearest part of it that exists
+    must be a folder this process can write."""
+    path = Path(output_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(
+            f"output_dir={output_dir}: {existing} is a file, so no run folder can be made there; "
+            f"choose another output_dir"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output_dir={output_dir}: {existing} is not writable by this user; choose another "
+            f"output_dir, or fix its permissions"
+        )
+
+
+def check_before_loading(cfg: Config) -> None:
+    """What a new run can check before its run directory is made and anything loads: the output
+    folder, and that the model and data exist. The loaders check again where they load."""
+    check_output_dir(cfg.train.output_dir)
+    check_model_source(cfg.model.model, cfg.model.trust_remote_code)
+    check_source(cfg.data.data)
+    if cfg.data.eval_data:
+        check_source(cfg.data.eval_data, "eval_data")
+
+
 def resolve_task(cfg: Config) -> str | None:
     task = cfg.data.task
     if task == "auto":
@@ -41,46 +76,64 @@ def resolve_task(cfg: Config) -> str | None:
     return task
 
 
-def load_datasets(cfg: Config, tokenizer, unpaired: bool) -> Datasets:
+def _tokenize(cfg: Config, records: list[dict], where: list[str], tokenizer, unpaired: bool):
     d = cfg.data
-    source = arithmetic.bundled_path(BUNDLED[d.data]) if d.data in BUNDLED else d.data
-    records, report = load_records(source, skip_invalid=d.skip_invalid)
+    if unpaired:  # a pair gives two examples, both named by the pair's line
+        where = [w for r, w in zip(records, where) for _ in range(1 if "completion" in r else 2)]
+        records = unpair(records)
+    return tokenize_records(
+        records, tokenizer, d.max_length, d.max_prompt_length, where, d.skip_invalid
+    )
+
+
+def load_datasets(cfg: Config, tokenizer, unpaired: bool) -> Datasets:
+    """Records -> tokenized train and held-out examples, with notes saying what was split off,
+    skipped, cut and left out; too little data for one batch is an error here, before training."""
+    d, t = cfg.data, cfg.train
+    records, report = load_records(d.data, skip_invalid=d.skip_invalid)
     notes = [report.summary()] if report.skipped else []
+    num_eval = 0 if d.eval_data else d.num_eval
+    split = split_records(len(records), num_eval, d.num_train, t.seed, d.data in BUNDLED)
     if d.eval_data:
-        eval_records, eval_report = load_records(d.eval_data, skip_invalid=d.skip_invalid)
+        eval_records, eval_report = load_records(d.eval_data, d.skip_invalid, key="eval_data")
+        eval_where, split.how = eval_report.where, f"eval_data={d.eval_data}"
         if eval_report.skipped:
             notes.append(eval_report.summary())
-        train_records = records
     else:
-        n_eval = min(d.num_eval, len(records) // 5)  # never eat more than a fifth of the data
-        eval_records, train_records = (
-            records[len(records) - n_eval :],
-            records[: len(records) - n_eval],
-        )
-    if d.num_train is not None:
-        train_records = train_records[: d.num_train]
-    if unpaired:
-        train_records, eval_records = unpair(train_records), unpair(eval_records)
-    elif any("completion" in r for r in train_records):
-        raise ConfigError(
-            f"loss '{cfg.loss.loss}' needs paired records (prompt, chosen, rejected); "
-            f"{d.data} holds unpaired ones (use loss=kto)"
-        )
-    train, stats = tokenize_records(train_records, tokenizer, d.max_length, d.max_prompt_length)
-    evald, eval_stats = tokenize_records(eval_records, tokenizer, d.max_length, d.max_prompt_length)
+        eval_records = [records[i] for i in split.eval]
+        eval_where = [report.where[i] for i in split.eval]
+    train_records = [records[i] for i in split.train]
+    for key, recs in (("data", records), ("eval_data", eval_records)):
+        if not unpaired and any("completion" in r for r in recs):
+            raise ConfigError(
+                f"loss '{cfg.loss.loss}' needs paired records (prompt, chosen, rejected); "
+                f"{key}={getattr(d, key)} holds unpaired ones (prompt, completion, label); "
+                f"use loss=kto"
+            )
+    train_where = [report.where[i] for i in split.train]
+    train, stats = _tokenize(cfg, train_records, train_where, tokenizer, unpaired)
+    evald, eval_stats = _tokenize(cfg, eval_records, eval_where, tokenizer, unpaired)
     for s, name in ((stats, "train"), (eval_stats, "eval")):
         if s.summary():
             notes.append(f"{name}: {s.summary()}")
+    if len(train) < t.batch_size:
+        raise TrainingError(
+            f"data={d.data}: {len(train)} training examples (after holding out "
+            f"{len(split.eval)} for evaluation) are fewer than batch_size={t.batch_size}; lower "
+            f"batch_size or num_eval, or add data"
+        )
+    notes.append(
+        split_note(d.data, split, len(eval_records), d.num_train, len(train), t.batch_size)
+    )
     task = resolve_task(cfg)
     problems = arithmetic.test_prompts()[: d.num_task_eval] if task == "arithmetic" else []
     return Datasets(train, evald, problems, arithmetic.verify if task else None, notes)
 
 
-def load_policy(cfg: Config):
+def prepare_model(cfg: Config, model, task_type: str):
+    """A freshly loaded model made ready to train: its own weights (LoRA: adapters on a frozen,
+    mapped base), train mode, gradient checkpointing if asked. `task_type` is peft's."""
     m = cfg.model
-    dtype = getattr(torch, m.dtype)
-    tokenizer = load_tokenizer(m.model, trust_remote_code=m.trust_remote_code)
-    model = load_causal_lm(m.model, dtype=dtype, trust_remote_code=m.trust_remote_code)
     if not m.lora:  # LoRA trains new adapter tensors; the base stays frozen and mapped
         own_weights(model)
     # from_pretrained returns eval mode, where transformers skips gradient checkpointing;
@@ -88,21 +141,36 @@ def load_policy(cfg: Config):
     model.train()
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if m.lora:
-        from peft import LoraConfig, get_peft_model
+    if not m.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
 
-        target = m.lora_target_modules
-        lcfg = LoraConfig(
-            r=m.lora_r,
-            lora_alpha=m.lora_alpha,
-            lora_dropout=m.lora_dropout,
-            task_type="CAUSAL_LM",
-            target_modules=target
-            if target == "all-linear"
-            else [t.strip() for t in target.split(",")],
+    target = m.lora_target_modules
+    lcfg = LoraConfig(
+        r=m.lora_r,
+        lora_alpha=m.lora_alpha,
+        lora_dropout=m.lora_dropout,
+        task_type=task_type,
+        target_modules=target if target == "all-linear" else [t.strip() for t in target.split(",")],
+    )
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as e:  # peft's word for target modules the model does not have
+        raise ConfigError(
+            f"lora_target_modules={target}: {str(e).splitlines()[0].rstrip('.')}; name modules of this model "
+            f"(such as q_proj,v_proj), or use all-linear"
+        ) from None
+
+
+def load_policy(cfg: Config):
+    m = cfg.model
+    tokenizer = load_tokenizer(m.model, trust_remote_code=m.trust_remote_code)
+    with progress_bars(not cfg.train.quiet):
+        model = load_causal_lm(
+            m.model, dtype=getattr(torch, m.dtype), trust_remote_code=m.trust_remote_code
         )
-        model = get_peft_model(model, lcfg)
-    return model, tokenizer, resolve_model_path(m.model)
+    model = prepare_model(cfg, model, "CAUSAL_LM")
+    return model, tokenizer, resolve_model_path(m.model, m.trust_remote_code)
 
 
 def build_optimizer(cfg: Config, model, total_steps: int):

@@ -51,6 +51,7 @@ from preftune.train.setup import (
     Datasets,
     TrainingError,
     build_optimizer,
+    check_before_loading,
     create_optimizer_state,
     load_datasets,
     load_policy,
@@ -94,6 +95,8 @@ def prepare_trainer(
     """
     trainer.cfg = cfg
     trainer.spec = LOSSES[cfg.loss.loss]
+    if not cfg.train.resume:  # a resumed run's own config.yaml was checked when it started
+        check_before_loading(cfg)
     trainer.rundir = claim_once(cfg, trainer.method or cfg.loss.loss)
     trainer.run_dir = trainer.rundir.path
     try:
