@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from run_helpers import assert_final_weights_moved, assert_finite_metrics
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
@@ -20,6 +21,7 @@ from preftune.train.online import train_online
 from preftune.train.reward import train_reward
 
 JUDGE = "online_helpers:length_score"
+DISTINCT_JUDGE = "online_helpers:position_score"
 COMMON_KEYS = {"loss", "reward/mean", "kl", "completion_length", "pairs/ties", "grad_norm", "lr"}
 
 
@@ -46,7 +48,7 @@ def metric_lines(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def check_run(run, method, keys):
+def check_run(run, method, keys, initial_dir):
     lines = metric_lines(run)
     steps = [x for x in lines if "reward/mean" in x]
     assert [x["step"] for x in steps] == [1, 2]
@@ -55,8 +57,9 @@ def check_run(run, method, keys):
     assert {s["step"] for s in samples} == {1, 2} and all(s["method"] == method for s in samples)
     assert all(isinstance(s["score"], float) and s["completion"] is not None for s in samples)
     assert json.loads((run / "summary.json").read_text())["method"] == method
-    model = AutoModelForCausalLM.from_pretrained(run / "final")
-    assert model.config.vocab_size > 1000
+    for line in steps:
+        assert_finite_metrics(line)
+    assert_final_weights_moved(run, initial_dir)
 
 
 def test_cli_online_dpo_with_a_trained_reward_model_as_judge(tiny_dir, tmp_path):
@@ -68,33 +71,36 @@ def test_cli_online_dpo_with_a_trained_reward_model_as_judge(tiny_dir, tmp_path)
                        eval_before=True, num_eval=8)
     assert main(["online", "method=online_dpo", *cli(args)]) == 0
     run = tmp_path / "odpo"
-    check_run(run, "online_dpo", COMMON_KEYS | {"rewards/margins", "pairs/trained"})
+    check_run(run, "online_dpo", COMMON_KEYS | {"rewards/margins", "pairs/trained"}, tiny_dir)
     first = metric_lines(run)[0]
     # continuous scores: no ties, every prompt gives a pair; at step 1 policy == reference
     assert first["pairs/ties"] == 0 and first["pairs/trained"] == 4
     assert first["kl"] == pytest.approx(0.0, abs=1e-5)
-    assert any(k.startswith("eval/") for k in metric_lines(run)[-1])
+    assert_finite_metrics(metric_lines(run)[-1], prefix="eval/")
     summary = json.loads((run / "summary.json").read_text())
     assert "task/accuracy_before" in summary and "task/accuracy_after" in summary
 
 
 def test_cli_online_rso_hinge_with_lora(tiny_dir, tmp_path):
     """LoRA: the reference (and RSO's proposal) is the model with its adapter off."""
+    # distinct scores: no pair ties, so every prompt gives one trained pair
     args = online_args(tiny_dir, tmp_path, "rso", loss="hinge", beta=0.05, lora=True,
-                       rso_num_candidates=4, rso_num_samples=2)
+                       rso_num_candidates=4, rso_num_samples=2, judge=DISTINCT_JUDGE)
     assert main(["online", "method=rso", *cli(args)]) == 0
-    check_run(tmp_path / "rso", "rso", COMMON_KEYS | {"reward/accepted"})
+    check_run(tmp_path / "rso", "rso", COMMON_KEYS | {"reward/accepted"}, tiny_dir)
     assert (tmp_path / "rso" / "final" / "adapter").is_dir()
     assert json.loads((tmp_path / "rso" / "summary.json").read_text())["reference"] == "lora"
     first = metric_lines(tmp_path / "rso")[0]
-    if first["pairs/trained"]:
-        assert first["loss"] == pytest.approx(1.0, abs=1e-5)  # relu(1 - gamma*h) at h = 0
+    assert first["pairs/ties"] == 0 and first["pairs/trained"] == 4
+    # the adapter starts at zero, so policy == reference at step 1: relu(1 - gamma*h) at h = 0
+    assert first["loss"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_cli_online_remax(tiny_dir, tmp_path):
     args = online_args(tiny_dir, tmp_path, "remax", temperature=1.0, top_p=0.9)
     assert main(["online", "method=remax", *cli(args)]) == 0
-    check_run(tmp_path / "remax", "remax", COMMON_KEYS | {"reward/baseline", "reward/advantage"})
+    check_run(tmp_path / "remax", "remax", COMMON_KEYS | {"reward/baseline", "reward/advantage"},
+              tiny_dir)
     samples = [json.loads(x) for x in (tmp_path / "remax" / "samples.jsonl").read_text().splitlines()]
     assert {s["role"] for s in samples} == {"sample", "greedy"}
 
