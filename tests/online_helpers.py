@@ -32,5 +32,10 @@ def length_score(prompts: list[str], completions: list[str]) -> list[float]:
     return [float(len(c.split())) for c in completions]
 
 
+def position_score(prompts: list[str], completions: list[str]) -> list[float]:
+    """Judge: the completion's position in the call, so no two completions ever tie."""
+    return [float(i) for i in range(len(completions))]
+
+
 def not_a_judge_result(prompts: list[str], completions: list[str]):
     return "oops"

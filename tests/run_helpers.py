@@ -48,3 +48,30 @@ def train_killed_while_saving(config, step: int, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         train(config)
     monkeypatch.setattr(ckpt, "fsync_tree", real)
+
+
+def assert_final_weights_moved(run_dir, initial_dir) -> None:
+    """`run_dir/final` loads with plain transformers, every weight is finite, and training moved
+    the weights away from `initial_dir`'s (weight decay is 0 by default, so only gradients can)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(initial_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(run_dir / "final").state_dict()
+    assert before.keys() == after.keys()
+    bad = [n for n, p in after.items() if not torch.isfinite(p).all()]
+    assert not bad, f"non-finite weights in final/: {bad}"
+    moved = [n for n in after if not torch.equal(before[n], after[n])]
+    assert moved, "final/ holds the initial weights: the run trained nothing"
+
+
+def assert_finite_metrics(line: dict, prefix: str = "") -> list[str]:
+    """The numeric metrics of one metrics.jsonl line whose names start with `prefix`: at least
+    one, all finite. Returns their names."""
+    import math
+
+    names = [k for k, v in line.items() if k.startswith(prefix) and isinstance(v, (int, float))]
+    assert names, f"no metric starting with {prefix!r} in {sorted(line)}"
+    bad = {k: line[k] for k in names if not math.isfinite(line[k])}
+    assert not bad, f"non-finite metrics: {bad}"
+    return names

@@ -1,4 +1,7 @@
-"""Batched sampling: EOS truncation, has_eos, left padding, num_return_sequences, greedy."""
+"""Batched sampling: EOS truncation, has_eos, left padding, num_return_sequences, greedy;
+the vLLM engine through a fake `vllm` module."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -168,3 +171,148 @@ def test_common_prefix_length_leaves_every_row_a_token():
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
     assert common_prefix_length([[7, 2], [1, 2]]) == 0
     assert common_prefix_length([[1], [1, 2]]) == 0
+
+
+# ---- VLLMEngine through a fake `vllm` module --------------------------------------------------
+# vLLM needs a GPU, so preftune's side of the engine (SamplingConfig -> SamplingParams, request
+# and output shapes, EOS handling, the weight sync) runs against a stand-in with vLLM's surface:
+# `LLM(model=..., **kw)` with `get_tokenizer`, `generate(requests, params, use_tqdm)` returning
+# `[RequestOutput(outputs=[CompletionOutput(token_ids)])]`, `llm_engine.model_config.hf_config`
+# and `llm_engine.model_executor.driver_worker.model_runner.model.load_weights(items)`. Its
+# "engine" is a tiny transformers model of its own decoding greedily (temperature 0), which
+# stops at the first stop id and includes it, as vLLM does.
+
+
+class FakeSamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        for k, v in kwargs.items():
+            setattr(self, k, v)
+
+
+class FakeLLM:
+    """One vLLM engine holding its own copy of the weights (`seed` picks them)."""
+
+    seed = 1
+    stop_ids_of_config: list[int] | None = None  # hf_config.eos_token_id; None: the model's
+    with_driver_worker = True
+    made: list = []
+
+    def __init__(self, model: str, **kwargs):
+        from types import SimpleNamespace as NS
+
+        FakeLLM.made.append(self)
+        self.model_name, self.kwargs, self.calls = model, kwargs, []
+        self.net = tiny_causal_lm(
+            len(word_tokenizer()),
+            seed=self.seed,
+            hidden_size=32,
+            layers=1,
+            heads=2,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        ).eval()
+        hf_config = self.net.config
+        if self.stop_ids_of_config is not None:
+            hf_config = NS(eos_token_id=self.stop_ids_of_config)
+        runner = NS(model=NS(load_weights=self._load_weights))
+        executor = NS(driver_worker=NS(model_runner=runner)) if self.with_driver_worker else NS()
+        self.llm_engine = NS(model_config=NS(hf_config=hf_config), model_executor=executor)
+
+    def get_tokenizer(self):
+        return word_tokenizer()
+
+    def _load_weights(self, items):
+        self.net.load_state_dict(dict(items), strict=True)
+
+    def generate(self, requests, params, use_tqdm=True):
+        from types import SimpleNamespace as NS
+
+        self.calls.append((requests, params))  # greedy at any temperature: see the tests
+        results = []
+        for req in requests:
+            toks = _greedy_reference(self.net, req["prompt_token_ids"], params.max_tokens)
+            stops = [i for i, t in enumerate(toks) if t in params.stop_token_ids]
+            toks = toks[: stops[0] + 1] if stops else toks
+            results.append(NS(outputs=[NS(token_ids=tuple(toks)) for _ in range(params.n)]))
+        return results
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams, module.__version__ = FakeLLM, FakeSamplingParams, "0.fake"
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setattr(FakeLLM, "made", [])
+    return FakeLLM
+
+
+def test_vllm_engine_translates_the_sampling_config(fake_vllm, monkeypatch, tok):
+    end_of_turn = tok.convert_tokens_to_ids("yes")  # a chat model's extra stop id, config only
+    monkeypatch.setattr(fake_vllm, "stop_ids_of_config", [EOS, end_of_turn])
+    engine = VLLMEngine("org/model", gpu_memory_utilization=0.3)
+    (llm,) = fake_vllm.made
+    assert (llm.model_name, llm.kwargs) == ("org/model", {"gpu_memory_utilization": 0.3})
+    sample = SamplingConfig(
+        temperature=0.7, top_p=0.9, top_k=40, max_new_tokens=5, num_return_sequences=2
+    )
+    cases = [
+        (sample, dict(n=2, max_tokens=5, temperature=0.7, top_p=0.9, top_k=40)),
+        (SamplingConfig(top_k=0), dict(n=1, max_tokens=64, temperature=0.9, top_p=1.0, top_k=-1)),
+        (sample.greedy(), dict(n=1, max_tokens=5, temperature=0.0, top_p=1.0, top_k=-1)),
+    ]
+    monkeypatch.setattr(
+        llm,
+        "generate",
+        lambda requests, params, use_tqdm: llm.calls.append((requests, params)) or [],
+    )
+    for cfg, want in cases:
+        engine.generate(PROMPTS, cfg)
+        requests, params = llm.calls[-1]
+        assert params.kwargs == {**want, "stop_token_ids": [EOS, end_of_turn]}, cfg
+    # prompts tokenized without special tokens: no BOS from the tokenizer's post-processor
+    assert requests == [
+        {"prompt_token_ids": tok(p, add_special_tokens=False)["input_ids"]} for p in PROMPTS
+    ]
+    assert all(BOS not in r["prompt_token_ids"] for r in requests)
+
+
+def test_vllm_engine_completions_equal_hf_engine_and_follow_weight_syncs(fake_vllm, model, tok):
+    """Greedy completions of the same weights are the same through either engine (prompt-major,
+    has_eos, text); after `load_weights(policy)` the vLLM copy samples from the policy."""
+    cfg = SamplingConfig(do_sample=False, max_new_tokens=6)
+    engine = VLLMEngine("org/model", tokenizer=tok)
+    llm = fake_vllm.made[0]
+    policy = tiny_causal_lm(
+        len(tok), seed=0, hidden_size=32, layers=1, heads=2, eos_token_id=EOS, pad_token_id=PAD
+    )
+    noise = torch.Generator().manual_seed(7)  # a policy that ends some completions with EOS
+    with torch.no_grad():  # a policy after some optimizer steps
+        for p in policy.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=noise))
+    outputs = []
+    for weights in (model, policy):  # neither is the engine's own starting copy (seed 1)
+        engine.load_weights(weights)
+        synced = llm.net.state_dict()
+        assert all(torch.equal(synced[n], t) for n, t in weights.state_dict().items())
+        got = engine.generate(PROMPTS, cfg)
+        want = HFEngine(weights, tok).generate(PROMPTS, cfg)
+        assert [dataclasses.astuple(c) for c in got] == [dataclasses.astuple(c) for c in want]
+        outputs.append(got)
+    assert [c.token_ids for c in outputs[0]] != [c.token_ids for c in outputs[1]]
+    endings = {c.has_eos for c in outputs[0] + outputs[1]}
+    assert endings == {True, False}, "both endings should be compared; change the noise seed"
+    many = dataclasses.replace(cfg, do_sample=True, temperature=1.0, num_return_sequences=3)
+    assert [c.prompt_index for c in engine.generate(PROMPTS, many)] == [0] * 3 + [1] * 3 + [2] * 3
+
+
+def test_vllm_engine_weight_sync_without_in_process_worker_says_what_to_do(
+    fake_vllm, monkeypatch, model, tok
+):
+    monkeypatch.setattr(fake_vllm, "with_driver_worker", False)
+    engine = VLLMEngine("org/model", tokenizer=tok)
+    with pytest.raises(NotImplementedError, match=r"0\.fake.*collective_rpc"):
+        engine.load_weights(model)

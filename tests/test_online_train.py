@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from run_helpers import assert_final_weights_moved, assert_finite_metrics
 from transformers import AutoModelForCausalLM
 
 from preftune.cli import main
@@ -20,8 +21,8 @@ from preftune.train.online import train_online
 from preftune.train.reward import train_reward
 
 JUDGE = "online_helpers:length_score"
+DISTINCT_JUDGE = "online_helpers:position_score"
 COMMON_KEYS = {"loss", "reward/mean", "kl", "completion_length", "pairs/ties", "grad_norm", "lr"}
-
 
 
 @pytest.fixture(autouse=True)
@@ -29,11 +30,25 @@ def _no_html_report(monkeypatch):
     """The run report (plots, seconds per run) is tested with the report; not needed here."""
     monkeypatch.setattr("preftune.report.write_report", lambda run_dir: None)
 
+
 def online_args(tiny_dir, tmp_path, name, **extra):
-    args = {"model": str(tiny_dir), "output_dir": str(tmp_path), "run_name": name,
-            "data": "arithmetic_edit", "num_train": 16, "num_eval": 0, "batch_size": 4,
-            "max_steps": 2, "num_task_eval": 0, "eval_before": False, "quiet": True,
-            "report_to": "none", "lr": 1e-3, "max_new_tokens": 6, "judge": JUDGE}
+    args = {
+        "model": str(tiny_dir),
+        "output_dir": str(tmp_path),
+        "run_name": name,
+        "data": "arithmetic_edit",
+        "num_train": 16,
+        "num_eval": 0,
+        "batch_size": 4,
+        "max_steps": 2,
+        "num_task_eval": 0,
+        "eval_before": False,
+        "quiet": True,
+        "report_to": "none",
+        "lr": 1e-3,
+        "max_new_tokens": 6,
+        "judge": JUDGE,
+    }
     args.update(extra)
     return args
 
@@ -46,7 +61,7 @@ def metric_lines(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def check_run(run, method, keys):
+def check_run(run, method, keys, initial_dir):
     lines = metric_lines(run)
     steps = [x for x in lines if "reward/mean" in x]
     assert [x["step"] for x in steps] == [1, 2]
@@ -55,53 +70,93 @@ def check_run(run, method, keys):
     assert {s["step"] for s in samples} == {1, 2} and all(s["method"] == method for s in samples)
     assert all(isinstance(s["score"], float) and s["completion"] is not None for s in samples)
     assert json.loads((run / "summary.json").read_text())["method"] == method
-    model = AutoModelForCausalLM.from_pretrained(run / "final")
-    assert model.config.vocab_size > 1000
+    for line in steps:
+        assert_finite_metrics(line)
+    assert_final_weights_moved(run, initial_dir)
 
 
 def test_cli_online_dpo_with_a_trained_reward_model_as_judge(tiny_dir, tmp_path):
-    rm = train_reward({"model": str(tiny_dir), "output_dir": str(tmp_path), "run_name": "rm",
-                       "data": "arithmetic_edit", "num_train": 8, "num_eval": 2, "batch_size": 4,
-                       "max_steps": 1, "quiet": True, "report_to": "none"})
-    args = online_args(tiny_dir, tmp_path, "odpo", judge=rm.run_dir / "final",
-                       missing_eos_penalty=1.0, num_task_eval=4, eval_max_new_tokens=3,
-                       eval_before=True, num_eval=8)
+    rm = train_reward(
+        {
+            "model": str(tiny_dir),
+            "output_dir": str(tmp_path),
+            "run_name": "rm",
+            "data": "arithmetic_edit",
+            "num_train": 8,
+            "num_eval": 2,
+            "batch_size": 4,
+            "max_steps": 1,
+            "quiet": True,
+            "report_to": "none",
+        }
+    )
+    args = online_args(
+        tiny_dir,
+        tmp_path,
+        "odpo",
+        judge=rm.run_dir / "final",
+        missing_eos_penalty=1.0,
+        num_task_eval=4,
+        eval_max_new_tokens=3,
+        eval_before=True,
+        num_eval=8,
+    )
     assert main(["online", "method=online_dpo", *cli(args)]) == 0
     run = tmp_path / "odpo"
-    check_run(run, "online_dpo", COMMON_KEYS | {"rewards/margins", "pairs/trained"})
+    check_run(run, "online_dpo", COMMON_KEYS | {"rewards/margins", "pairs/trained"}, tiny_dir)
     first = metric_lines(run)[0]
     # continuous scores: no ties, every prompt gives a pair; at step 1 policy == reference
     assert first["pairs/ties"] == 0 and first["pairs/trained"] == 4
     assert first["kl"] == pytest.approx(0.0, abs=1e-5)
-    assert any(k.startswith("eval/") for k in metric_lines(run)[-1])
+    assert_finite_metrics(metric_lines(run)[-1], prefix="eval/")
     summary = json.loads((run / "summary.json").read_text())
     assert "task/accuracy_before" in summary and "task/accuracy_after" in summary
 
 
 def test_cli_online_rso_hinge_with_lora(tiny_dir, tmp_path):
     """LoRA: the reference (and RSO's proposal) is the model with its adapter off."""
-    args = online_args(tiny_dir, tmp_path, "rso", loss="hinge", beta=0.05, lora=True,
-                       rso_num_candidates=4, rso_num_samples=2)
+    # distinct scores: no pair ties, so every prompt gives one trained pair
+    args = online_args(
+        tiny_dir,
+        tmp_path,
+        "rso",
+        loss="hinge",
+        beta=0.05,
+        lora=True,
+        rso_num_candidates=4,
+        rso_num_samples=2,
+        judge=DISTINCT_JUDGE,
+    )
     assert main(["online", "method=rso", *cli(args)]) == 0
-    check_run(tmp_path / "rso", "rso", COMMON_KEYS | {"reward/accepted"})
+    check_run(tmp_path / "rso", "rso", COMMON_KEYS | {"reward/accepted"}, tiny_dir)
     assert (tmp_path / "rso" / "final" / "adapter").is_dir()
     assert json.loads((tmp_path / "rso" / "summary.json").read_text())["reference"] == "lora"
     first = metric_lines(tmp_path / "rso")[0]
-    if first["pairs/trained"]:
-        assert first["loss"] == pytest.approx(1.0, abs=1e-5)  # relu(1 - gamma*h) at h = 0
+    assert first["pairs/ties"] == 0 and first["pairs/trained"] == 4
+    # the adapter starts at zero, so policy == reference at step 1: relu(1 - gamma*h) at h = 0
+    assert first["loss"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_cli_online_remax(tiny_dir, tmp_path):
     args = online_args(tiny_dir, tmp_path, "remax", temperature=1.0, top_p=0.9)
     assert main(["online", "method=remax", *cli(args)]) == 0
-    check_run(tmp_path / "remax", "remax", COMMON_KEYS | {"reward/baseline", "reward/advantage"})
-    samples = [json.loads(x) for x in (tmp_path / "remax" / "samples.jsonl").read_text().splitlines()]
+    check_run(
+        tmp_path / "remax", "remax", COMMON_KEYS | {"reward/baseline", "reward/advantage"}, tiny_dir
+    )
+    samples = [
+        json.loads(x) for x in (tmp_path / "remax" / "samples.jsonl").read_text().splitlines()
+    ]
     assert {s["role"] for s in samples} == {"sample", "greedy"}
 
 
 def test_online_errors_are_reported_before_the_model_loads(tmp_path, capsys):
-    bad = [["method=ppo"], ["method=online_dpo", "loss=kto"], ["method=rso", "rso_num_samples=3"],
-           ["method=remax", "remax_gamma=0"], ["method=online_dpo", "reference=precompute"]]
+    bad = [
+        ["method=ppo"],
+        ["method=online_dpo", "loss=kto"],
+        ["method=rso", "rso_num_samples=3"],
+        ["method=remax", "remax_gamma=0"],
+        ["method=online_dpo", "reference=precompute"],
+    ]
     for extra in bad:
         assert main(["online", "model=/nonexistent", f"output_dir={tmp_path}", *extra]) == 2
     err = capsys.readouterr().err
@@ -118,8 +173,17 @@ def test_accumulation_equals_full_batch(tiny_dir, tmp_path, method):
     # into differences of size lr
     # share_prefix off: another grouping sums a shared prefix's gradient in another order, which
     # Llama's RMSNorm rounds in float32 even in a float64 model (see tests/test_train.py)
-    common = dict(dtype="float64", max_grad_norm=None, warmup_ratio=0.0, batch_size=4,
-                  max_steps=1, method=method, optimizer="sgd", lr=0.5, share_prefix=False)
+    common = dict(
+        dtype="float64",
+        max_grad_norm=None,
+        warmup_ratio=0.0,
+        batch_size=4,
+        max_steps=1,
+        method=method,
+        optimizer="sgd",
+        lr=0.5,
+        share_prefix=False,
+    )
     a = train_online(online_args(tiny_dir, tmp_path, f"{method}-full", grad_accum=1, **common))
     b = train_online(online_args(tiny_dir, tmp_path, f"{method}-acc", grad_accum=2, **common))
     la, lb = metric_lines(a.run_dir)[0], metric_lines(b.run_dir)[0]
@@ -133,8 +197,14 @@ def test_accumulation_equals_full_batch(tiny_dir, tmp_path, method):
 
 def test_resumed_rso_run_equals_uninterrupted(tiny_dir, tmp_path):
     """Checkpoints carry torch's RNG (sampling) and the rejection sampler's generator."""
-    common = dict(method="rso", scheduler="constant", warmup_ratio=0.0, rso_num_candidates=4,
-                  rso_num_samples=2, dtype="float64")
+    common = dict(
+        method="rso",
+        scheduler="constant",
+        warmup_ratio=0.0,
+        rso_num_candidates=4,
+        rso_num_samples=2,
+        dtype="float64",
+    )
     full = train_online(online_args(tiny_dir, tmp_path, "full", **common))
     train_online(online_args(tiny_dir, tmp_path, "cut", max_steps=1, save_every=1, **common))
     resumed = train_online({"resume": str(tmp_path / "cut"), "max_steps": 2})
@@ -146,11 +216,24 @@ def test_resumed_rso_run_equals_uninterrupted(tiny_dir, tmp_path):
 
 def test_online_dpo_reads_prompt_only_records_with_beta_calibration(tiny_dir, tmp_path):
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"Say {w}."}]})
-                            + "\n" for w in ["one", "two", "three", "four", "one"]))
-    res = train_online(online_args(tiny_dir, tmp_path, "po", data=str(data), task=None,
-                                   max_steps=1, log_samples=1,
-                                   beta_calibration={"alpha": 0.6, "filter_ratio": 0.2}))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": [{"role": "user", "content": f"Say {w}."}]}) + "\n"
+            for w in ["one", "two", "three", "four", "one"]
+        )
+    )
+    res = train_online(
+        online_args(
+            tiny_dir,
+            tmp_path,
+            "po",
+            data=str(data),
+            task=None,
+            max_steps=1,
+            log_samples=1,
+            beta_calibration={"alpha": 0.6, "filter_ratio": 0.2},
+        )
+    )
     first = metric_lines(res.run_dir)[0]
     assert first["pairs/trained"] + first["pairs/ties"] == 4  # 4 distinct prompts, one step
     assert "beta" in first and "filtered_fraction" in first  # beta-DPO ran on the online pairs
@@ -159,9 +242,18 @@ def test_online_dpo_reads_prompt_only_records_with_beta_calibration(tiny_dir, tm
 
 def test_cli_data_rso_writes_pairs_that_load_records_reads(tiny_dir, tmp_path):
     out = tmp_path / "rso.jsonl"
-    args = {"model": str(tiny_dir), "data": "arithmetic_edit", "num_train": 6, "quiet": True,
-            "judge": JUDGE, "max_new_tokens": 6, "rso_num_candidates": 6, "rso_num_samples": 4,
-            "rso_beta": 0.5, "out": str(out)}
+    args = {
+        "model": str(tiny_dir),
+        "data": "arithmetic_edit",
+        "num_train": 6,
+        "quiet": True,
+        "judge": JUDGE,
+        "max_new_tokens": 6,
+        "rso_num_candidates": 6,
+        "rso_num_samples": 4,
+        "rso_beta": 0.5,
+        "out": str(out),
+    }
     assert main(["data", "rso", *cli(args)]) == 0
     records, report = load_records(out)
     assert 1 <= len(records) <= 6 * 2 and report.kept == len(records)
@@ -194,7 +286,20 @@ def test_online_dpo_with_the_verifier_raises_arithmetic_accuracy(default_dir, tm
 # A short, hot version of the docs/online.md run: the missing-EOS penalty teaches the short
 # "a + b is c" form within a few steps (0/16 -> 4/16 of the first held-out problems when this was
 # written); the full-size run (no penalty, lr 2e-5, 48 steps of 32) reaches 75% of 256.
-SLOW_ARGS = {"method": "online_dpo", "judge": "verifier", "data": "arithmetic", "num_train": 48,
-             "num_eval": 32, "batch_size": 8, "max_steps": 6, "lr": 5e-5, "beta": 0.1,
-             "warmup_ratio": 0.0, "missing_eos_penalty": 1.0, "num_task_eval": 16,
-             "run_name": "slow", "quiet": True, "report_to": "none"}
+SLOW_ARGS = {
+    "method": "online_dpo",
+    "judge": "verifier",
+    "data": "arithmetic",
+    "num_train": 48,
+    "num_eval": 32,
+    "batch_size": 8,
+    "max_steps": 6,
+    "lr": 5e-5,
+    "beta": 0.1,
+    "warmup_ratio": 0.0,
+    "missing_eos_penalty": 1.0,
+    "num_task_eval": 16,
+    "run_name": "slow",
+    "quiet": True,
+    "report_to": "none",
+}

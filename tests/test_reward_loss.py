@@ -64,12 +64,15 @@ def test_last_token_left_padding():
 
 def test_pool_when_pad_equals_eos_keeps_the_eos():
     # Sequences end in EOS; padding uses the same id. A "first pad token - 1" or
-    # "last non-pad id" rule would pick position 2 / 1 here instead of the EOS.
+    # "last non-pad id" rule would pick position 1 in row 0 / 3 in row 1 instead of the EOS.
     ids = torch.tensor([[5, 6, EOS, EOS, EOS], [EOS, EOS, 7, 8, EOS]])
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])  # right-padded / left-padded
+    # The ids go through the function: what it reads must be each row's own closing EOS.
+    assert last_token_index(mask).tolist() == [2, 4]
+    assert pool_last_token(ids, mask).tolist() == [EOS, EOS]
+    # Position-valued scores tell which EOS was read (a pad EOS at 3 or 4 would also be EOS).
     scores = torch.arange(10, dtype=torch.float32).view(2, 5)
     assert pool_last_token(scores, mask).tolist() == [2.0, 9.0]
-    assert ids[0, 2] == EOS and ids[1, 4] == EOS
     k_scores = torch.stack([scores, -scores], dim=-1)  # (B, T, K) heads pool the same way
     assert pool_last_token(k_scores, mask).tolist() == [[2.0, -2.0], [9.0, -9.0]]
 
