@@ -8,13 +8,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from run_helpers import tiny_run_args
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from preftune.train.online import train_online
 from preftune.train.reward import train_reward
@@ -60,22 +65,29 @@ def two_processes(tiny_dir, tmp_path_factory):
     online = _args(tiny_dir, out, "online", method="online_dpo", num_eval=0, max_new_tokens=6)
     online["judge"] = "online_helpers:length_score"
     jobs.append({"kind": "online", "args": online})
-    (out / "jobs.json").write_text(json.dumps(jobs))
-    # ACCELERATE_USE_CPU: without it accelerate under torchrun on a CPU machine sees 2 single runs
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "ACCELERATE_USE_CPU": "true",
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-         str(HERE / "ddp_driver.py"), str(out / "jobs.json")],
-        env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+    jobs.append({"kind": "train", "args": _args(tiny_dir, out, "full", **RESUMED)})
+    proc = subprocess.run(_launch(out, "jobs", jobs), env=ENV, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out
+
+
+# ACCELERATE_USE_CPU: without it accelerate under torchrun on a CPU machine sees 2 single runs
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "ACCELERATE_USE_CPU": "true",
+    "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+}
+RESUMED = {"max_steps": 5, "save_every": 1, "num_train": 40}
+
+
+def _launch(out: Path, name: str, jobs: list) -> list[str]:
+    """The torchrun command line that runs `jobs` in 2 processes."""
+    (out / f"{name}.json").write_text(json.dumps(jobs))
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            str(HERE / "ddp_driver.py"), str(out / f"{name}.json")]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(JOBS))
@@ -99,3 +111,30 @@ def test_online_dpo_processes_stay_in_sync(two_processes):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("pairs/trained", 0) for r in rows) > 0
     assert len({p.read_text() for p in run.glob("weights-rank*.sha256")}) == 1
+
+
+def test_two_processes_killed_and_resumed_equal_uninterrupted(two_processes, tiny_dir):
+    """SIGKILL to both processes after checkpoint 2, then a resume in 2 processes: the same
+    weights as the uninterrupted 2-process run, and final/ loads with plain transformers."""
+    out = two_processes
+    job = [{"kind": "train", "args": _args(tiny_dir, out, "killed", **RESUMED)}]
+    proc = subprocess.Popen(_launch(out, "killed", job), env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts = out / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts / "step-2").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "killed" / "final").exists(), "the kill came too late to test anything"
+    resume = [{"kind": "train", "args": {"resume": str(out / "killed")}}]
+    done = subprocess.run(_launch(out, "resume", resume), env=ENV, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    a = load_file(out / "full" / "final" / "model.safetensors")
+    b = load_file(out / "killed" / "final" / "model.safetensors")
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+    assert _losses(out / "killed") == _losses(out / "full")
+    model = AutoModelForCausalLM.from_pretrained(out / "killed" / "final")
+    assert model.config.num_hidden_layers >= 1

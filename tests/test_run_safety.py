@@ -49,7 +49,7 @@ def test_a_finished_run_is_never_written_again(tiny_dir, tmp_path):
 def test_default_names_started_in_the_same_second_get_their_own_folders(
     tiny_dir, tmp_path, monkeypatch
 ):
-    import preftune.train.rundir as rundir
+    from preftune.train import rundir
 
     monkeypatch.setattr(rundir.time, "strftime", lambda fmt: "20261202-000000")
     a = train(tiny_run_config(tiny_dir, tmp_path, None, max_steps=1))
@@ -290,7 +290,7 @@ def test_run_name_is_a_plain_folder_name(tiny_dir, tmp_path, name):
 
 
 def test_save_every_minutes_checkpoints_a_long_run_by_default(tiny_dir, tmp_path, monkeypatch):
-    import preftune.train.loop as loop
+    from preftune.train import loop
 
     clock = iter(range(0, 10**6, 31 * 60))  # 31 minutes pass between two looks at the clock
     monkeypatch.setattr(loop.time, "monotonic", lambda: next(clock))

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -118,8 +119,14 @@ def load_or_compute_cache(path: Path, compute) -> tuple[dict[str, torch.Tensor],
     if path.exists():
         return load_file(str(path)), True
     table = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in table.items()}, str(tmp))
-    tmp.rename(path)
+    write_cache(path, table)
     return table, False
+
+
+def write_cache(path: Path, table: dict[str, torch.Tensor]) -> None:
+    """Write the table under a name of this process's, then rename: concurrent writers (two
+    runs sharing a cache folder) never mix their bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in table.items()}, str(tmp))
+    tmp.replace(path)

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    broadcast_object_list,
+    gather_object,
+)
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from preftune.allocator import keep_freed_memory
@@ -45,6 +51,7 @@ from preftune.train.reference import (
     cache_key,
     choose_mode,
     load_or_compute_cache,
+    write_cache,
 )
 from preftune.train.rundir import claim_once, resolve, training_keys
 from preftune.train.setup import (
@@ -66,10 +73,27 @@ class TrainResult:
     metrics: dict
 
 
+# what prepare may wrap the engine in: nothing, or DDP (CPU processes over gloo, GPUs over NCCL)
+SUPPORTED_ENGINES = {
+    DistributedType.NO,
+    DistributedType.MULTI_CPU,
+    DistributedType.MULTI_GPU,
+    DistributedType.MULTI_XPU,
+    DistributedType.MULTI_NPU,
+    DistributedType.MULTI_MLU,
+}
+
+
 def place_for_training(acc, policy, optimizer):
     """(policy on the accelerator's device, the prepared `EngineModule` around it, the prepared
     optimizer). Under several processes accelerate wraps the module (DDP), whose reducer
     averages the gradients; the engine then keeps every gradient inside autograd."""
+    if acc.distributed_type not in SUPPORTED_ENGINES:
+        raise TrainingError(
+            f"accelerate is configured for {acc.distributed_type.value}; preftune runs one "
+            f"process or DDP today (FSDP2 and DeepSpeed ZeRO are not supported yet). Launch with "
+            f"a DDP config such as examples/accelerate/ddp.yaml"
+        )
     policy.to(acc.device)
     engine, optimizer = acc.prepare(EngineModule(policy, fast_grads=not wrapped(acc)), optimizer)
     return policy, engine, optimizer
@@ -227,7 +251,7 @@ class Trainer:
         for split, examples in (("train", self.data.train), ("eval", self.data.eval)):
             key = cache_key(self.model_path, examples, settings)
             path = cache_dir() / "refcache" / f"{key}.safetensors"
-            table, reused = load_or_compute_cache(
+            table, reused = self._cached_table(
                 path, lambda ex=examples, s=split: self._reference_table(ex, s)
             )
             self.log_line(
@@ -238,18 +262,34 @@ class Trainer:
         self.eval_reference = CachedReference(tables["eval"])
         return tables["train"]
 
+    def _cached_table(self, path, compute) -> tuple[dict[str, torch.Tensor], bool]:
+        """(table, reused): the cache file if the main process finds it (sent to the others),
+        else computed by all processes together and written by the main one."""
+        if self.acc.num_processes == 1:
+            return load_or_compute_cache(path, compute)
+        box = [load_file(str(path)) if self.acc.is_main_process and path.exists() else None]
+        broadcast_object_list(box, from_process=0)
+        if box[0] is not None:
+            return box[0], True
+        table = compute()
+        if self.acc.is_main_process:
+            write_cache(path, table)
+        return table, False
+
     @torch.no_grad()
     def _reference_table(self, examples: list[dict], split: str) -> dict[str, torch.Tensor]:
+        """Reference log-probs of every example: each process scores its share of the
+        length-sorted batches (of PRECOMPUTE_TOKENS, not the training batches), then all
+        shares are gathered, so N processes do 1/N of the work each."""
         model = ModelReference(
             self.acc.unwrap_model(self.policy),
             "lora" if self.cfg.model.lora else "same",
             self.cfg.train.chunk_size,
         )
-        chosen = torch.zeros(len(examples), dtype=torch.float64)
-        rejected = torch.zeros(len(examples), dtype=torch.float64)
-        # no gradients: length-sorted batches of PRECOMPUTE_TOKENS, not the training batches
+        P, rank = self.acc.num_processes, self.acc.process_index
+        mine = []
         for idx in tqdm(
-            length_sorted_batches(example_lengths(examples)),
+            length_sorted_batches(example_lengths(examples))[rank::P],
             desc=f"reference log-probs ({split})",
             disable=self.quiet,
             leave=False,
@@ -257,7 +297,14 @@ class Trainer:
             batch = self._pair_batch(examples, idx)
             with self.acc.autocast():
                 lp = model.logps(batch.tokens.to(self.acc.device)).double().cpu()
-            chosen[idx], rejected[idx] = lp[: len(idx)], lp[len(idx) :]
+            mine.append((list(idx), lp[: len(idx)].tolist(), lp[len(idx) :].tolist()))
+        chosen = torch.zeros(len(examples), dtype=torch.float64)
+        rejected = torch.zeros(len(examples), dtype=torch.float64)
+        for idx, c, r in self._gather_list(mine):
+            chosen[idx], rejected[idx] = (
+                torch.tensor(c, dtype=torch.float64),
+                torch.tensor(r, dtype=torch.float64),
+            )
         return {"chosen": chosen, "rejected": rejected}
 
     @functools.cached_property
