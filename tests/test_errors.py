@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -53,6 +54,27 @@ class Case:
 
 
 # ---- what the rows write ---------------------------------------------------------------------
+def saved_run(name: str, pickle_file: str | None = None, lock: bool = False):
+    """A run folder `saved/name` whose config.yaml is a real one (the tiny model, arithmetic_edit),
+    with a pickle file at `pickle_file` and a live process's lock if asked."""
+
+    def write(tmp: Path, tiny: Path) -> None:
+        from preftune.config import build_config
+
+        run = tmp / "saved" / name
+        run.mkdir(parents=True)
+        cfg = {"model": str(tiny), "data": "arithmetic_edit", "output_dir": str(tmp / "saved"),
+               "run_name": name, "quiet": True, "report_to": "none"}  # fmt: skip
+        build_config(cfg).save(run / "config.yaml")
+        if pickle_file:
+            (run / pickle_file).parent.mkdir(parents=True)
+            (run / pickle_file).write_bytes(b"\x80\x04K\x01.")  # pickle of the int 1
+        if lock:  # the parent of this process: alive for as long as the test runs
+            (run / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+
+    return write
+
+
 def lines(name: str, *rows, raw: bytes = b""):
     """A setup writing `name` under tmp: each row a dict (as JSON) or a str (as is), then `raw`."""
 
@@ -212,6 +234,20 @@ CASES = [
          ("d.jsonl:2", "UTF-8"), command="online"),
     Case("online-judge-missing", ["judge={tmp}/no-rm", "data=arithmetic_edit", "num_train=4"], None,
          ("no-rm",), command="online"),
+    # ---- run directories and resume targets ----
+    Case("run-name-taken", ["run_name=old"], None, ("runs/old", "already holds a run", "resume=")),
+    Case("run-name-a-path", ["run_name=../elsewhere"], None, ("run_name='../elsewhere'", "plain folder")),
+    Case("resume-no-such-folder", ["--resume", "{tmp}/runs/nope", "--quiet"], None,
+         ("runs/nope", "no such folder"), base=False),
+    Case("resume-not-a-run", ["--resume", "{tmp}", "--quiet"], None, ("not a preftune run",), base=False),
+    Case("resume-config-unreadable", ["--resume", "{tmp}/runs/old", "--quiet"], None,
+         ("runs/old", "config.yaml cannot be read"), base=False),
+    Case("resume-pickle-in-checkpoint", ["--resume", "{tmp}/saved/pk", "--quiet"],
+         saved_run("pk", "checkpoints/step-1/trainer.pt"), ("trainer.pt", "pickle"), base=False),
+    Case("resume-changes-beta", ["--resume", "{tmp}/saved/cb", "beta=0.5"], saved_run("cb"),
+         ("beta=0.5", "differs from the run's beta=0.1"), base=False),
+    Case("resume-run-in-use", ["--resume", "{tmp}/saved/lk", "--quiet"], saved_run("lk", lock=True),
+         ("saved/lk", "being written by another preftune run"), base=False),
 ]
 # fmt: on
 
