@@ -70,7 +70,9 @@ def saved_run(name: str, pickle_file: str | None = None, lock: bool = False):
             (run / pickle_file).parent.mkdir(parents=True)
             (run / pickle_file).write_bytes(b"\x80\x04K\x01.")  # pickle of the int 1
         if lock:  # the parent of this process: alive for as long as the test runs
-            (run / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+            (run / ".lock").write_text(
+                json.dumps({"pid": os.getppid(), "host": socket.gethostname()})
+            )
 
     return write
 
