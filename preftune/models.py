@@ -37,7 +37,8 @@ class ModelNotFoundError(UserError, RuntimeError):
     """The model named in the config is neither the embedded default, a local folder nor loadable."""
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# files torch writes with pickle: preftune loads none of them (they can run code)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -141,7 +142,7 @@ def _check_model_dir(path: Path, trust_remote_code: bool, key: str) -> None:
             f"{path / 'config.json'}: not valid JSON ({e}); restore it from the model's source"
         ) from None
     if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         if pickles:
             raise ModelNotFoundError(
                 f"{key}={path} has only pickle weights ({', '.join(pickles)}), and preftune "

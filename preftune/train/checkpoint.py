@@ -33,10 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from preftune.errors import UserError
+from preftune.models import PICKLE_SUFFIXES
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 FILES = ("weights.safetensors", "state.safetensors", "state.json")
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 
 
 class CheckpointError(UserError):
