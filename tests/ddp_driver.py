@@ -1,19 +1,27 @@
 """Runs several preftune trainings in one multi-process launch (torchrun), so the tests pay for
 one process group: `python -m torch.distributed.run ... tests/ddp_driver.py jobs.json`.
 
-jobs.json is a list of {"kind": "train" | "online" | "reward", "args": {config keys}}. After
-each job every process writes the SHA-256 of its trained weights to
-`<run_dir>/weights-rank<r>.sha256`: equal digests mean the processes stayed in sync.
+jobs.json is a list of {"kind": "train" | "online" | "reward", "args": {config keys}}, with
+"nan_on_rank": r and "nan_from_call": n to make DPO's loss NaN on process r from its n-th call
+on. After each job every process writes the SHA-256 of its trained weights to
+`<run_dir>/weights-rank<r>.sha256` (equal digests: the processes stayed in sync), or for a job
+that raised a preftune error, its message to `<output_dir>/<run_name>.error-rank<r>`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
+import os
 import sys
+from pathlib import Path
 
 import torch
 
+from preftune.errors import UserError
+from preftune.losses import LOSSES
 from preftune.train.loop import run
 from preftune.train.online import ONLINE_METHODS, validate_online
 from preftune.train.reward import RewardTrainer
@@ -30,18 +38,42 @@ def digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def nan_dpo_from(n: int) -> None:
+    spec, calls = LOSSES["dpo"], []
+
+    def nan_dpo(logps, **hparams):
+        out = spec.fn(logps, **hparams)
+        calls.append(1)
+        if len(calls) >= n:
+            out.losses = out.losses * math.nan
+        return out
+
+    LOSSES["dpo"] = dataclasses.replace(spec, fn=nan_dpo)
+
+
 def main(path: str) -> None:
+    rank = int(os.environ.get("RANK", "0"))
     for job in json.loads(open(path).read()):
-        cfg = resolve(job["args"])
-        if job["kind"] == "online":
-            validate_online(cfg)
-            trainer = ONLINE_METHODS[cfg.online.method](cfg)
-        else:
-            trainer = (RewardTrainer if job["kind"] == "reward" else Trainer)(cfg)
-        run(trainer)
-        rank = trainer.acc.process_index
-        (trainer.run_dir / f"weights-rank{rank}.sha256").write_text(digest(trainer.policy))
-        trainer.acc.wait_for_everyone()
+        if job.get("nan_on_rank") == rank:
+            nan_dpo_from(job["nan_from_call"])
+        try:
+            run_job(job)
+        except UserError as e:
+            args = job["args"]
+            Path(args["output_dir"], f"{args['run_name']}.error-rank{rank}").write_text(str(e))
+
+
+def run_job(job: dict) -> None:
+    cfg = resolve(job["args"])
+    if job["kind"] == "online":
+        validate_online(cfg)
+        trainer = ONLINE_METHODS[cfg.online.method](cfg)
+    else:
+        trainer = (RewardTrainer if job["kind"] == "reward" else Trainer)(cfg)
+    run(trainer)
+    rank = trainer.acc.process_index
+    (trainer.run_dir / f"weights-rank{rank}.sha256").write_text(digest(trainer.policy))
+    trainer.acc.wait_for_everyone()
 
 
 if __name__ == "__main__":

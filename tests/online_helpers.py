@@ -39,3 +39,13 @@ def position_score(prompts: list[str], completions: list[str]) -> list[float]:
 
 def not_a_judge_result(prompts: list[str], completions: list[str]):
     return "oops"
+
+
+def rank_tie(prompts: list[str], completions: list[str]) -> list[float]:
+    """Judge: every completion ties on process 1 of a distributed run (its pairs are all
+    skipped), distinct scores elsewhere."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() == 1:
+        return [0.0] * len(completions)
+    return [float(i) for i in range(len(completions))]

@@ -170,8 +170,11 @@ class OnlineTrainer(Trainer):
         summary = self._summarise(self._gather_rec(rec), self._gather_rec(extra))
         # a step without pairs (all ties) trains nothing: its loss is NaN, the rest is left out
         metrics.update({k: v for k, v in summary.items() if k == "loss" or v == v})
-        if log_ratios:  # completions sampled from the policy: mean of log pi/pi_ref = KL estimate
-            metrics["kl"] = self._gmean(torch.cat(log_ratios))
+        # completions sampled from the policy: mean of log pi/pi_ref = KL estimate; every process
+        # joins the gather, with or without pairs of its own
+        kl = self._gmean(torch.cat(log_ratios) if log_ratios else [])
+        if kl == kl:
+            metrics["kl"] = kl
         return metrics
 
     def _idle_loss(self) -> torch.Tensor:

@@ -246,9 +246,11 @@ def read_state(path: Path) -> dict:
     return decode(json.loads((path / "state.json").read_text()), tensors)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> dict:
-    """Load weights, optimizer, scheduler and process `rank`'s RNG states; return the
-    trainer's state."""
+def load_checkpoint(
+    path: Path, model, optimizer, scheduler, rank: int = 0, num_processes: int = 1
+) -> dict:
+    """Load weights, optimizer, scheduler and process `rank`'s RNG states (of a checkpoint
+    written by `num_processes` processes); return the trainer's state."""
     try:
         state = read_state(path)
         weights = load_file(str(path / "weights.safetensors"))
@@ -270,10 +272,11 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> d
     optimizer.load_state_dict(state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
     rngs = state.pop("rng")
-    if len(rngs) <= rank:
+    if len(rngs) != num_processes:
         raise CheckpointError(
-            f"checkpoint {path} holds the generators of {len(rngs)} processes and this is process "
-            f"{rank}; resume with the number of processes it was written by"
+            f"checkpoint {path} was written by {len(rngs)} processes and this run has "
+            f"{num_processes}; resume with {len(rngs)} processes (each continues its own data "
+            f"share and random generators)"
         )
     set_rng_state(rngs[rank])
     state.setdefault("tensors", {})

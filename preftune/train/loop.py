@@ -44,9 +44,18 @@ def _apply_schedule(trainer: Trainer) -> None:
     sched._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
 
 
+def _from_main(trainer: Trainer, box: list):
+    """The main process's `box[0]`, on every process."""
+    if trainer.acc.num_processes > 1:
+        broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 def _resume(trainer: Trainer) -> None:
     root = trainer.run_dir / "checkpoints"
-    path = ckpt.latest_checkpoint(root, log=trainer.warn)
+    # the main process picks the checkpoint, so that every process resumes from the same one
+    box = [ckpt.latest_checkpoint(root, log=trainer.warn) if trainer.acc.is_main_process else None]
+    path = _from_main(trainer, box)
     if path is None and (trainer.run_dir / "final").exists():
         raise ConfigError(
             f"resume={trainer.run_dir}: the run has finished and kept no checkpoint to continue "
@@ -64,7 +73,8 @@ def _resume(trainer: Trainer) -> None:
             trainer.acc.unwrap_model(trainer.policy),
             trainer.optimizer,
             trainer.scheduler,
-            rank=trainer.acc.process_index,
+            trainer.acc.process_index,
+            trainer.acc.num_processes,
         )
         if "config" in state:
             check_same_training(trainer.run_dir, state["config"], trainer.cfg)
@@ -193,17 +203,15 @@ def _late(trainer: Trainer, saved_at: float) -> bool:
     """Whether save_every_minutes have passed since the last checkpoint, as the main process's
     clock says: every process must take the same decision (a checkpoint gathers from all)."""
     minutes = trainer.cfg.train.save_every_minutes
-    late = [bool(minutes) and time.monotonic() - saved_at >= 60 * minutes]
-    if trainer.acc.num_processes > 1:
-        broadcast_object_list(late, from_process=0)
-    return late[0]
+    return _from_main(trainer, [bool(minutes) and time.monotonic() - saved_at >= 60 * minutes])
 
 
 def _stop_diverged(trainer: Trainer, summary: dict, err: DivergedError) -> None:
     """Move the suspect checkpoints aside, write the summary and report, and stop."""
-    moved, left = [], None
+    box = [None]
     if trainer.acc.is_main_process:
-        moved, left = quarantine(trainer.run_dir / "checkpoints", err.first)
+        box = [quarantine(trainer.run_dir / "checkpoints", err.first)]
+    moved, left = _from_main(trainer, box)
     summary.update({"steps": trainer.step, "diverged": str(err), "run_dir": str(trainer.run_dir)})
     _write_summary(trainer, summary)
     _end_trackers(trainer)

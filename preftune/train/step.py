@@ -22,12 +22,19 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+from accelerate.utils import gather_object
 
 from preftune.logps import hidden_at_targets, sequence_logps, sequence_logps_and_kl, token_logps
 from preftune.train.guards import DivergedError
 
 # engine functions that take `fast_grads`
 _ENGINE_FNS = (sequence_logps, token_logps, sequence_logps_and_kl, hidden_at_targets)
+
+
+def _describe(loss: torch.Tensor, i: int, mb, rank: int, P: int) -> str:
+    head = f" (examples {list(mb[:4])}...)" if isinstance(mb, list) else ""
+    where = f" on process {rank}" if P > 1 else ""
+    return f"non-finite loss ({loss.item()}) in micro-batch {i}{head}{where}, step refused"
 
 
 class EngineModule(torch.nn.Module):
@@ -74,24 +81,25 @@ class StepEngine:
         through the engine, multiplied by 0)."""
         P, start, ntok = self.acc.num_processes, time.perf_counter(), 0
         work = [mb for mb in micro if len(mb)]
-        if not work and P > 1:
+        if not work and P > 1 and n_global > 0:  # (no pairs anywhere: no gradients, as 1 process)
             self.acc.backward(idle_loss() * 0.0)
+        bad = None
         for i, mb in enumerate(work):
             last = i == len(work) - 1
             with contextlib.nullcontext() if last else self.acc.no_sync(self.engine):
                 loss_sum, n = micro_loss(mb)
                 # x P: the wrapper averages gradients over processes, the loss is a global mean
                 loss = loss_sum * P / n_global
-                if not torch.isfinite(loss):  # a host sync, once per micro-batch
-                    head = list(mb[:4]) if isinstance(mb, list) else ""
-                    raise DivergedError(
-                        step,
-                        f"non-finite loss ({loss.item()}) in micro-batch {i}"
-                        + (f" (examples {head}...)" if head else "")
-                        + ", step refused",
-                    )
+                if bad is None and not torch.isfinite(loss):  # a host sync per micro-batch
+                    bad = _describe(loss, i, mb, self.acc.process_index, P)
+                    if P == 1:
+                        raise DivergedError(step, bad)
+                # with several processes every one must run its backward (the others wait in
+                # the gradient sync): the step is refused after it, on every process at once
                 self.acc.backward(loss)
             ntok += n
+        if P > 1 and (bad := next((b for b in gather_object([bad]) if b), None)):
+            raise DivergedError(step, bad)
         grad_norm = self.clip_and_check(step)
         lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses
         self.optimizer.step()

@@ -160,6 +160,18 @@ def _prepare(trainer, cfg: Config, load_model, load_data) -> None:
             f"batch_size={t.batch_size} must split evenly over {trainer.acc.num_processes} "
             f"processes x grad_accum={t.grad_accum}"
         )
+    _prepare_step(trainer, cfg)
+    trainer.calibration = (
+        BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
+    )
+    trainer.loss_state = trainer.spec.init_state() if trainer.spec.stateful else None
+    trainer.guard = DivergenceGuard(t.divergence_factor)
+    trainer.step = 0
+
+
+def _prepare_step(trainer, cfg: Config) -> None:
+    """Optimizer, schedule, the prepared engine module and the step engine."""
+    t = cfg.train
     trainer.optimizer, trainer.scheduler = build_optimizer(cfg, trainer.policy, trainer.total_steps)
     trainer.policy, trainer.engine, trainer.optimizer = place_for_training(
         trainer.acc, trainer.policy, trainer.optimizer
@@ -190,12 +202,6 @@ def _prepare(trainer, cfg: Config, load_model, load_data) -> None:
         t.max_grad_norm,
         trainer.in_backward,
     )
-    trainer.calibration = (
-        BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
-    )
-    trainer.loss_state = trainer.spec.init_state() if trainer.spec.stateful else None
-    trainer.guard = DivergenceGuard(t.divergence_factor)
-    trainer.step = 0
 
 
 class Trainer:
@@ -339,7 +345,9 @@ class Trainer:
         """`fn(policy, *args)`, one of the engine's functions. A forward with gradients goes
         through the prepared module, so a wrapper (DDP) sees it; one without (evaluation, the
         reference precompute, KTO's KL estimate) calls the bare model: no wrapper collective,
-        which processes with unequal shares of the eval set would wait on for ever."""
+        which processes with unequal shares of the eval set would wait on for ever. So every
+        forward with gradients must be followed by its backward in the same step (DDP expects
+        the gradients of each forward it saw)."""
         if torch.is_grad_enabled():
             return self.engine(fn, *args)
         return fn(self.policy, *args)
@@ -471,15 +479,18 @@ class Trainer:
         return gather_object(list(values))
 
     def _gather_rec(self, rec: dict[str, list]) -> dict[str, list]:
-        """Each key's values from every process, as one CPU tensor (or none)."""
-        out = {}
-        for k, parts in rec.items():
-            local = (
-                torch.cat([p.reshape(-1).float().cpu() for p in parts]).tolist() if parts else []
-            )
-            values = self._gather_list(local)
-            out[k] = [torch.tensor(values)] if values else []
-        return out
+        """Each key's values from every process, as one CPU tensor (or none), in one collective
+        whatever keys each process has (an idle online process has none)."""
+        local = {
+            k: torch.cat([p.reshape(-1).float().cpu() for p in parts]).tolist()
+            for k, parts in rec.items()
+            if parts
+        }
+        merged: dict[str, list] = {k: [] for k in rec}
+        for part in self._gather_list([local]):
+            for k, values in part.items():
+                merged.setdefault(k, []).extend(values)
+        return {k: [torch.tensor(v)] if v else [] for k, v in merged.items()}
 
     def _gmean(self, values: torch.Tensor | list) -> float:
         local = values.reshape(-1).float().tolist() if torch.is_tensor(values) else list(values)
