@@ -331,6 +331,7 @@ class Trainer:
             self._record(rec, extra, out, logps)
         self._sync_gradients()
         grad_norm = self._clip_and_check()
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step uses; scheduler.step() moves it on
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -339,7 +340,7 @@ class Trainer:
         metrics.update(
             {
                 "grad_norm": grad_norm,
-                "lr": self.scheduler.get_last_lr()[0],
+                "lr": lr,
                 "tokens_per_second": ntok * P / elapsed,
                 "step_time": elapsed,
             }
