@@ -201,7 +201,7 @@ CLAIMS = {
         "ipo",
         "With deterministic preferences IPO's log-ratio margin settles at 1/(2 tau) while DPO's "
         "grows without bound (Azar et al. 2023, §4.2 and §5.2).",
-        {"data": "arithmetic", "beta": 0.5, "lr": 1e-6, "eval_every": 4, "epochs": 2},
+        {"data": "arithmetic", "beta": 0.5, "lr": 1e-6, "eval_every": 4},
         {
             "dpo": {"loss": "dpo"},
             "ipo": {"loss": "ipo", "length_normalized": False},
