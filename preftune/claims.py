@@ -4,8 +4,8 @@ A claim trains the methods it compares at controlled settings (same data, model,
 and seed; only the method differs), writes `compare.html` with every panel, and a short
 `result.md` of measured numbers with a verdict that the numbers decide (thresholds below, in
 each `_measure_*`), not the paper. `key=value` overrides apply to every run of the claim (a loss
-hyper-parameter only to the runs whose loss has it); a run whose directory already holds a
-`summary.json` is reused, so a report can be redrawn without training again (`--fresh` retrains).
+hyper-parameter only to the runs whose loss has it); a run whose directory holds a finished
+run is reused, so a report can be redrawn without training again (`--fresh` retrains).
 
   dpop      DPO vs DPOP on one-digit-edit pairs: DPO lowers log pi(y_w) below the reference on
             many pairs (Pal et al. 2024, §3), DPOP's penalty keeps it at or above.
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from preftune.losses import LOSSES
+from preftune.report.runs import load_run
 
 # every claim's runs share these; the defaults of `preftune train` otherwise (256 pairs, batch
 # 8, one pass, AdamW with 10% warm-up then linear decay, seed 0)
@@ -110,12 +111,12 @@ def _measure_dpop(res: dict[str, dict]) -> tuple[list[str], str]:
 
 
 def _ipo_margin_key(config: dict) -> str:
-    normalized = config.get("loss_args", {}).get("length_normalized", True)
+    normalized = config.get("loss_args.length_normalized", True)
     return "eval/logratio/margin_per_token" if normalized else "eval/logratio/margin"
 
 
 def _measure_ipo(res: dict[str, dict]) -> tuple[list[str], str]:
-    tau = res["ipo"]["config"]["loss_args"]["beta"]
+    tau = res["ipo"]["config"]["loss_args.beta"]
     target = 1 / (2 * tau)
     key = _ipo_margin_key(res["ipo"]["config"])
     lines = [f"target 1/(2 tau) = {target:.3g} ({key.split('/')[-1]}, nats)", "",
@@ -156,13 +157,13 @@ def _measure_beta(res: dict[str, dict]) -> tuple[list[str], str]:
     rows, cfg = res["beta_dpo"]["rows"], res["beta_dpo"]["config"]
     betas, m0 = _series(rows, "beta"), _series(rows, "calibration/M0")
     filt, kept = _series(rows, "filtered_fraction"), _series(rows, "calibration/kept")
-    cal = cfg["beta_calibration"]
     n = cfg["batch_size"]
     lines = [
-        f"β path (β0 = {cfg['loss_args']['beta']}): first {betas[0]:.3g}, max {max(betas):.3g} "
+        f"β path (β0 = {cfg['loss_args.beta']}): first {betas[0]:.3g}, max {max(betas):.3g} "
         f"(step {1 + betas.index(max(betas))}), min {min(betas):.3g}, last {betas[-1]:.3g}",
         f"M0: first {m0[0]:.3g}, last {m0[-1]:.3g}, max {max(m0):.3g}",
-        f"filtered fraction: mean {sum(filt) / len(filt):.3g} at filter_ratio {cal.get('filter_ratio', 0.2)} "
+        f"filtered fraction: mean {sum(filt) / len(filt):.3g} at filter_ratio "
+        f"{cfg.get('beta_calibration.filter_ratio', 0.2)} "
         f"and batch {n}: {int(kept[0]) if kept else '?'} of {n} pairs kept "
         f"(int(N(1 - ratio)), as the paper's code)",
         "",
@@ -175,7 +176,7 @@ def _measure_beta(res: dict[str, dict]) -> tuple[list[str], str]:
                        ("task accuracy after", "task/accuracy_after")):
         lines.append(f"| {label} | {_fmt(res['dpo']['final'].get(key, '—'))} | "
                      f"{_fmt(res['beta_dpo']['final'].get(key, '—'))} |")
-    moved = max(betas) - min(betas) > 0.1 * cfg["loss_args"]["beta"]
+    moved = max(betas) - min(betas) > 0.1 * cfg["loss_args.beta"]
     verdict = (
         ("partly: the mechanism is reproduced (β moves " if moved else "not reproduced: β barely moves (")
         + f"{min(betas):.3g}-{max(betas):.3g} with the batch gap against M0; "
@@ -241,13 +242,21 @@ def run_settings(claim: Claim, label: str, overrides: dict, out: Path) -> dict:
     return settings
 
 
+def _finished(run_dir: Path) -> bool:
+    """A run that got to its end (summary.json is also written before training, without these)."""
+    path = run_dir / "summary.json"
+    return path.exists() and "train_seconds" in json.loads(path.read_text())
+
+
 def _train_or_reuse(settings: dict, fresh: bool) -> float:
+    # imported here, not above: cli.py imports this module to list the claims, and `preftune
+    # --help` should not load transformers and accelerate
     from preftune.train.trainer import train
 
     run_dir = Path(settings["output_dir"]) / settings["run_name"]
-    if run_dir.exists() and (fresh or not (run_dir / "summary.json").exists()):
+    if run_dir.exists() and (fresh or not _finished(run_dir)):
         shutil.rmtree(run_dir)  # a claim's run directory belongs to the claim
-    if (run_dir / "summary.json").exists():
+    if run_dir.exists():
         return 0.0
     start = time.perf_counter()
     train(settings)
@@ -255,19 +264,9 @@ def _train_or_reuse(settings: dict, fresh: bool) -> float:
 
 
 def _load(run_dir: Path) -> dict:
-    import yaml
-
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    final = json.loads((run_dir / "summary.json").read_text())
-    return {"rows": rows, "final": final, "config": _flat(yaml.safe_load((run_dir / "config.yaml").read_text()))}
-
-
-def _flat(cfg: dict) -> dict:
-    out = {}
-    for v in cfg.values():
-        if isinstance(v, dict):
-            out.update(v)
-    return out or cfg
+    """{rows, final (summary.json), config (flat: loss_args.beta, ...)} of a finished run."""
+    run = load_run(run_dir)
+    return {"rows": run.rows, "final": run.summary, "config": run.config}
 
 
 def run_claim(name: str, overrides: dict | None = None, out: str | Path | None = None,

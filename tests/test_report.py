@@ -75,9 +75,9 @@ def fake_run(path, loss: str, calibrated: bool = False, spike: bool = False, see
         rows.append(row)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "summary.json").write_text(json.dumps({"loss": rows[-1]["loss"], "steps": 6}))
-    config = {"loss": {"loss": loss, "loss_args": dict(LOSSES[loss].defaults),
-                       "beta_calibration": {"alpha": 0.6, "filter_ratio": 0.2} if calibrated else None},
-              "train": {"lr": 5e-6, "seed": seed}}
+    config = {"loss": loss, "loss_args": dict(LOSSES[loss].defaults),  # as Config.save writes it
+              "beta_calibration": {"alpha": 0.6, "filter_ratio": 0.2} if calibrated else None,
+              "lr": 5e-6, "seed": seed}
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     samples = [{"prompt": f"What is {i} + 1?", "completion": f"{i + 1}", "chosen": f"{i + 1}",
                 "rejected": f"{i + 2}"} for i in range(3)]
@@ -144,7 +144,7 @@ def test_ipo_target_line_and_clipped_spikes(tmp_path):
 
     ipo = fake_run(tmp_path / "ipo", "ipo", spike=True)
     cfg = yaml.safe_load((ipo / "config.yaml").read_text())
-    cfg["loss"]["loss_args"].update(beta=0.5, length_normalized=False)
+    cfg["loss_args"].update(beta=0.5, length_normalized=False)
     (ipo / "config.yaml").write_text(yaml.safe_dump(cfg))
     run = load_run(ipo)
     panels = {p.name: p for p in PANELS}

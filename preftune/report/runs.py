@@ -33,18 +33,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def flat_config(raw: dict) -> dict:
-    """{section: {key: value}} (config.yaml) -> {key: value}; dicts inside a section are
-    spelled KEY.SUBKEY so that two runs' configs compare key by key."""
+    """config.yaml ({key: value}, with loss_args and beta_calibration as mappings) -> {key:
+    value} with a mapping's entries spelled KEY.SUBKEY, so two runs' configs compare key by key."""
     out: dict = {}
-    for section, values in raw.items():
-        if not isinstance(values, dict):
-            out[section] = values
-            continue
-        for k, v in values.items():
-            if isinstance(v, dict):
-                out.update({f"{k}.{sub}": sv for sub, sv in v.items()})
-            else:
-                out[k] = v
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{sub}": sv for sub, sv in v.items()})
+        else:
+            out[k] = v
     return out
 
 
