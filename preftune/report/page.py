@@ -30,12 +30,14 @@ def _swatch(color: str) -> str:
 
 
 def side_by_side(runs: list[Run], colors: dict[str, str], part: str, diff_first: bool) -> str:
-    """One row per key, one column per run; rows where the runs differ are highlighted and,
-    with `diff_first`, listed first."""
+    """One row per key, one column per run. With `diff_first` (configs) the keys whose values
+    differ between the runs are highlighted and listed first; results differ everywhere, so
+    they are listed as logged."""
     tables = [getattr(r, part) for r in runs]
     keys = list(dict.fromkeys(k for t in tables for k in t))
-    differs = {k for k in keys if len({repr(t.get(k)) for t in tables}) > 1} if len(runs) > 1 else set()
-    if diff_first:
+    differs = set()
+    if diff_first and len(runs) > 1:
+        differs = {k for k in keys if len({repr(t.get(k)) for t in tables}) > 1}
         keys = [k for k in keys if k in differs] + [k for k in keys if k not in differs]
     head = "".join(f"<th>{_swatch(colors[r.name])}{html.escape(r.name)}</th>" for r in runs)
     rows = [f"<table><tr><th>key</th>{head}</tr>"]
@@ -48,7 +50,11 @@ def side_by_side(runs: list[Run], colors: dict[str, str], part: str, diff_first:
 
 
 def _prompt(text: str, width: int = 160) -> str:
+    """The prompt's last user turn where a chat template left its role names in the text (the
+    system prompt is the same in every row), else its last `width` characters."""
     text = text.strip()
+    if "\nuser\n" in text:
+        text = text.rsplit("\nuser\n", 1)[1].removesuffix("assistant").strip()
     return text if len(text) <= width else "…" + text[-width:]
 
 

@@ -155,8 +155,10 @@ def _segments(ax, runs: list[Run], colors: dict[str, str]) -> bool:
             continue
         pts = [(j + i * width, last[f"eval/segments/{k}"]) for j, (k, _) in enumerate(shown)
                if f"eval/segments/{k}" in last]
+        fell = last.get("eval/pairs/chosen_below_ref")
+        note = "" if fell is None else f"; y_w fell on {fell:.0%} of pairs"
         ax.bar([p[0] for p in pts], [p[1] for p in pts], width, color=colors[run.name],
-               label=f"{run.name} (step {last['step']})")
+               label=f"{run.name} (step {last['step']}{note})")
     if shown:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shown))])
         ax.set_xticklabels([lab for _, lab in shown], rotation=25, ha="right", fontsize=7)
