@@ -120,16 +120,17 @@ def _measure_ipo(res: dict[str, dict]) -> tuple[list[str], str]:
     target = 1 / (2 * tau)
     key = _ipo_margin_key(res["ipo"]["config"])
     lines = [f"target 1/(2 tau) = {target:.3g} ({key.split('/')[-1]}, nats)", "",
-             "| run | lr | final h | h over the last 3 evals | held-out pairs with h < 0 | eval loss first -> last |",
+             "| run | lr | final h | h over the last 3 evals | held-out pairs with h ≤ 0: end (worst eval) "
+             "| eval loss first -> max -> last |",
              "|---|---|---|---|---|---|"]
     for label, r in res.items():
         hs = _series(r["rows"], key)
-        losses = _series(r["rows"], "eval/loss")
-        wrong = 1 - r["final"].get("eval/rewards/accuracies", float("nan"))
+        losses = _series(r["rows"], "eval/loss") or [float("nan")]
+        wrong = [1 - a for a in _series(r["rows"], "eval/rewards/accuracies")] or [float("nan")]
         lines.append(
             f"| {label} | {r['config']['lr']:.0e} | {_fmt(hs[-1] if hs else float('nan'))} | "
-            f"{', '.join(_fmt(h) for h in hs[-3:])} | {wrong:.0%} | "
-            f"{_fmt(losses[0] if losses else float('nan'))} -> {_fmt(losses[-1] if losses else float('nan'))} |"
+            f"{', '.join(_fmt(h) for h in hs[-3:])} | {wrong[-1]:.0%} ({max(wrong):.0%}) | "
+            f"{_fmt(losses[0])} -> {_fmt(max(losses))} -> {_fmt(losses[-1])} |"
         )
     ipo_h = _series(res["ipo"]["rows"], key)[-1]
     dpo_h = _series(res["dpo"]["rows"], key)[-1]
@@ -144,12 +145,15 @@ def _measure_ipo(res: dict[str, dict]) -> tuple[list[str], str]:
     if "ipo_high_lr" in res:
         hi = res["ipo_high_lr"]
         losses = _series(hi["rows"], "eval/loss")
-        wrong = 1 - hi["final"].get("eval/rewards/accuracies", float("nan"))
-        verdict += (
-            f". At lr {hi['config']['lr']:.0e} IPO's held-out loss goes {losses[0]:.3g} -> "
-            f"{losses[-1]:.3g} and {wrong:.0%} of held-out pairs end with h < 0"
-            if losses else ""
-        )
+        wrong = [1 - a for a in _series(hi["rows"], "eval/rewards/accuracies")]
+        steps = [r["step"] for r in hi["rows"] if isinstance(r.get("eval/rewards/accuracies"), float)]
+        if losses and wrong:
+            worst = steps[wrong.index(max(wrong))]
+            verdict += (
+                f". At lr {hi['config']['lr']:.0e} IPO's held-out loss goes {losses[0]:.3g} -> "
+                f"max {max(losses):.3g} -> {losses[-1]:.3g}; {max(wrong):.0%} of held-out pairs "
+                f"have h ≤ 0 at its worst evaluation (step {worst}), {wrong[-1]:.0%} at the end"
+            )
     return lines, verdict
 
 
@@ -173,6 +177,7 @@ def _measure_beta(res: dict[str, dict]) -> tuple[list[str], str]:
     for label, key in (("held-out reward accuracy", "eval/rewards/accuracies"),
                        ("held-out log-ratio margin h (nats)", "eval/logratio/margin"),
                        ("held-out pairs with y_w below the reference", "eval/pairs/chosen_below_ref"),
+                       ("task accuracy before", "task/accuracy_before"),
                        ("task accuracy after", "task/accuracy_after")):
         lines.append(f"| {label} | {_fmt(res['dpo']['final'].get(key, '—'))} | "
                      f"{_fmt(res['beta_dpo']['final'].get(key, '—'))} |")
