@@ -3,6 +3,7 @@ samples of any data set, and the per-segment log-prob split of held-out pairs.""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import torch
@@ -102,3 +103,27 @@ def has_shared_prefixes(examples: list[dict]) -> bool:
     return any(
         "chosen_ids" in e and e["chosen_ids"][:1] == e["rejected_ids"][:1] for e in examples
     )
+
+
+SEGMENTS_FILE = "eval_reference_segments.json"  # in the run directory
+
+
+def segment_table(
+    model, examples: list[dict], make_batch: Callable, size: int, chunk_size: int | None
+) -> torch.Tensor:
+    """(E, 2, 3) segment sums of every pair of `examples` ([chosen, rejected] x [prefix, edit,
+    suffix]) under `model`, in batches of `size`: the reference's, when run before training."""
+    rows = []
+    for s in range(0, len(examples), size):
+        idx = list(range(s, min(s + size, len(examples))))
+        sums, _ = pair_segment_sums(model, examples, idx, make_batch, chunk_size)
+        rows.append(sums.view(2, len(idx), 3).transpose(0, 1))
+    return torch.cat(rows)
+
+
+def read_segment_table(path, num_pairs: int) -> torch.Tensor | None:
+    """The `segment_table` written at `path`, or None when there is none for `num_pairs` pairs."""
+    if not path.exists():
+        return None
+    table = torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
+    return table if len(table) == num_pairs else None

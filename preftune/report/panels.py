@@ -87,8 +87,8 @@ def _loss(ax, runs: list[Run], colors: dict[str, str]) -> bool:
         if hi - lo > 4 * max(p95 - lo, 1e-12):
             top = p95 + 0.5 * (p95 - lo) + 1e-6
             ax.set_ylim(lo - 0.05 * (top - lo), top)
-            ax.text(0.99, 0.97, f"y clipped at {top:.3g}; max {hi:.3g}", transform=ax.transAxes,
-                    ha="right", va="top", fontsize=7, color="#a00")
+            ax.text(1.0, 1.01, f"y clipped at {top:.3g}; max {hi:.3g}", transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=7, color="#a00")  # above the axes: no legend there
     return drawn
 
 

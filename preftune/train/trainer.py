@@ -24,7 +24,14 @@ from preftune.allocator import keep_freed_memory
 from preftune.calibrate import BetaCalibration
 from preftune.config import Config, build_config
 from preftune.diagnostics import pair_diagnostics, segment_changes, summarise_segments
-from preftune.evaluate import greedy_samples, has_shared_prefixes, pair_segment_sums
+from preftune.evaluate import (
+    SEGMENTS_FILE,
+    greedy_samples,
+    has_shared_prefixes,
+    pair_segment_sums,
+    read_segment_table,
+    segment_table,
+)
 from preftune.logps import attention_only, sequence_logps, sequence_logps_and_kl
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
 from preftune.models import cache_dir
@@ -449,7 +456,7 @@ class Trainer:
         was = self.policy.training
         self.policy.eval()
         mine = list(range(self.acc.process_index, len(self.data.eval), self.acc.num_processes))
-        ref_segments = self._reference_segments()
+        ref_segments = read_segment_table(self.run_dir / SEGMENTS_FILE, len(self.data.eval))
         changes: dict[str, list] = {}
         for s in range(0, len(mine), size):
             idx = mine[s : s + size]
@@ -472,43 +479,26 @@ class Trainer:
         return metrics
 
     # ---- samples and the reference's segment sums, written before training and after ---------
-    SEGMENTS_FILE = "eval_reference_segments.json"
-
+    @torch.no_grad()
     def write_samples(self, tag: str) -> None:
         """Greedy completions of a few held-out prompts (`greedy_{tag}.json`, any data set) and,
         before training (policy == reference), the held-out pairs' reference segment sums that
-        evaluate_pairs subtracts; both read from disk, so a resumed run keeps them."""
+        evaluate_pairs subtracts; both on disk, so a resumed run keeps them."""
         model = self.acc.unwrap_model(self.policy)
         if self.acc.is_main_process and model.can_generate():
-            self._write_samples(model, tag)
+            was = self.policy.training
+            self.policy.eval()
+            exs, t = self.data.eval, self.cfg.train
+            samples = greedy_samples(
+                model, self.tokenizer, exs or self.data.train, self.cfg.eval.eval_max_new_tokens
+            )
+            write_json(self.run_dir / f"greedy_{tag}.json", samples)
+            if tag == "before" and self.reference is not None and has_shared_prefixes(exs):
+                size = max(2, t.batch_size // t.grad_accum)
+                table = segment_table(model, exs, self._pair_batch, size, t.chunk_size)
+                write_json(self.run_dir / SEGMENTS_FILE, table.tolist())
+            self.policy.train(was)
         self.acc.wait_for_everyone()  # the others read the segment file in evaluate_pairs
-
-    @torch.no_grad()
-    def _write_samples(self, model, tag: str) -> None:
-        was = self.policy.training
-        self.policy.eval()
-        samples = greedy_samples(
-            model, self.tokenizer, self.data.eval or self.data.train, self.cfg.eval.eval_max_new_tokens
-        )
-        write_json(self.run_dir / f"greedy_{tag}.json", samples)
-        exs = self.data.eval
-        if tag == "before" and self.reference is not None and has_shared_prefixes(exs):
-            size = max(2, self.cfg.train.batch_size // self.cfg.train.grad_accum)
-            rows = []
-            for s in range(0, len(exs), size):
-                idx = list(range(s, min(s + size, len(exs))))
-                sums, _ = pair_segment_sums(model, exs, idx, self._pair_batch, self.cfg.train.chunk_size)
-                rows.append(sums.view(2, len(idx), 3).transpose(0, 1))
-            write_json(self.run_dir / self.SEGMENTS_FILE, torch.cat(rows).tolist())
-        self.policy.train(was)
-
-    def _reference_segments(self) -> torch.Tensor | None:
-        """(E, 2, 3) reference segment sums of the held-out pairs, or None (not written)."""
-        path = self.run_dir / self.SEGMENTS_FILE
-        if not path.exists():
-            return None
-        table = torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
-        return table if len(table) == len(self.data.eval) else None
 
     def task_accuracy(self, tag: str) -> tuple[float | None, list]:
         if not self.data.task_problems:
