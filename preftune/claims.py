@@ -25,7 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from preftune.losses import LOSSES
 from preftune.report.runs import load_run
 
 # every claim's runs share these; the defaults of `preftune train` otherwise (256 pairs, batch
@@ -235,6 +234,10 @@ CLAIMS = {
 def run_settings(claim: Claim, label: str, overrides: dict, out: Path) -> dict:
     """The full settings of one run: COMMON, the claim's shared ones, the run's own, then the
     user's overrides (a loss hyper-parameter only where the run's loss has it)."""
+    # imported here: cli.py imports this module for the claims' names, and the registry
+    # brings torch, which `preftune --help` should not wait for
+    from preftune.losses import LOSSES
+
     settings = {**COMMON, **claim.shared, **claim.runs[label]}
     spec = LOSSES[settings["loss"]]
     hparam_names = {k for s in LOSSES.values() for k in s.defaults}
@@ -254,8 +257,7 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _train_or_reuse(settings: dict, fresh: bool) -> float:
-    # imported here, not above: cli.py imports this module to list the claims, and `preftune
-    # --help` should not load transformers and accelerate
+    # imported here for the same reason as LOSSES in run_settings
     from preftune.train.trainer import train
 
     run_dir = Path(settings["output_dir"]) / settings["run_name"]
