@@ -301,7 +301,9 @@ def run_claim(name: str, overrides: dict | None = None, out: str | Path | None =
         "controlled: " + ", ".join(f"{k}={v}" for k, v in claim.shared.items())
         + "; runs: " + "; ".join(f"{k}: {v}" for k, v in claim.runs.items()),
         "wall time: " + ", ".join(
-            f"{k} {s:.0f} s" if s else f"{k} reused" for k, s in seconds.items()
+            f"{k} {s:.0f} s" if s
+            else f"{k} reused (trained in {results[k]['final'].get('train_seconds', float('nan')):.0f} s)"
+            for k, s in seconds.items()
         ) + f"; whole command {time.perf_counter() - start:.0f} s",
         "", *lines, "", f"**verdict**: {verdict}", "",
         "figures: " + ", ".join(f"compare_plots/{f}.png" for f in claim.figures),
