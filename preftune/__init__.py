@@ -6,6 +6,9 @@ Public API:
     build_config(source, overrides) -> Config
     UserError: what every mistake a user can fix raises (exit code 2 from the CLI)
     losses.compute(name, logps, **hparams), losses.LOSSES
+    report.write_report(run_dir), report.compare_runs(run_dirs, out)
+    claims.run_claim(name, overrides, out) -> result.md   (`preftune claim dpop|ipo|beta_dpo`)
+    diagnostics.pair_diagnostics(...), segment_sums(...)  (per-pair metrics the trainer logs)
 """
 
 # The subpackage preftune.train is imported before the function of the same name is bound:

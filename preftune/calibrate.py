@@ -22,6 +22,11 @@ Decisions on the open points:
 * Sampling uses a private, seeded CPU generator, so every process draws the same mask from the
   same gathered vector (no broadcast needed) and a resumed run draws what an uninterrupted
   one would. With filter_ratio = 0 nothing is drawn at all.
+* The kept count is int(N * (1 - filter_ratio)), truncated, as in the code: with batch 8 and
+  ratio 0.2, 6 pairs are kept and `filtered_fraction` is 0.25 every step, not 0.2 (the
+  expected fraction equals the ratio only when N * ratio is an integer). Kept exact to the
+  paper's code rather than sampled so that it averages to the ratio; `calibration/kept` logs
+  the count, and the report draws the ratio next to the logged fraction.
 * The base loss is evaluated on the kept pairs only, so batch objectives (Dr.DPO, AOT) see
   the filtered batch. Logged rewards come from the full batch at beta0, as in the code.
 * The statistics update on every call, eval batches included (as in the code); save and
@@ -143,6 +148,7 @@ def calibrated_step(
         {
             "beta": beta,
             "filtered_fraction": 1 - keep.numel() / total,
+            "calibration/kept": keep.numel(),
             "calibration/M0": M0,
             "calibration/sigma": sigma,
         }

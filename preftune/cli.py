@@ -121,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare.html")
     c.set_defaults(func=_compare)
 
+    from preftune.claims import CLAIMS
+    from preftune.claims import cli as claim_cli
+
+    k = sub.add_parser("claim", help="reproduce a paper's claim at controlled settings "
+                       "(preftune/claims.py): runs, compare.html, result.md")
+    k.add_argument("name", choices=list(CLAIMS))
+    k.add_argument("overrides", nargs="*", help="key=value, applied to every run of the claim")
+    k.add_argument("--out", default=None, help="output folder (default claims/NAME)")
+    k.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
+    k.add_argument("--small", action="store_true", help="a few steps on a few pairs (a smoke test)")
+    k.set_defaults(func=claim_cli)
+
     for name, entry, text in (
         ("reward", "train_reward", "train a Bradley-Terry reward model"),
         ("online", "train_online", "online DPO / RSO / ReMax with a judge"),

@@ -1,12 +1,17 @@
-"""Evaluation: task accuracy on a verifiable task (greedy decoding, exact answer)."""
+"""Evaluation: task accuracy on a verifiable task (greedy decoding, exact answer), greedy
+samples of any data set, and the per-segment log-prob split of held-out pairs."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
+import torch
 from tqdm.auto import tqdm
 
 from preftune.data.tokenize import render_prompt
+from preftune.diagnostics import segment_sums, shared_lengths
+from preftune.logps import token_logps
 
 
 def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int = 16, batch_size: int = 64,
@@ -47,3 +52,78 @@ def task_accuracy(
         for p, c in zip(problems, comps)
     ]
     return sum(r["correct"] for r in results) / max(len(results), 1), results
+
+
+# ---- greedy samples of any data set, and the per-segment split of held-out pairs --------------
+NUM_SAMPLES = 4  # held-out prompts whose greedy completions a run writes before and after
+
+
+def greedy_samples(model, tokenizer, examples: list[dict], max_new_tokens: int) -> list[dict]:
+    """Greedy completions of the first NUM_SAMPLES `examples` (tokenized records with
+    `prompt_ids`, and `chosen_ids` / `rejected_ids` when paired), for the report's before /
+    after table: [{prompt, completion, chosen?, rejected?}]. Prompt ids are decoded with their
+    special tokens and re-encoded without adding any, so the model sees its own layout."""
+    from preftune.generation import SamplingConfig, generate
+
+    exs = [e for e in examples if "prompt_ids" in e][:NUM_SAMPLES]
+    if not exs:
+        return []
+    texts = [tokenizer.decode(e["prompt_ids"], skip_special_tokens=False) for e in exs]
+    comps = generate(model, tokenizer, texts, SamplingConfig(max_new_tokens=max_new_tokens).greedy())
+    rows = []
+    for e, c in zip(exs, comps):
+        row = {"prompt": tokenizer.decode(e["prompt_ids"], skip_special_tokens=True),
+               "completion": c.text}
+        for key in ("chosen", "rejected"):
+            if f"{key}_ids" in e:
+                row[key] = tokenizer.decode(e[f"{key}_ids"], skip_special_tokens=True)
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def pair_segment_sums(
+    model, examples: list[dict], idx: list[int], make_batch: Callable, chunk_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((2B, 3) segment sums of [chosen; rejected] (prefix, first differing token, suffix),
+    (B,) shared lengths) for examples[idx], scored by `model` under no_grad: one extra forward
+    of the batch `make_batch(examples, idx)` (a PairBatch) lays out. Eval only: a cached
+    reference holds sequence sums, so a training step has no reference segments to subtract."""
+    exs = [examples[i] for i in idx]
+    shared = shared_lengths([e["chosen_ids"] for e in exs], [e["rejected_ids"] for e in exs])
+    device = next(model.parameters()).device
+    tokens = make_batch(examples, idx).tokens.to(device)
+    tok = token_logps(model, tokens, chunk_size=chunk_size)
+    sums = segment_sums(tok, tokens.seq_index, tokens.num_seqs, shared.repeat(2).to(device))
+    return sums.double().cpu(), shared
+
+
+def has_shared_prefixes(examples: list[dict]) -> bool:
+    """Whether any pair's chosen and rejected start with the same completion token."""
+    return any(
+        "chosen_ids" in e and e["chosen_ids"][:1] == e["rejected_ids"][:1] for e in examples
+    )
+
+
+SEGMENTS_FILE = "eval_reference_segments.json"  # in the run directory
+
+
+def segment_table(
+    model, examples: list[dict], make_batch: Callable, size: int, chunk_size: int | None
+) -> torch.Tensor:
+    """(E, 2, 3) segment sums of every pair of `examples` ([chosen, rejected] x [prefix, edit,
+    suffix]) under `model`, in batches of `size`: the reference's, when run before training."""
+    rows = []
+    for s in range(0, len(examples), size):
+        idx = list(range(s, min(s + size, len(examples))))
+        sums, _ = pair_segment_sums(model, examples, idx, make_batch, chunk_size)
+        rows.append(sums.view(2, len(idx), 3).transpose(0, 1))
+    return torch.cat(rows)
+
+
+def read_segment_table(path, num_pairs: int) -> torch.Tensor | None:
+    """The `segment_table` written at `path`, or None when there is none for `num_pairs` pairs."""
+    if not path.exists():
+        return None
+    table = torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
+    return table if len(table) == num_pairs else None

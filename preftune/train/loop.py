@@ -110,6 +110,7 @@ def _truncate_metrics(trainer: Trainer, step: int) -> None:
 
 
 def _task_eval(trainer: Trainer, summary: dict, tag: str) -> None:
+    trainer.write_samples(tag)  # greedy_{tag}.json for any data set (and segment references)
     acc, samples = trainer.task_accuracy(tag)
     if acc is None:
         return

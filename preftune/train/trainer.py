@@ -30,6 +30,15 @@ from tqdm.auto import tqdm
 from preftune.allocator import keep_freed_memory
 from preftune.calibrate import BetaCalibration
 from preftune.config import Config
+from preftune.diagnostics import pair_diagnostics, segment_changes, summarise_segments
+from preftune.evaluate import (
+    SEGMENTS_FILE,
+    greedy_samples,
+    has_shared_prefixes,
+    pair_segment_sums,
+    read_segment_table,
+    segment_table,
+)
 from preftune.logps import attention_only, sequence_logps, sequence_logps_and_kl
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
 from preftune.models import cache_dir
@@ -467,6 +476,13 @@ class Trainer:
         if isinstance(logps, PreferenceLogps):
             rec["lp_c"].append(logps.policy_chosen_logps.detach())
             rec["lp_r"].append(logps.policy_rejected_logps.detach())
+            if logps.ref_chosen_logps is not None:  # per pair, averaged over all pairs of the step
+                for k, v in pair_diagnostics(
+                    logps.policy_chosen_logps, logps.policy_rejected_logps,
+                    logps.ref_chosen_logps, logps.ref_rejected_logps,
+                    logps.chosen_lengths, logps.rejected_lengths,
+                ).items():  # fmt: skip
+                    rec.setdefault(k, []).append(v.detach())
         for k, v in out.metrics.items():
             extra.setdefault(k, []).append(
                 torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1)
@@ -514,6 +530,9 @@ class Trainer:
             m["rewards/accuracies"] = float((c > r).float().mean())
         if rec["lp_c"]:
             m["logps/chosen"], m["logps/rejected"] = _mean(rec["lp_c"]), _mean(rec["lp_r"])
+        for k, v in rec.items():
+            if "/" in k:  # diagnostics.pair_diagnostics: already per pair, named as logged
+                m[k] = _mean(v)
         for k, v in extra.items():
             m[k] = _mean(v)
         return {prefix + k: v for k, v in m.items()}
@@ -530,14 +549,50 @@ class Trainer:
         was = self.policy.training
         self.policy.eval()
         mine = list(range(self.acc.process_index, len(self.data.eval), self.acc.num_processes))
+        ref_segments = read_segment_table(self.run_dir / SEGMENTS_FILE, len(self.data.eval))
+        changes: dict[str, list] = {}
         for s in range(0, len(mine), size):
             idx = mine[s : s + size]
             if self.spec.unpaired and len(idx) < 2:
                 continue
             out, logps, _ = self._loss(self.data.eval, idx, reference, train=False)
             self._record(rec, extra, out, logps)
+            if ref_segments is not None:  # one extra no-grad forward of the batch (evaluate.py)
+                pol, shared = pair_segment_sums(
+                    self.policy, self.data.eval, idx, self._pair_batch, self.cfg.train.chunk_size
+                )
+                ref = ref_segments[idx].transpose(0, 1).reshape(-1, 3)  # [chosen; rejected]
+                for k, v in segment_changes(pol, ref, shared).items():
+                    changes.setdefault(k, []).append(v)
         self.policy.train(was)
-        return self._summarise(self._gather_rec(rec), self._gather_rec(extra), prefix="eval/")
+        metrics = self._summarise(self._gather_rec(rec), self._gather_rec(extra), prefix="eval/")
+        # gathered once, whatever number of eval batches each process had
+        cat = {k: v[0] for k, v in self._gather_rec(changes).items() if v}
+        if cat:
+            metrics.update({f"eval/{k}": v for k, v in summarise_segments(cat).items()})
+        return metrics
+
+    # ---- samples and the reference's segment sums, written before training and after ---------
+    @torch.no_grad()
+    def write_samples(self, tag: str) -> None:
+        """Greedy completions of a few held-out prompts (`greedy_{tag}.json`, any data set) and,
+        before training (policy == reference), the held-out pairs' reference segment sums that
+        evaluate_pairs subtracts; both on disk, so a resumed run keeps them."""
+        model = self.acc.unwrap_model(self.policy)
+        if self.acc.is_main_process and model.can_generate():
+            was = self.policy.training
+            self.policy.eval()
+            exs, t = self.data.eval, self.cfg.train
+            samples = greedy_samples(
+                model, self.tokenizer, exs or self.data.train, self.cfg.eval.eval_max_new_tokens
+            )
+            write_json(self.run_dir / f"greedy_{tag}.json", samples)
+            if tag == "before" and self.reference is not None and has_shared_prefixes(exs):
+                size = max(2, t.batch_size // t.grad_accum)
+                table = segment_table(model, exs, self._pair_batch, size, t.chunk_size)
+                write_json(self.run_dir / SEGMENTS_FILE, table.tolist())
+            self.policy.train(was)
+        self.acc.wait_for_everyone()  # the others read the segment file in evaluate_pairs
 
     def task_accuracy(self, tag: str) -> tuple[float | None, list]:
         if not self.data.task_problems:

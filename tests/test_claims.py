@@ -1,0 +1,51 @@
+"""`preftune claim`: the compared runs differ only in the method, overrides reach every run, and
+each claim runs end to end on the embedded model at reduced size."""
+
+import pytest
+
+from preftune.claims import CLAIMS, run_claim, run_settings
+from preftune.cli import main
+from preftune.losses import LOSSES
+
+# what a claim's runs may differ in: the method (and, for IPO's second run, the lr it is about)
+METHOD_KEYS = {"loss", "run_name", "length_normalized", "beta_calibration", "dpop_lambda"}
+
+
+@pytest.mark.parametrize("name", sorted(CLAIMS))
+def test_compared_runs_differ_only_in_the_method(tmp_path, name):
+    claim = CLAIMS[name]
+    settings = {label: run_settings(claim, label, {}, tmp_path) for label in claim.runs}
+    base = settings[next(iter(settings))]
+    for label, s in settings.items():
+        differing = {k for k in set(s) | set(base) if s.get(k) != base.get(k)} - METHOD_KEYS
+        allowed = {"lr"} if label == "ipo_high_lr" else set()
+        assert differing <= allowed, (label, differing)
+        if LOSSES[s["loss"]].has_beta:
+            assert s["beta"] == claim.shared["beta"]  # same β for every method compared
+
+
+def test_overrides_reach_every_run_and_loss_keys_only_the_losses_that_have_them(tmp_path):
+    claim = CLAIMS["dpop"]
+    over = {"beta": 0.2, "dpop_lambda": 5.0, "max_steps": 3}
+    dpo, dpop = (run_settings(claim, label, over, tmp_path) for label in ("dpo", "dpop"))
+    assert dpo["beta"] == dpop["beta"] == 0.2 and dpo["max_steps"] == dpop["max_steps"] == 3
+    assert dpop["dpop_lambda"] == 5.0 and "dpop_lambda" not in dpo
+
+
+def test_cli_rejects_an_unknown_claim(capsys):
+    with pytest.raises(SystemExit):
+        main(["claim", "nonsense"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpop", "ipo", "beta_dpo"])
+def test_claim_runs_end_to_end_on_the_embedded_model(tmp_path, name):
+    result = run_claim(name, out=tmp_path / name, small=True)
+    text = result.read_text()
+    assert "**verdict**: " in text and "wall time:" in text
+    assert (tmp_path / name / "compare.html").exists()
+    for fig in CLAIMS[name].figures:
+        assert (tmp_path / name / "compare_plots" / f"{fig}.png").exists(), fig
+    again = run_claim(name, out=tmp_path / name, small=True).read_text()  # reuses the runs
+    assert "reused" in again and again.split("**verdict**")[1] == text.split("**verdict**")[1]
