@@ -261,9 +261,7 @@ def main(argv=None):
     ap.add_argument(
         "--profile", action="store_true", help="W1: profile one more step's allocations"
     )
-    ap.add_argument(
-        "--lean", action="store_true", help="W1: checkpointing + optimizer_in_backward"
-    )
+    ap.add_argument("--lean", action="store_true", help="W1: checkpointing + optimizer_in_backward")
     args = ap.parse_args(argv)
     if args.workload != "w1" and (args.lean or args.profile):
         ap.error("--lean and --profile are W1 options")

@@ -81,7 +81,10 @@ def _measure_dpop(res: dict[str, dict]) -> tuple[list[str], str]:
         ("held-out log-ratio margin h (nats)", "eval/logratio/margin"),
         ("held-out reward accuracy", "eval/rewards/accuracies"),
         ("on pairs whose y_w fell: shared prefix change (nats)", "eval/segments/prefix_dropped"),
-        ("on pairs whose y_w fell: y_w's first differing token", "eval/segments/chosen_edit_dropped"),
+        (
+            "on pairs whose y_w fell: y_w's first differing token",
+            "eval/segments/chosen_edit_dropped",
+        ),
         ("on pairs whose y_w fell: y_w's suffix", "eval/segments/chosen_suffix_dropped"),
         ("all edit pairs: shared prefix change (nats)", "eval/segments/prefix"),
         ("all edit pairs: y_w's first differing token", "eval/segments/chosen_edit"),
@@ -91,7 +94,9 @@ def _measure_dpop(res: dict[str, dict]) -> tuple[list[str], str]:
     ]
     d, p = res["dpo"], res["dpop"]
     for label, key in keys:
-        lines.append(f"| {label} | {_fmt(d['final'].get(key, '—'))} | {_fmt(p['final'].get(key, '—'))} |")
+        lines.append(
+            f"| {label} | {_fmt(d['final'].get(key, '—'))} | {_fmt(p['final'].get(key, '—'))} |"
+        )
     for label in ("dpo", "dpop"):
         tr = _series(res[label]["rows"], "pairs/chosen_below_ref")
         lines.append(
@@ -101,11 +106,15 @@ def _measure_dpop(res: dict[str, dict]) -> tuple[list[str], str]:
     db = d["final"].get("eval/pairs/chosen_below_ref", float("nan"))
     pb = p["final"].get("eval/pairs/chosen_below_ref", float("nan"))
     if db >= 0.2 and pb <= 0.05:
-        verdict = f"reproduced: DPO left {db:.0%} of held-out y_w below the reference, DPOP {pb:.0%}"
+        verdict = (
+            f"reproduced: DPO left {db:.0%} of held-out y_w below the reference, DPOP {pb:.0%}"
+        )
     elif db > pb:
         verdict = f"partly: DPO {db:.0%} vs DPOP {pb:.0%} of held-out y_w below the reference (thresholds: DPO >= 20%, DPOP <= 5%)"
     else:
-        verdict = f"not reproduced: DPO {db:.0%} vs DPOP {pb:.0%} of held-out y_w below the reference"
+        verdict = (
+            f"not reproduced: DPO {db:.0%} vs DPOP {pb:.0%} of held-out y_w below the reference"
+        )
     return lines, verdict
 
 
@@ -118,10 +127,13 @@ def _measure_ipo(res: dict[str, dict]) -> tuple[list[str], str]:
     tau = res["ipo"]["config"]["loss_args.beta"]
     target = 1 / (2 * tau)
     key = _ipo_margin_key(res["ipo"]["config"])
-    lines = [f"target 1/(2 tau) = {target:.3g} ({key.split('/')[-1]}, nats)", "",
-             "| run | lr | final h | h over the last 3 evals | held-out pairs with h ≤ 0: end (worst eval) "
-             "| eval loss first -> max -> last |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"target 1/(2 tau) = {target:.3g} ({key.split('/')[-1]}, nats)",
+        "",
+        "| run | lr | final h | h over the last 3 evals | held-out pairs with h ≤ 0: end (worst eval) "
+        "| eval loss first -> max -> last |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, r in res.items():
         hs = _series(r["rows"], key)
         losses = _series(r["rows"], "eval/loss") or [float("nan")]
@@ -136,7 +148,9 @@ def _measure_ipo(res: dict[str, dict]) -> tuple[list[str], str]:
     settles = abs(ipo_h - target) <= 0.5 * target
     grows = dpo_h >= 3 * target
     if settles and grows:
-        verdict = f"reproduced: IPO's h ends at {ipo_h:.2f} (target {target:.2f}), DPO's at {dpo_h:.2f}"
+        verdict = (
+            f"reproduced: IPO's h ends at {ipo_h:.2f} (target {target:.2f}), DPO's at {dpo_h:.2f}"
+        )
     elif settles or grows:
         verdict = f"partly: IPO's h {ipo_h:.2f} (target {target:.2f}, within 50%: {settles}), DPO's {dpo_h:.2f} (>= 3x target: {grows})"
     else:
@@ -145,7 +159,9 @@ def _measure_ipo(res: dict[str, dict]) -> tuple[list[str], str]:
         hi = res["ipo_high_lr"]
         losses = _series(hi["rows"], "eval/loss")
         wrong = [1 - a for a in _series(hi["rows"], "eval/rewards/accuracies")]
-        steps = [r["step"] for r in hi["rows"] if isinstance(r.get("eval/rewards/accuracies"), float)]
+        steps = [
+            r["step"] for r in hi["rows"] if isinstance(r.get("eval/rewards/accuracies"), float)
+        ]
         if losses and wrong:
             worst = steps[wrong.index(max(wrong))]
             verdict += (
@@ -173,16 +189,24 @@ def _measure_beta(res: dict[str, dict]) -> tuple[list[str], str]:
         "| | DPO | β-DPO |",
         "|---|---|---|",
     ]
-    for label, key in (("held-out reward accuracy", "eval/rewards/accuracies"),
-                       ("held-out log-ratio margin h (nats)", "eval/logratio/margin"),
-                       ("held-out pairs with y_w below the reference", "eval/pairs/chosen_below_ref"),
-                       ("task accuracy before", "task/accuracy_before"),
-                       ("task accuracy after", "task/accuracy_after")):
-        lines.append(f"| {label} | {_fmt(res['dpo']['final'].get(key, '—'))} | "
-                     f"{_fmt(res['beta_dpo']['final'].get(key, '—'))} |")
+    for label, key in (
+        ("held-out reward accuracy", "eval/rewards/accuracies"),
+        ("held-out log-ratio margin h (nats)", "eval/logratio/margin"),
+        ("held-out pairs with y_w below the reference", "eval/pairs/chosen_below_ref"),
+        ("task accuracy before", "task/accuracy_before"),
+        ("task accuracy after", "task/accuracy_after"),
+    ):
+        lines.append(
+            f"| {label} | {_fmt(res['dpo']['final'].get(key, '—'))} | "
+            f"{_fmt(res['beta_dpo']['final'].get(key, '—'))} |"
+        )
     moved = max(betas) - min(betas) > 0.1 * cfg["loss_args.beta"]
     verdict = (
-        ("partly: the mechanism is reproduced (β moves " if moved else "not reproduced: β barely moves (")
+        (
+            "partly: the mechanism is reproduced (β moves "
+            if moved
+            else "not reproduced: β barely moves ("
+        )
         + f"{min(betas):.3g}-{max(betas):.3g} with the batch gap against M0; "
         f"{1 - int(kept[0]) / n if kept else float('nan'):.2f} of each batch filtered); the paper's "
         "performance claim (better than DPO on noisy data at scale) is not tested by one pass "
@@ -276,8 +300,13 @@ def _load(run_dir: Path) -> dict:
     return {"rows": run.rows, "final": run.summary, "config": run.config}
 
 
-def run_claim(name: str, overrides: dict | None = None, out: str | Path | None = None,
-              fresh: bool = False, small: bool = False) -> Path:
+def run_claim(
+    name: str,
+    overrides: dict | None = None,
+    out: str | Path | None = None,
+    fresh: bool = False,
+    small: bool = False,
+) -> Path:
     """Train (or reuse) the claim's runs, write compare.html and result.md under `out`
     (default claims/NAME); returns the result.md path."""
     from preftune.report import compare_runs
@@ -294,18 +323,33 @@ def run_claim(name: str, overrides: dict | None = None, out: str | Path | None =
     results = {label: _load(d) for label, d in zip(claim.runs, dirs)}
     lines, verdict = claim.measure(results)
     text = [
-        f"# claim `{name}`", "", claim.statement, "",
+        f"# claim `{name}`",
+        "",
+        claim.statement,
+        "",
         f"command: `preftune claim {name}"
-        + "".join(f" {k}={json.dumps(v) if isinstance(v, dict) else v}" for k, v in (overrides or {}).items())
+        + "".join(
+            f" {k}={json.dumps(v) if isinstance(v, dict) else v}"
+            for k, v in (overrides or {}).items()
+        )
         + "`",
-        "controlled: " + ", ".join(f"{k}={v}" for k, v in claim.shared.items())
-        + "; runs: " + "; ".join(f"{k}: {v}" for k, v in claim.runs.items()),
-        "wall time: " + ", ".join(
-            f"{k} {s:.0f} s" if s
+        "controlled: "
+        + ", ".join(f"{k}={v}" for k, v in claim.shared.items())
+        + "; runs: "
+        + "; ".join(f"{k}: {v}" for k, v in claim.runs.items()),
+        "wall time: "
+        + ", ".join(
+            f"{k} {s:.0f} s"
+            if s
             else f"{k} reused (trained in {results[k]['final'].get('train_seconds', float('nan')):.0f} s)"
             for k, s in seconds.items()
-        ) + f"; whole command {time.perf_counter() - start:.0f} s",
-        "", *lines, "", f"**verdict**: {verdict}", "",
+        )
+        + f"; whole command {time.perf_counter() - start:.0f} s",
+        "",
+        *lines,
+        "",
+        f"**verdict**: {verdict}",
+        "",
         "figures: " + ", ".join(f"compare_plots/{f}.png" for f in claim.figures),
     ]
     (out / "result.md").write_text("\n".join(text) + "\n")

@@ -124,8 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     from preftune.claims import CLAIMS
     from preftune.claims import cli as claim_cli
 
-    k = sub.add_parser("claim", help="reproduce a paper's claim at controlled settings "
-                       "(preftune/claims.py): runs, compare.html, result.md")
+    k = sub.add_parser(
+        "claim",
+        help="reproduce a paper's claim at controlled settings "
+        "(preftune/claims.py): runs, compare.html, result.md",
+    )
     k.add_argument("name", choices=list(CLAIMS))
     k.add_argument("overrides", nargs="*", help="key=value, applied to every run of the claim")
     k.add_argument("--out", default=None, help="output folder (default claims/NAME)")

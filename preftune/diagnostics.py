@@ -79,9 +79,7 @@ def token_ordinals(seq_index: Tensor, num_seqs: int) -> Tensor:
     return out
 
 
-def segment_sums(
-    token_logps: Tensor, seq_index: Tensor, num_seqs: int, split: Tensor
-) -> Tensor:
+def segment_sums(token_logps: Tensor, seq_index: Tensor, num_seqs: int, split: Tensor) -> Tensor:
     """(S, 3) sums of per-token log-probs over each sequence's tokens before position split[s],
     at it, and after it (prefix, edit, suffix). token_logps, seq_index: (N,) as returned by
     `preftune.logps.token_logps` and `TokenBatch.seq_index`; split: (S,) long. A segment with

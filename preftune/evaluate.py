@@ -14,16 +14,25 @@ from preftune.diagnostics import segment_sums, shared_lengths
 from preftune.logps import token_logps
 
 
-def greedy_completions(model, tokenizer, prompts: list, max_new_tokens: int = 16, batch_size: int = 64,
-                       desc: str | None = None, quiet: bool = False) -> list[str]:
+def greedy_completions(
+    model,
+    tokenizer,
+    prompts: list,
+    max_new_tokens: int = 16,
+    batch_size: int = 64,
+    desc: str | None = None,
+    quiet: bool = False,
+) -> list[str]:
     """Greedy decode each prompt (a string or a message list) with a KV cache, in batches."""
     from preftune.generation import SamplingConfig, generate
 
     cfg = SamplingConfig(max_new_tokens=max_new_tokens).greedy()
     texts = [render_prompt(tokenizer, p) for p in prompts]
     out: list[str] = []
-    for s in tqdm(range(0, len(texts), batch_size), desc=desc, disable=quiet or desc is None, leave=False):
-        out += [c.text for c in generate(model, tokenizer, texts[s:s + batch_size], cfg)]
+    for s in tqdm(
+        range(0, len(texts), batch_size), desc=desc, disable=quiet or desc is None, leave=False
+    ):
+        out += [c.text for c in generate(model, tokenizer, texts[s : s + batch_size], cfg)]
     return out
 
 
@@ -69,11 +78,15 @@ def greedy_samples(model, tokenizer, examples: list[dict], max_new_tokens: int) 
     if not exs:
         return []
     texts = [tokenizer.decode(e["prompt_ids"], skip_special_tokens=False) for e in exs]
-    comps = generate(model, tokenizer, texts, SamplingConfig(max_new_tokens=max_new_tokens).greedy())
+    comps = generate(
+        model, tokenizer, texts, SamplingConfig(max_new_tokens=max_new_tokens).greedy()
+    )
     rows = []
     for e, c in zip(exs, comps):
-        row = {"prompt": tokenizer.decode(e["prompt_ids"], skip_special_tokens=True),
-               "completion": c.text}
+        row = {
+            "prompt": tokenizer.decode(e["prompt_ids"], skip_special_tokens=True),
+            "completion": c.text,
+        }
         for key in ("chosen", "rejected"):
             if f"{key}_ids" in e:
                 row[key] = tokenizer.decode(e[f"{key}_ids"], skip_special_tokens=True)
@@ -100,9 +113,7 @@ def pair_segment_sums(
 
 def has_shared_prefixes(examples: list[dict]) -> bool:
     """Whether any pair's chosen and rejected start with the same completion token."""
-    return any(
-        "chosen_ids" in e and e["chosen_ids"][:1] == e["rejected_ids"][:1] for e in examples
-    )
+    return any("chosen_ids" in e and e["chosen_ids"][:1] == e["rejected_ids"][:1] for e in examples)
 
 
 SEGMENTS_FILE = "eval_reference_segments.json"  # in the run directory

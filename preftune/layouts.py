@@ -308,10 +308,7 @@ def build_shared_prompt_batch(
     q_branch, k_branch = branch_of[:, :, None], branch_of[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     mask = (
-        (q_group == k_group)
-        & (k_group >= 0)
-        & ((k_branch == -1) | (k_branch == q_branch))
-        & causal
+        (q_group == k_group) & (k_group >= 0) & ((k_branch == -1) | (k_branch == q_branch)) & causal
     )
     mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself: no empty softmax row
     return TokenBatch(

@@ -25,7 +25,10 @@ def test_invalid_record_names_file_line_and_field(tmp_path):
 
 
 def test_bad_json_and_skip_invalid_reports_counts(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl", [CONV, "{not json", {"prompt": "x", "chosen": "", "rejected": "b"}, CONV])
+    p = write_jsonl(
+        tmp_path / "d.jsonl",
+        [CONV, "{not json", {"prompt": "x", "chosen": "", "rejected": "b"}, CONV],
+    )
     with pytest.raises(DataError, match=r"d.jsonl:2: not valid JSON"):
         load_records(p)
     recs, report = load_records(p, skip_invalid=True)
@@ -58,21 +61,32 @@ def test_unpaired_records_and_unpair():
     assert recs[0]["label"] is True
     with pytest.raises(DataError, match="label"):
         load_records([{"prompt": "a", "completion": "b", "label": "yes"}])
-    assert [r["label"] for r in unpair([{"prompt": "p", "chosen": "c", "rejected": "r"}])] == [True, False]
+    assert [r["label"] for r in unpair([{"prompt": "p", "chosen": "c", "rejected": "r"}])] == [
+        True,
+        False,
+    ]
 
 
 def test_conversational_equals_chat_template_and_standard_form(tokenizer):
     full = tokenizer.apply_chat_template(CONV["prompt"] + CONV["chosen"], tokenize=False)
-    templ_prompt = tokenizer.apply_chat_template(CONV["prompt"], add_generation_prompt=True, tokenize=True)
-    templ_prompt = templ_prompt["input_ids"] if isinstance(templ_prompt, dict) or hasattr(templ_prompt, "keys") else templ_prompt
+    templ_prompt = tokenizer.apply_chat_template(
+        CONV["prompt"], add_generation_prompt=True, tokenize=True
+    )
+    templ_prompt = (
+        templ_prompt["input_ids"]
+        if isinstance(templ_prompt, dict) or hasattr(templ_prompt, "keys")
+        else templ_prompt
+    )
     p = prompt_ids(tokenizer, CONV["prompt"])
     c = completion_ids(tokenizer, CONV["prompt"], CONV["chosen"])
     assert p == list(templ_prompt)
     assert c[-1] == tokenizer.eos_token_id and c.count(tokenizer.eos_token_id) == 1
     # the same content in standard (string) form gives the same ids
-    prompt_text = tokenizer.apply_chat_template(CONV["prompt"], add_generation_prompt=True, tokenize=False)
+    prompt_text = tokenizer.apply_chat_template(
+        CONV["prompt"], add_generation_prompt=True, tokenize=False
+    )
     assert prompt_ids(tokenizer, prompt_text) == p
-    assert completion_ids(tokenizer, prompt_text, full[len(prompt_text):]) == c
+    assert completion_ids(tokenizer, prompt_text, full[len(prompt_text) :]) == c
     # and prompt + completion is exactly the template's rendering of the whole conversation, up to EOS
     whole = tokenizer(full, add_special_tokens=False)["input_ids"]
     assert whole[: len(p) + len(c)] == p + c
@@ -103,7 +117,10 @@ def test_arithmetic_verifier_and_splits():
 
 
 def test_bundled_sets_are_valid_and_held_out():
-    test = {tuple(arithmetic.parse_prompt(r["prompt"])) for r in map(json.loads, open(arithmetic.bundled_path("test")))}
+    test = {
+        tuple(arithmetic.parse_prompt(r["prompt"]))
+        for r in map(json.loads, open(arithmetic.bundled_path("test")))
+    }
     for kind in ("edit", "onpolicy"):
         rows = [json.loads(line) for line in open(arithmetic.bundled_path(kind))]
         assert len(rows) >= 256
@@ -138,12 +155,19 @@ def test_a_users_file_is_used_whole_with_a_seeded_random_split(tokenizer, tmp_pa
     assert held != list(range(336, 400))  # not the file's tail
     # the bundled sets keep the default job's split: first 256 train, last 64 held out
     bundled = split_records(1024, 64, "auto", seed=0, bundled=True)
-    assert (bundled.train, bundled.eval, bundled.unused) == (list(range(256)), list(range(960, 1024)), 704)
+    assert (bundled.train, bundled.eval, bundled.unused) == (
+        list(range(256)),
+        list(range(960, 1024)),
+        704,
+    )
     assert len(split_records(400, 64, None, seed=0, bundled=True).train) == 336  # null: all
 
 
 def test_prompt_without_room_is_refused_or_skipped_and_counted(tokenizer):
-    recs = [{"prompt": "word " * 80, "chosen": " a", "rejected": " b"}, {"prompt": "Q:", "chosen": " a", "rejected": " b"}]
+    recs = [
+        {"prompt": "word " * 80, "chosen": " a", "rejected": " b"},
+        {"prompt": "Q:", "chosen": " a", "rejected": " b"},
+    ]
     with pytest.raises(DataError, match=r"d.jsonl:1: the prompt is 64 tokens.*max_length=32"):
         tokenize_records(recs, tokenizer, 32, 64, where=["d.jsonl:1", "d.jsonl:2"])
     out, stats = tokenize_records(recs, tokenizer, 32, 64, skip_invalid=True)
@@ -155,7 +179,10 @@ def test_chosen_equal_to_rejected_is_refused_with_an_explicit_prompt_too():
     with pytest.raises(DataError, match="identical"):
         load_records([{"prompt": "Q:", "chosen": " a", "rejected": " a"}])
     recs, report = load_records(
-        [{"prompt": "Q:", "chosen": " a", "rejected": " a"}, {"prompt": "Q:", "chosen": " a", "rejected": " b"}],
+        [
+            {"prompt": "Q:", "chosen": " a", "rejected": " a"},
+            {"prompt": "Q:", "chosen": " a", "rejected": " b"},
+        ],
         skip_invalid=True,
     )
     assert len(recs) == 1 and "1 'chosen' and 'rejected' are identical" in report.summary()

@@ -22,13 +22,29 @@ def test_few_steps_on_default_model_lower_the_loss(default_dir, tmp_path, monkey
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        res = train({"output_dir": str(tmp_path), "run_name": "real", "num_train": 16, "num_eval": 8,
-                     "batch_size": 4, "max_steps": 4, "lr": 1e-5, "warmup_ratio": 0.0, "num_task_eval": 0,
-                     "eval_before": False, "quiet": True, "report_to": "none"})
+        res = train(
+            {
+                "output_dir": str(tmp_path),
+                "run_name": "real",
+                "num_train": 16,
+                "num_eval": 8,
+                "batch_size": 4,
+                "max_steps": 4,
+                "lr": 1e-5,
+                "warmup_ratio": 0.0,
+                "num_task_eval": 0,
+                "eval_before": False,
+                "quiet": True,
+                "report_to": "none",
+            }
+        )
     finally:
         torch.set_num_threads(threads)
-    losses = [json.loads(x)["loss"] for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()
-              if '"loss"' in x and "eval/loss" not in x]
+    losses = [
+        json.loads(x)["loss"]
+        for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x and "eval/loss" not in x
+    ]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
     assert losses[-1] < losses[0] - 0.05, losses
     assert res.metrics["eval/loss"] < math.log(2)

@@ -53,8 +53,11 @@ def test_segment_sums_match_a_plain_loop_in_any_listing_order():
     for s in range(S):
         mine = [(int(k[i]), float(tok[i])) for i in range(seq.numel()) if seq[i] == s]
         assert [o for o, _ in mine] == list(range(lengths[s]))
-        want = [sum(v for o, v in mine if o < split[s]), sum(v for o, v in mine if o == split[s]),
-                sum(v for o, v in mine if o > split[s])]
+        want = [
+            sum(v for o, v in mine if o < split[s]),
+            sum(v for o, v in mine if o == split[s]),
+            sum(v for o, v in mine if o > split[s]),
+        ]
         assert got[s].tolist() == pytest.approx(want)
 
 
@@ -96,8 +99,12 @@ def test_segment_sums_of_the_engine_match_full_logits(tiny_model, shared_layout)
 
 def test_segment_changes_and_summary_by_hand():
     # 2 pairs: pair 0 shares 2 tokens and its chosen fell; pair 1 shares none
-    pol = torch.tensor([[-3.0, -1.0, -2.0], [0.0, -5.0, -1.0], [-3.0, -4.0, -2.0], [0.0, -6.0, -1.0]])
-    ref = torch.tensor([[-1.0, -1.5, -1.5], [0.0, -5.0, -1.0], [-1.0, -2.0, -1.0], [0.0, -5.0, -1.0]])
+    pol = torch.tensor(
+        [[-3.0, -1.0, -2.0], [0.0, -5.0, -1.0], [-3.0, -4.0, -2.0], [0.0, -6.0, -1.0]]
+    )
+    ref = torch.tensor(
+        [[-1.0, -1.5, -1.5], [0.0, -5.0, -1.0], [-1.0, -2.0, -1.0], [0.0, -5.0, -1.0]]
+    )
     ch = segment_changes(pol, ref, torch.tensor([2, 0]))
     assert ch["segments/prefix"].tolist() == [-2.0, 0.0]
     assert ch["segments/chosen_edit"].tolist() == [0.5, 0.0]
@@ -112,25 +119,50 @@ def test_segment_changes_and_summary_by_hand():
 
 
 def test_a_run_logs_diagnostics_that_start_at_zero_and_move(tiny_dir, tmp_path):
-    args = tiny_run_args(tiny_dir, tmp_path, "diag", max_steps=4, eval_before=True, num_eval=8,
-                         eval_every=2, eval_max_new_tokens=3)
+    args = tiny_run_args(
+        tiny_dir,
+        tmp_path,
+        "diag",
+        max_steps=4,
+        eval_before=True,
+        num_eval=8,
+        eval_every=2,
+        eval_max_new_tokens=3,
+    )
     train(args)
     run = tmp_path / "diag"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     first = rows[0]
-    for key in ("pairs/chosen_below_ref", "pairs/rejected_below_ref", "pairs/same_direction",
-                "pairs/both_down", "logratio/margin"):
+    for key in (
+        "pairs/chosen_below_ref",
+        "pairs/rejected_below_ref",
+        "pairs/same_direction",
+        "pairs/both_down",
+        "logratio/margin",
+    ):
         assert first[key] == 0.0  # step 1: policy == reference
-    moved = [r["pairs/chosen_below_ref"] + r["pairs/rejected_below_ref"] for r in rows[1:] if "pairs/both_down" in r]
+    moved = [
+        r["pairs/chosen_below_ref"] + r["pairs/rejected_below_ref"]
+        for r in rows[1:]
+        if "pairs/both_down" in r
+    ]
     assert max(moved) > 0
     assert max(abs(r["logratio/margin"]) for r in rows[1:] if "logratio/margin" in r) > 0
     last = rows[-1]
     # the edit pairs all share a prefix; the three segments add up to chosen's log-ratio
     assert last["eval/segments/shared_fraction"] == 1.0
     beta = 0.1
-    total = last["eval/segments/prefix"] + last["eval/segments/chosen_edit"] + last["eval/segments/chosen_suffix"]
+    total = (
+        last["eval/segments/prefix"]
+        + last["eval/segments/chosen_edit"]
+        + last["eval/segments/chosen_suffix"]
+    )
     assert total == pytest.approx(last["eval/rewards/chosen"] / beta, abs=1e-3)
-    assert last["eval/logratio/margin"] == pytest.approx(last["eval/rewards/margins"] / beta, abs=1e-3)
+    assert last["eval/logratio/margin"] == pytest.approx(
+        last["eval/rewards/margins"] / beta, abs=1e-3
+    )
     for tag in ("before", "after"):
         samples = json.loads((run / f"greedy_{tag}.json").read_text())
-        assert len(samples) == 4 and {"prompt", "completion", "chosen", "rejected"} <= set(samples[0])
+        assert len(samples) == 4 and {"prompt", "completion", "chosen", "rejected"} <= set(
+            samples[0]
+        )

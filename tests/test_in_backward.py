@@ -138,7 +138,9 @@ def test_in_backward_resumed_equals_uninterrupted(tiny_dir, tmp_path, monkeypatc
         assert wa.keys() == wb.keys()
         for n in wa:
             torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
-    sa, sb = (ckpt.read_state(r.run_dir / "checkpoints/step-4")["optimizer"] for r in (full, resumed))
+    sa, sb = (
+        ckpt.read_state(r.run_dir / "checkpoints/step-4")["optimizer"] for r in (full, resumed)
+    )
     assert sa["state"].keys() == sb["state"].keys() and len(sa["state"]) == len(wa)
     for i in sa["state"]:  # AdamW's moments and step counts, in-backward and at the end alike
         for k in sa["state"][i]:

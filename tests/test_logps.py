@@ -27,7 +27,7 @@ def padded(prompts, comps, pad=0):
         s = p + c
         ids[i, : len(s)] = torch.tensor(s)
         am[i, : len(s)] = 1
-        cm[i, len(p): len(s)] = 1
+        cm[i, len(p) : len(s)] = 1
     return ids, am, cm
 
 
@@ -121,7 +121,9 @@ def test_seq_kl_matches_full_distributions():
     ids, am, cm = padded(PROMPTS, COMPS)
     lpp = torch.log_softmax(pol(input_ids=ids, attention_mask=am).logits[:, :-1], -1)
     lpr = torch.log_softmax(ref(input_ids=ids, attention_mask=am).logits[:, :-1], -1)
-    want = ((lpr.exp() * (lpr - lpp)).sum(-1) * cm[:, 1:]).sum(-1)  # KL(ref || policy), summed over completion
+    want = ((lpr.exp() * (lpr - lpp)).sum(-1) * cm[:, 1:]).sum(
+        -1
+    )  # KL(ref || policy), summed over completion
     torch.testing.assert_close(kl, want, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(lp, per_example(pol, PROMPTS, COMPS), rtol=0, atol=1e-10)
     kl.sum().backward()  # gradients flow to the policy only
@@ -154,9 +156,12 @@ def test_shared_prompt_equals_separate_sequences(attn, packed):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10 if attn == "sdpa" else 1e-7)
     assert shared.lengths.tolist() == [len(c) for c in CHOSEN + REJECTED]
     # the prompt is laid out once: fewer slots than prompt + completion twice
-    assert shared.input_ids.numel() < build_token_batch(
-        SHARED_PROMPTS * 2, CHOSEN + REJECTED, pad_id=0, packed=packed
-    ).input_ids.numel()
+    assert (
+        shared.input_ids.numel()
+        < build_token_batch(
+            SHARED_PROMPTS * 2, CHOSEN + REJECTED, pad_id=0, packed=packed
+        ).input_ids.numel()
+    )
 
 
 def test_shared_prompt_gradients_and_kl_match_separate():
@@ -217,7 +222,11 @@ def test_shared_completion_prefix_equals_separate_sequences(
     got, grads = [], []
     for share in (True, False):
         batch = build_shared_prompt_batch(
-            prompts, branches, pad_id=0, packed=packed, share_prefix=share_prefix,
+            prompts,
+            branches,
+            pad_id=0,
+            packed=packed,
+            share_prefix=share_prefix,
             share_completion_prefix=share,
         )
         if share:  # the edit pair's "20 21" is laid out once and scored once

@@ -30,16 +30,22 @@ def _logps(loss: str, step: int, g: torch.Generator):
     drift = 0.5 * step
     if LOSSES[loss].unpaired:
         return UnpairedLogps(
-            policy_logps=torch.randn(B, generator=g) - 20 + drift, ref_logps=torch.full((B,), -20.0),
-            labels=torch.arange(B) % 2 == 0, kl_policy_logps=torch.randn(B, generator=g) - 30,
-            kl_ref_logps=torch.full((B,), -30.0), lengths=torch.full((B,), 6),
+            policy_logps=torch.randn(B, generator=g) - 20 + drift,
+            ref_logps=torch.full((B,), -20.0),
+            labels=torch.arange(B) % 2 == 0,
+            kl_policy_logps=torch.randn(B, generator=g) - 30,
+            kl_ref_logps=torch.full((B,), -30.0),
+            lengths=torch.full((B,), 6),
         )
     return PreferenceLogps(
         policy_chosen_logps=torch.randn(B, generator=g) - 20 + drift,
         policy_rejected_logps=torch.randn(B, generator=g) - 25 - 3 * drift,
-        ref_chosen_logps=torch.full((B,), -20.0), ref_rejected_logps=torch.full((B,), -25.0),
-        chosen_lengths=torch.full((B,), 6), rejected_lengths=torch.full((B,), 7),
-        chosen_seq_kl=torch.rand(B, generator=g), rejected_seq_kl=torch.rand(B, generator=g),
+        ref_chosen_logps=torch.full((B,), -20.0),
+        ref_rejected_logps=torch.full((B,), -25.0),
+        chosen_lengths=torch.full((B,), 6),
+        rejected_lengths=torch.full((B,), 7),
+        chosen_seq_kl=torch.rand(B, generator=g),
+        rejected_seq_kl=torch.rand(B, generator=g),
     )
 
 
@@ -64,23 +70,46 @@ def fake_run(path, loss: str, calibrated: bool = False, spike: bool = False, see
     cal = BetaCalibration(alpha=0.6, filter_ratio=0.2) if calibrated else None
     rows = []
     for step in range(1, 7):
-        row = {"step": step, **_metrics(loss, step, g, cal), "lr": 1e-6 * step, "tokens_per_second": 100.0}
+        row = {
+            "step": step,
+            **_metrics(loss, step, g, cal),
+            "lr": 1e-6 * step,
+            "tokens_per_second": 100.0,
+        }
         if step % 2 == 0:
             row.update(_metrics(loss, step, g, None, prefix="eval/"))
-            row.update({"eval/segments/shared_fraction": 1.0, "eval/segments/prefix": -0.5 * step,
-                        "eval/segments/chosen_edit": 0.3, "eval/segments/rejected_edit": -1.0,
-                        "eval/segments/chosen_suffix": -0.1, "eval/segments/rejected_suffix": -0.2})
+            row.update(
+                {
+                    "eval/segments/shared_fraction": 1.0,
+                    "eval/segments/prefix": -0.5 * step,
+                    "eval/segments/chosen_edit": 0.3,
+                    "eval/segments/rejected_edit": -1.0,
+                    "eval/segments/chosen_suffix": -0.1,
+                    "eval/segments/rejected_suffix": -0.2,
+                }
+            )
         if spike and step == 3:
             row["loss"] = 500.0
         rows.append(row)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (path / "summary.json").write_text(json.dumps({"loss": rows[-1]["loss"], "steps": 6}))
-    config = {"loss": loss, "loss_args": dict(LOSSES[loss].defaults),  # as Config.save writes it
-              "beta_calibration": {"alpha": 0.6, "filter_ratio": 0.2} if calibrated else None,
-              "lr": 5e-6, "seed": seed}
+    config = {
+        "loss": loss,
+        "loss_args": dict(LOSSES[loss].defaults),  # as Config.save writes it
+        "beta_calibration": {"alpha": 0.6, "filter_ratio": 0.2} if calibrated else None,
+        "lr": 5e-6,
+        "seed": seed,
+    }
     (path / "config.yaml").write_text(yaml.safe_dump(config))
-    samples = [{"prompt": f"What is {i} + 1?", "completion": f"{i + 1}", "chosen": f"{i + 1}",
-                "rejected": f"{i + 2}"} for i in range(3)]
+    samples = [
+        {
+            "prompt": f"What is {i} + 1?",
+            "completion": f"{i + 1}",
+            "chosen": f"{i + 1}",
+            "rejected": f"{i + 2}",
+        }
+        for i in range(3)
+    ]
     for tag in ("before", "after"):
         (path / f"greedy_{tag}.json").write_text(json.dumps(samples))
     return path
@@ -95,8 +124,13 @@ def _has_data(panel, run) -> bool:
 
     fig, ax = plt.subplots()
     drawn = panel.draw(ax, [run], run_colors([run]))
-    data = [ln for ln in ax.lines if not ln.get_label().startswith("_") and len(ln.get_xdata()) >= 2
-            and "=" not in ln.get_label()] + list(ax.patches)
+    data = [
+        ln
+        for ln in ax.lines
+        if not ln.get_label().startswith("_")
+        and len(ln.get_xdata()) >= 2
+        and "=" not in ln.get_label()
+    ] + list(ax.patches)
     plt.close(fig)
     return drawn and len(data) > 0
 
@@ -191,7 +225,9 @@ CHECK_IMAGES = """<script>window.addEventListener('load', () => {
 
 
 def _chromium() -> str | None:
-    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    return next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+    )
 
 
 @pytest.mark.skipif(_chromium() is None, reason="no chromium on PATH (apt-get install -y chromium)")
@@ -203,9 +239,19 @@ def test_report_and_compare_load_every_image_in_a_real_browser(tmp_path):
         probe = page.with_name(page.stem + "_probe.html")
         probe.write_text(html)
         dom = subprocess.run(
-            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-             "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
-            capture_output=True, text=True, timeout=120,
+            [
+                _chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--allow-file-access-from-files",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+                probe.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
         ).stdout
         n = int(re.search(r'data-images="(\d+)"', dom).group(1))
         broken = re.search(r'data-broken="([^"]*)"', dom).group(1)

@@ -25,9 +25,19 @@ def _no_html_report(monkeypatch):
 
 
 def reward_args(tiny_dir, tmp_path, name="rm", **extra):
-    args = {"model": str(tiny_dir), "output_dir": str(tmp_path), "run_name": name,
-            "data": "arithmetic_edit", "num_train": 16, "num_eval": 8, "batch_size": 4,
-            "max_steps": 2, "quiet": True, "report_to": "none", "lr": 1e-3}
+    args = {
+        "model": str(tiny_dir),
+        "output_dir": str(tmp_path),
+        "run_name": name,
+        "data": "arithmetic_edit",
+        "num_train": 16,
+        "num_eval": 8,
+        "batch_size": 4,
+        "max_steps": 2,
+        "quiet": True,
+        "report_to": "none",
+        "lr": 1e-3,
+    }
     args.update(extra)
     return args
 
@@ -38,8 +48,18 @@ def test_cli_reward_writes_metrics_and_a_loadable_reward_model(tiny_dir, tmp_pat
     run = tmp_path / "rm"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "loss" in x] == [1, 2]
-    assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "accuracy", "grad_norm", "lr", "eval/accuracy", "eval/loss"} <= set(lines[0])
+    assert {
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "accuracy",
+        "grad_norm",
+        "lr",
+        "eval/accuracy",
+        "eval/loss",
+    } <= set(lines[0])
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "reward" and 0 <= summary["eval/accuracy"] <= 1
     assert (run / "config.yaml").exists()
@@ -50,8 +70,10 @@ def test_cli_reward_writes_metrics_and_a_loadable_reward_model(tiny_dir, tmp_pat
     judge = RewardModelJudge(run / "final")
     prompt = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
     answers = ["2 + 3 = 5<|im_end|>", "6<|im_end|>"]
-    ids, mask = pad_right([tokenizer(prompt + a, add_special_tokens=False)["input_ids"]
-                           for a in answers], tokenizer.pad_token_id)
+    ids, mask = pad_right(
+        [tokenizer(prompt + a, add_special_tokens=False)["input_ids"] for a in answers],
+        tokenizer.pad_token_id,
+    )
     with torch.no_grad():
         mine = sequence_rewards(model.eval(), ids, mask)
     assert judge.score([prompt, prompt], answers) == pytest.approx(mine.tolist(), abs=1e-5)
@@ -74,18 +96,31 @@ def test_reward_is_read_at_the_last_real_token_with_pad_equal_to_eos(tiny_dir):
 
 
 def test_margin_column_and_centering_enter_the_loss(tiny_dir, tmp_path):
-    rows = [{"prompt": f"Q{i}:", "chosen": f" yes {i}", "rejected": " no", "margin": 0.5 * i}
-            for i in range(6)]
+    rows = [
+        {"prompt": f"Q{i}:", "chosen": f" yes {i}", "rejected": " no", "margin": 0.5 * i}
+        for i in range(6)
+    ]
     data = tmp_path / "margins.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    trainer = RewardTrainer(build_config(reward_args(
-        tiny_dir, tmp_path, data=str(data), task=None, num_eval=1, batch_size=2,
-        center_rewards_coefficient=0.01)))
+    trainer = RewardTrainer(
+        build_config(
+            reward_args(
+                tiny_dir,
+                tmp_path,
+                data=str(data),
+                task=None,
+                num_eval=1,
+                batch_size=2,
+                center_rewards_coefficient=0.01,
+            )
+        )
+    )
     with torch.no_grad():
         out, _, _ = trainer._loss(trainer.data.train, [1, 3], None, train=False)
     exs = [trainer.data.train[i] for i in (1, 3)]
     seqs = [e["prompt_ids"] + e["chosen_ids"] for e in exs] + [
-        e["prompt_ids"] + e["rejected_ids"] for e in exs]
+        e["prompt_ids"] + e["rejected_ids"] for e in exs
+    ]
     ids, mask = pad_right(seqs, trainer.tokenizer.pad_token_id)
     with torch.no_grad():
         r = sequence_rewards(trainer.policy, ids, mask)
@@ -99,7 +134,17 @@ def test_margin_column_and_centering_enter_the_loss(tiny_dir, tmp_path):
 def test_reward_model_ranks_held_out_bundled_pairs(tiny_dir, tmp_path):
     """A small config that reaches >= 90% held-out pairwise accuracy on the bundled on-policy
     arithmetic pairs within seconds (the real default model: see docs/online.md)."""
-    res = train_reward(reward_args(tiny_dir, tmp_path, data="arithmetic", num_train=128,
-                                   num_eval=64, batch_size=8, max_steps=24, lr=3e-3,
-                                   warmup_ratio=0.0))
+    res = train_reward(
+        reward_args(
+            tiny_dir,
+            tmp_path,
+            data="arithmetic",
+            num_train=128,
+            num_eval=64,
+            batch_size=8,
+            max_steps=24,
+            lr=3e-3,
+            warmup_ratio=0.0,
+        )
+    )
     assert res.metrics["eval/accuracy"] >= 0.9, res.metrics

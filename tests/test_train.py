@@ -142,8 +142,15 @@ def test_python_api_trains_twice_in_one_process(tiny_dir, tmp_path):
 
 def test_logged_lr_is_the_lr_the_step_used(tiny_dir, tmp_path):
     # 4 steps, 2 of warm-up: the factors used by steps 1..4 are 1/3, 2/3, 1, 1/2
-    args = tiny_args(tiny_dir, tmp_path, max_steps=4, warmup_ratio=0.5, num_task_eval=0,
-                     eval_before=False, num_eval=0)
+    args = tiny_args(
+        tiny_dir,
+        tmp_path,
+        max_steps=4,
+        warmup_ratio=0.5,
+        num_task_eval=0,
+        eval_before=False,
+        num_eval=0,
+    )
     train(args)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = [x["lr"] for x in lines if "lr" in x]

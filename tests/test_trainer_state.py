@@ -30,8 +30,10 @@ def first_loss(run_dir):
 
 def test_reference_modes_agree(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
-    trainers = {mode: Trainer(cfg(tiny_dir, tmp_path, mode, reference=mode, lora=(mode == "lora")))
-                for mode in ("frozen", "precompute", "lora")}
+    trainers = {
+        mode: Trainer(cfg(tiny_dir, tmp_path, mode, reference=mode, lora=(mode == "lora")))
+        for mode in ("frozen", "precompute", "lora")
+    }
     t0 = trainers["frozen"]
     idx = [3, 0, 7]
     batch = pair_batch(t0.data.train, idx, t0.tokenizer.pad_token_id, packed=True)
@@ -50,7 +52,9 @@ def test_reference_cache_is_reused_and_invalidated(tiny_dir, tmp_path, monkeypat
     assert a.cache_reused == {"train": False, "eval": False}
     b = Trainer(cfg(tiny_dir, tmp_path, "b", reference="precompute"))
     assert b.cache_reused == {"train": True, "eval": True}
-    c = Trainer(cfg(tiny_dir, tmp_path, "c", reference="precompute", num_train=12))  # the data changed
+    c = Trainer(
+        cfg(tiny_dir, tmp_path, "c", reference="precompute", num_train=12)
+    )  # the data changed
     assert c.cache_reused["train"] is False
 
 
@@ -60,7 +64,9 @@ def test_lora_saves_adapter_and_merged_model(tiny_dir, tmp_path):
     res = train(cfg(tiny_dir, tmp_path, "lora", lora=True, lora_r=4, max_steps=3, lr=5e-2))
     final = res.run_dir / "final"
     merged = AutoModelForCausalLM.from_pretrained(final).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), final / "adapter").eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_dir), final / "adapter"
+    ).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     t = Trainer(cfg(tiny_dir, tmp_path, "probe"))
     batch = pair_batch(t.data.train, [0, 1, 2], t.tokenizer.pad_token_id, packed=False)
@@ -77,22 +83,43 @@ def weights(run_dir):
 
 def assert_same_weights(a, b, atol=0.0):
     for n in a:
-        torch.testing.assert_close(
-            a[n], b[n], rtol=0, atol=atol, msg=lambda m, n=n: f"{n}: {m}"
-        )
+        torch.testing.assert_close(a[n], b[n], rtol=0, atol=atol, msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
     common = {"max_steps": 8, "num_train": 32, "save_every": 1, "keep_checkpoints": 2}
     full = train(cfg(tiny_dir, tmp_path, "full", **common))
-    args = [f"{k}={v}" for k, v in cfg(tiny_dir, tmp_path, "killed", **common).flat().items()
-            if k in ("model", "data", "output_dir", "run_name", "num_train", "num_eval", "batch_size", "max_steps",
-                     "num_task_eval", "eval_before", "quiet", "report_to", "lr", "save_every", "keep_checkpoints")]
+    args = [
+        f"{k}={v}"
+        for k, v in cfg(tiny_dir, tmp_path, "killed", **common).flat().items()
+        if k
+        in (
+            "model",
+            "data",
+            "output_dir",
+            "run_name",
+            "num_train",
+            "num_eval",
+            "batch_size",
+            "max_steps",
+            "num_task_eval",
+            "eval_before",
+            "quiet",
+            "report_to",
+            "lr",
+            "save_every",
+            "keep_checkpoints",
+        )
+    ]
     # like with like: the in-process runs use conftest's 1 thread, and a different thread count
     # sums in another order on some CPUs (AVX-512), so bit-equality holds only at equal counts
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen([sys.executable, "-m", "preftune.cli", "train", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "preftune.cli", "train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     ckroot = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not (ckroot / "step-3").exists() and proc.poll() is None:
@@ -100,12 +127,17 @@ def test_resume_after_sigkill_equals_uninterrupted(tiny_dir, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = ckpt.latest_checkpoint(ckroot)
-    assert done is not None and int(done.name.split("-")[1]) < 8, "the kill came too late to test anything"
+    assert done is not None and int(done.name.split("-")[1]) < 8, (
+        "the kill came too late to test anything"
+    )
     resumed = train(None, [f"resume={tmp_path / 'killed'}"])
     assert resumed.metrics["steps"] == 8
     assert_same_weights(weights(full.run_dir), weights(resumed.run_dir))
-    steps = [json.loads(x)["step"] for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
-             if '"loss"' in x and "eval/loss" not in x]
+    steps = [
+        json.loads(x)["step"]
+        for x in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"loss"' in x and "eval/loss" not in x
+    ]
     assert steps == list(range(1, 9)), "metrics.jsonl has each step once"
 
 
@@ -131,27 +163,62 @@ def _free_port() -> int:
 def test_two_processes_equal_one_on_the_same_global_batch(tiny_dir, tmp_path):
     """torchrun with 2 gloo processes, each taking half of every batch, must train exactly what
     one process does: gradients are averaged over processes before clipping and the step."""
-    keys = ("model", "data", "output_dir", "run_name", "num_train", "num_eval", "batch_size",
-            "max_steps", "num_task_eval", "eval_before", "quiet", "report_to", "lr", "dtype",
-            "share_prefix")
+    keys = (
+        "model",
+        "data",
+        "output_dir",
+        "run_name",
+        "num_train",
+        "num_eval",
+        "batch_size",
+        "max_steps",
+        "num_task_eval",
+        "eval_before",
+        "quiet",
+        "report_to",
+        "lr",
+        "dtype",
+        "share_prefix",
+    )
     # share_prefix off: a shared prefix's gradient is summed over each process's rows, which
     # Llama's RMSNorm rounds in float32 even in a float64 model, and AdamW magnifies that
     # rounding on near-zero gradients (up to 3e-8 in the weights); its equality is tested alone
     common = {"max_steps": 3, "dtype": "float64", "share_prefix": False}
     one = train(cfg(tiny_dir, tmp_path, "one", **common))
-    args = [f"{k}={v}" for k, v in cfg(tiny_dir, tmp_path, "two", **common).flat().items() if k in keys]
+    args = [
+        f"{k}={v}" for k, v in cfg(tiny_dir, tmp_path, "two", **common).flat().items() if k in keys
+    ]
     # ACCELERATE_USE_CPU: without it accelerate under torchrun on a CPU machine sees 2 single runs
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-         "-m", "preftune.cli", "train", *args],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "preftune.cli",
+            "train",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2
     losses = [
-        [json.loads(x)["loss"] for x in (r / "metrics.jsonl").read_text().splitlines() if '"grad_norm"' in x]
+        [
+            json.loads(x)["loss"]
+            for x in (r / "metrics.jsonl").read_text().splitlines()
+            if '"grad_norm"' in x
+        ]
         for r in (one.run_dir, tmp_path / "two")
     ]
     assert len(losses[0]) == 3
@@ -160,15 +227,25 @@ def test_two_processes_equal_one_on_the_same_global_batch(tiny_dir, tmp_path):
     assert_same_weights(weights(one.run_dir), weights(tmp_path / "two"), atol=1e-9)
 
 
-def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(tiny_dir, tmp_path, monkeypatch):
+def test_gradient_checkpointing_recomputes_layers_and_changes_nothing(
+    tiny_dir, tmp_path, monkeypatch
+):
     """from_pretrained hands back an eval-mode model, where transformers skips checkpointing:
     the trainer must train in train mode, so each layer really runs twice, for the same step."""
     monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
     results = {}
     for gc in (False, True):
         # share_prefix off: a shared prefix is a forward call of its own, which would count
-        t = Trainer(cfg(tiny_dir, tmp_path, f"gc{gc}", gradient_checkpointing=gc, dtype="float64",
-                        share_prefix=False))
+        t = Trainer(
+            cfg(
+                tiny_dir,
+                tmp_path,
+                f"gc{gc}",
+                gradient_checkpointing=gc,
+                dtype="float64",
+                share_prefix=False,
+            )
+        )
         assert t.policy.training
         calls = []
         # a pre-hook inside the checkpointed forward: the recomputation stops early after the
@@ -190,8 +267,17 @@ def test_shared_prefix_changes_nothing_but_the_work(tiny_dir, tmp_path, monkeypa
     results = {}
     for share in (True, False):
         monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / f"cache{share}"))  # no reuse
-        t = Trainer(cfg(tiny_dir, tmp_path, f"prefix{share}{share_prompt}", share_prefix=share,
-                        share_prompt=share_prompt, reference="precompute", dtype="float64"))
+        t = Trainer(
+            cfg(
+                tiny_dir,
+                tmp_path,
+                f"prefix{share}{share_prompt}",
+                share_prefix=share,
+                share_prompt=share_prompt,
+                reference="precompute",
+                dtype="float64",
+            )
+        )
         batch = t._pair_batch(t.data.train, [0, 1, 2, 3])
         assert (batch.tokens.prefix_ids is not None) == share
         m = t.train_step([0, 1, 2, 3])

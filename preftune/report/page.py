@@ -66,7 +66,9 @@ def samples_table(runs: list[Run], colors: dict[str, str]) -> str:
     first = with_samples[0]
     base = first.samples.get("before") or first.samples.get("after", [])
     prompts = [s["prompt"] for s in base]
-    afters = [r for r in with_samples if [s["prompt"] for s in r.samples.get("after", [])] == prompts]
+    afters = [
+        r for r in with_samples if [s["prompt"] for s in r.samples.get("after", [])] == prompts
+    ]
     head = "<th>prompt</th><th>chosen / rejected</th><th>before</th>" + "".join(
         f"<th>{_swatch(colors[r.name])}after: {html.escape(r.name)}</th>" for r in afters
     )
@@ -74,15 +76,25 @@ def samples_table(runs: list[Run], colors: dict[str, str]) -> str:
     for i, s in enumerate(base):
         before = first.samples.get("before", [{}] * len(base))[i].get("completion", "—")
         pair = "\n".join(f"{k}: {s[k]}" for k in ("chosen", "rejected") if k in s) or "—"
-        cells = [_prompt(s["prompt"]), pair, before] + [r.samples["after"][i]["completion"] for r in afters]
-        rows.append("<tr>" + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+        cells = [_prompt(s["prompt"]), pair, before] + [
+            r.samples["after"][i]["completion"] for r in afters
+        ]
+        rows.append(
+            "<tr>"
+            + "".join(f"<td class='text'>{html.escape(str(c))}</td>" for c in cells)
+            + "</tr>"
+        )
     rows.append("</table>")
     return "\n".join(rows)
 
 
-def page(title: str, runs: list[Run], colors: dict[str, str], figures: list[tuple[str, str, str]]) -> str:
+def page(
+    title: str, runs: list[Run], colors: dict[str, str], figures: list[tuple[str, str, str]]
+) -> str:
     """figures: (title, note, image src)."""
-    legend = " ".join(f"{_swatch(colors[r.name])}{html.escape(r.name)} ({html.escape(r.loss)})" for r in runs)
+    legend = " ".join(
+        f"{_swatch(colors[r.name])}{html.escape(r.name)} ({html.escape(r.loss)})" for r in runs
+    )
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
         f"<style>{CSS}</style></head><body>",
@@ -101,7 +113,10 @@ def page(title: str, runs: list[Run], colors: dict[str, str], figures: list[tupl
     if samples:
         parts += ["<h2>Greedy completions of held-out prompts, before and after</h2>", samples]
     parts += ["<h2>Results</h2>", side_by_side(runs, colors, "summary", diff_first=False)]
-    parts += ["<h2>Configuration</h2><p style='font-size:12px'>Highlighted: keys whose values differ "
-              "between the runs (listed first).</p>", side_by_side(runs, colors, "config", diff_first=True)]
+    parts += [
+        "<h2>Configuration</h2><p style='font-size:12px'>Highlighted: keys whose values differ "
+        "between the runs (listed first).</p>",
+        side_by_side(runs, colors, "config", diff_first=True),
+    ]
     parts.append("</body></html>")
     return "\n".join(parts)

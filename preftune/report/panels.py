@@ -37,8 +37,18 @@ class Panel:
 
 def run_colors(runs: list[Run]) -> dict[str, str]:
     """One colour per run (tab10 in run order), the same in every panel."""
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-               "#7f7f7f", "#bcbd22", "#17becf"]
+    palette = [
+        "#1f77b4",
+        "#d62728",
+        "#2ca02c",
+        "#ff7f0e",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
     return {r.name: palette[i % len(palette)] for i, r in enumerate(runs)}
 
 
@@ -47,9 +57,17 @@ def _line(ax, run: Run, color: str, key: str, style: str = "-", label: str | Non
     if not xs:
         return False
     ev = key.startswith("eval/")
-    ax.plot(xs, ys, style, color=color, lw=2.0 if ev else 1.0, alpha=1.0 if ev else 0.75,
-            marker="o" if ev or len(xs) < 3 else None, ms=3.5,
-            label=f"{run.name}: {label or key}")
+    ax.plot(
+        xs,
+        ys,
+        style,
+        color=color,
+        lw=2.0 if ev else 1.0,
+        alpha=1.0 if ev else 0.75,
+        marker="o" if ev or len(xs) < 3 else None,
+        ms=3.5,
+        label=f"{run.name}: {label or key}",
+    )
     return True
 
 
@@ -87,8 +105,16 @@ def _loss(ax, runs: list[Run], colors: dict[str, str]) -> bool:
         if hi - lo > 4 * max(p95 - lo, 1e-12):
             top = p95 + 0.5 * (p95 - lo) + 1e-6
             ax.set_ylim(lo - 0.05 * (top - lo), top)
-            ax.text(1.0, 1.01, f"y clipped at {top:.3g}; max {hi:.3g}", transform=ax.transAxes,
-                    ha="right", va="bottom", fontsize=7, color="#a00")  # above the axes: no legend there
+            ax.text(
+                1.0,
+                1.01,
+                f"y clipped at {top:.3g}; max {hi:.3g}",
+                transform=ax.transAxes,
+                ha="right",
+                va="bottom",
+                fontsize=7,
+                color="#a00",
+            )  # above the axes: no legend there
     return drawn
 
 
@@ -111,8 +137,13 @@ def _margin(per_token: bool) -> Callable[..., bool]:
         for run in runs:
             target = _ipo_target(run, per_token)
             if drawn and target:
-                ax.axhline(target, color=colors[run.name], ls=":", lw=1.5,
-                           label=f"{run.name}: IPO target 1/(2τ) = {target:.3g}")
+                ax.axhline(
+                    target,
+                    color=colors[run.name],
+                    ls=":",
+                    lw=1.5,
+                    label=f"{run.name}: IPO target 1/(2τ) = {target:.3g}",
+                )
         if drawn:
             ax.axhline(0.0, color="black", lw=0.8, zorder=0)
         return drawn
@@ -130,8 +161,13 @@ def _const_lines(key: str, label: str, sub: Callable[[Run], object]):
                 drawn = True
                 value = sub(run)
                 if value is not None:
-                    ax.axhline(float(value), color=colors[run.name], ls=":", lw=1.2,
-                               label=f"{run.name}: {label} = {value}")
+                    ax.axhline(
+                        float(value),
+                        color=colors[run.name],
+                        ls=":",
+                        lw=1.2,
+                        label=f"{run.name}: {label} = {value}",
+                    )
         return drawn
 
     return draw
@@ -145,20 +181,34 @@ def _filter_ratio(run: Run):
 
 def _segments(ax, runs: list[Run], colors: dict[str, str]) -> bool:
     """Bars: the last held-out evaluation's mean change (policy - reference, nats) per segment."""
-    lasts = {r.name: next((x for x in reversed(r.rows) if "eval/segments/prefix" in x), None) for r in runs}
-    shown = [(k, lab) for k, lab in SEGMENT_KEYS
-             if any(last and f"eval/segments/{k}" in last for last in lasts.values())]
+    lasts = {
+        r.name: next((x for x in reversed(r.rows) if "eval/segments/prefix" in x), None)
+        for r in runs
+    }
+    shown = [
+        (k, lab)
+        for k, lab in SEGMENT_KEYS
+        if any(last and f"eval/segments/{k}" in last for last in lasts.values())
+    ]
     width = 0.8 / max(len(runs), 1)
     for i, run in enumerate(runs):
         last = lasts[run.name]
         if last is None:
             continue
-        pts = [(j + i * width, last[f"eval/segments/{k}"]) for j, (k, _) in enumerate(shown)
-               if f"eval/segments/{k}" in last]
+        pts = [
+            (j + i * width, last[f"eval/segments/{k}"])
+            for j, (k, _) in enumerate(shown)
+            if f"eval/segments/{k}" in last
+        ]
         fell = last.get("eval/pairs/chosen_below_ref")
         note = "" if fell is None else f"; y_w fell on {fell:.0%} of pairs"
-        ax.bar([p[0] for p in pts], [p[1] for p in pts], width, color=colors[run.name],
-               label=f"{run.name} (step {last['step']}{note})")
+        ax.bar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            width,
+            color=colors[run.name],
+            label=f"{run.name} (step {last['step']}{note})",
+        )
     if shown:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shown))])
         ax.set_xticklabels([lab for _, lab in shown], rotation=25, ha="right", fontsize=7)
@@ -168,51 +218,129 @@ def _segments(ax, runs: list[Run], colors: dict[str, str]) -> bool:
 
 
 PANELS = [
-    Panel("rewards", "implicit rewards β·(log π − log π_ref)",
-          "Below zero: the policy made that completion less likely than the reference did. "
-          "A positive mean can hide many pairs below zero (next panel).",
-          _with_zero(_lines([("rewards/chosen", "-", "chosen"), ("rewards/rejected", "--", "rejected"),
-                             ("eval/rewards/chosen", "-", "eval chosen"),
-                             ("eval/rewards/rejected", "--", "eval rejected")]))),
-    Panel("below_ref", "fraction of pairs below the reference",
-          "Pairs whose chosen (solid) or rejected (dashed) log-prob ended below the reference's; "
-          "0 at step 1, where policy = reference.",
-          _lines([("pairs/chosen_below_ref", "-", "chosen"), ("pairs/rejected_below_ref", "--", "rejected"),
-                  ("eval/pairs/chosen_below_ref", "-", "eval chosen"),
-                  ("eval/pairs/rejected_below_ref", "--", "eval rejected")]), fraction=True),
-    Panel("margin_nats", "log-ratio margin h in nats",
-          "h = (log π − log π_ref)(y_w) − (…)(y_l), without β. IPO drives it to 1/(2τ) "
-          "(dotted), DPO's keeps growing.", _margin(False)),
-    Panel("margin_per_token", "log-ratio margin per token (IPO length-normalised)",
-          "Each log-ratio divided by its completion length: the quantity length-normalised IPO "
-          "drives to 1/(2τ) (dotted).", _margin(True)),
-    Panel("loss", "training objective",
-          "Train (solid) and held-out (dashed). Spikes do not set the scale (see the note).", _loss),
-    Panel("margins", "implicit reward margin β·h",
-          "What TRL logs as rewards/margins: h scaled by each run's β.",
-          _with_zero(_lines([("rewards/margins", "-", "margin"), ("eval/rewards/margins", "--", "eval margin")]))),
-    Panel("accuracies", "reward accuracy (fraction of pairs with h > 0)", "1 − this = pairs with h ≤ 0.",
-          _lines([("rewards/accuracies", "-", "train"), ("eval/rewards/accuracies", "--", "eval")]), fraction=True),
-    Panel("segments", "where the log-prob moved, on pairs sharing leading tokens",
-          "Change (policy − reference, nats) of the shared prefix, the first differing token and "
-          "the suffix; '| y_w fell': over the pairs whose chosen ended below the reference.",
-          _segments, over_steps=False),
-    Panel("direction", "pairs whose chosen and rejected moved the same way",
-          "Both up or both down (solid); both down (dashed).",
-          _lines([("pairs/same_direction", "-", "same way"), ("pairs/both_down", "--", "both down"),
-                  ("eval/pairs/same_direction", "-", "eval same way"),
-                  ("eval/pairs/both_down", "--", "eval both down")]), fraction=True),
-    Panel("logps", "policy log-probs of the completions (summed)", "Chosen solid, rejected dashed.",
-          _lines([("logps/chosen", "-", "chosen"), ("logps/rejected", "--", "rejected"),
-                  ("eval/logps/chosen", "-", "eval chosen"), ("eval/logps/rejected", "--", "eval rejected")])),
-    Panel("beta", "β-DPO: the batch's β", "Dotted: β0. β = β0(1 + α(mean kept gap − M0)).",
-          _const_lines("beta", "β0", lambda r: r.hparam("beta"))),
-    Panel("filtered", "β-DPO: fraction of each batch filtered",
-          "Dotted: filter_ratio. The kept count is int(N(1 − ratio)), truncated as in the paper's "
-          "code, so batch 8 at 0.2 keeps 6 and filters 0.25.",
-          _const_lines("filtered_fraction", "filter_ratio", _filter_ratio), fraction=True),
-    Panel("calibration", "β-DPO: running gap statistics", "M0 (solid) and σ (dashed), in nats.",
-          _lines([("calibration/M0", "-", "M0"), ("calibration/sigma", "--", "σ")])),
+    Panel(
+        "rewards",
+        "implicit rewards β·(log π − log π_ref)",
+        "Below zero: the policy made that completion less likely than the reference did. "
+        "A positive mean can hide many pairs below zero (next panel).",
+        _with_zero(
+            _lines(
+                [
+                    ("rewards/chosen", "-", "chosen"),
+                    ("rewards/rejected", "--", "rejected"),
+                    ("eval/rewards/chosen", "-", "eval chosen"),
+                    ("eval/rewards/rejected", "--", "eval rejected"),
+                ]
+            )
+        ),
+    ),
+    Panel(
+        "below_ref",
+        "fraction of pairs below the reference",
+        "Pairs whose chosen (solid) or rejected (dashed) log-prob ended below the reference's; "
+        "0 at step 1, where policy = reference.",
+        _lines(
+            [
+                ("pairs/chosen_below_ref", "-", "chosen"),
+                ("pairs/rejected_below_ref", "--", "rejected"),
+                ("eval/pairs/chosen_below_ref", "-", "eval chosen"),
+                ("eval/pairs/rejected_below_ref", "--", "eval rejected"),
+            ]
+        ),
+        fraction=True,
+    ),
+    Panel(
+        "margin_nats",
+        "log-ratio margin h in nats",
+        "h = (log π − log π_ref)(y_w) − (…)(y_l), without β. IPO drives it to 1/(2τ) "
+        "(dotted), DPO's keeps growing.",
+        _margin(False),
+    ),
+    Panel(
+        "margin_per_token",
+        "log-ratio margin per token (IPO length-normalised)",
+        "Each log-ratio divided by its completion length: the quantity length-normalised IPO "
+        "drives to 1/(2τ) (dotted).",
+        _margin(True),
+    ),
+    Panel(
+        "loss",
+        "training objective",
+        "Train (solid) and held-out (dashed). Spikes do not set the scale (see the note).",
+        _loss,
+    ),
+    Panel(
+        "margins",
+        "implicit reward margin β·h",
+        "What TRL logs as rewards/margins: h scaled by each run's β.",
+        _with_zero(
+            _lines(
+                [("rewards/margins", "-", "margin"), ("eval/rewards/margins", "--", "eval margin")]
+            )
+        ),
+    ),
+    Panel(
+        "accuracies",
+        "reward accuracy (fraction of pairs with h > 0)",
+        "1 − this = pairs with h ≤ 0.",
+        _lines([("rewards/accuracies", "-", "train"), ("eval/rewards/accuracies", "--", "eval")]),
+        fraction=True,
+    ),
+    Panel(
+        "segments",
+        "where the log-prob moved, on pairs sharing leading tokens",
+        "Change (policy − reference, nats) of the shared prefix, the first differing token and "
+        "the suffix; '| y_w fell': over the pairs whose chosen ended below the reference.",
+        _segments,
+        over_steps=False,
+    ),
+    Panel(
+        "direction",
+        "pairs whose chosen and rejected moved the same way",
+        "Both up or both down (solid); both down (dashed).",
+        _lines(
+            [
+                ("pairs/same_direction", "-", "same way"),
+                ("pairs/both_down", "--", "both down"),
+                ("eval/pairs/same_direction", "-", "eval same way"),
+                ("eval/pairs/both_down", "--", "eval both down"),
+            ]
+        ),
+        fraction=True,
+    ),
+    Panel(
+        "logps",
+        "policy log-probs of the completions (summed)",
+        "Chosen solid, rejected dashed.",
+        _lines(
+            [
+                ("logps/chosen", "-", "chosen"),
+                ("logps/rejected", "--", "rejected"),
+                ("eval/logps/chosen", "-", "eval chosen"),
+                ("eval/logps/rejected", "--", "eval rejected"),
+            ]
+        ),
+    ),
+    Panel(
+        "beta",
+        "β-DPO: the batch's β",
+        "Dotted: β0. β = β0(1 + α(mean kept gap − M0)).",
+        _const_lines("beta", "β0", lambda r: r.hparam("beta")),
+    ),
+    Panel(
+        "filtered",
+        "β-DPO: fraction of each batch filtered",
+        "Dotted: filter_ratio. The kept count is int(N(1 − ratio)), truncated as in the paper's "
+        "code, so batch 8 at 0.2 keeps 6 and filters 0.25.",
+        _const_lines("filtered_fraction", "filter_ratio", _filter_ratio),
+        fraction=True,
+    ),
+    Panel(
+        "calibration",
+        "β-DPO: running gap statistics",
+        "M0 (solid) and σ (dashed), in nats.",
+        _lines([("calibration/M0", "-", "M0"), ("calibration/sigma", "--", "σ")]),
+    ),
     Panel("lr", "learning rate used by each step", "", _lines([("lr", "-", "lr")])),
     Panel("speed", "throughput (tokens/s)", "", _lines([("tokens_per_second", "-", "tokens/s")])),
 ]

@@ -61,7 +61,9 @@ def load_run(run_dir: str | Path) -> Run:
             rows = _json(run_dir / f"samples_{tag}.json", [])[:4]
         if rows:
             samples[tag] = rows
-    return Run(run_dir.name, read_metrics(run_dir), config, _json(run_dir / "summary.json", {}), samples)
+    return Run(
+        run_dir.name, read_metrics(run_dir), config, _json(run_dir / "summary.json", {}), samples
+    )
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
