@@ -39,6 +39,13 @@ class ModelNotFoundError(UserError, RuntimeError):
 
 # files torch writes with pickle: preftune loads none of them (they can run code)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def pickle_files(folder: Path) -> list[str]:
+    """The names of the pickle files in `folder` (PICKLE_SUFFIXES), sorted."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -142,8 +149,7 @@ def _check_model_dir(path: Path, trust_remote_code: bool, key: str) -> None:
             f"{path / 'config.json'}: not valid JSON ({e}); restore it from the model's source"
         ) from None
     if not any(path.glob("*.safetensors")):
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-        if pickles:
+        if pickles := pickle_files(path):
             raise ModelNotFoundError(
                 f"{key}={path} has only pickle weights ({', '.join(pickles)}), and preftune "
                 f"never unpickles (it can run code); convert them to safetensors once, if you "

@@ -10,15 +10,14 @@ that raised a preftune error, its message to `<output_dir>/<run_name>.error-rank
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
 import torch
+from run_helpers import nan_dpo_from_call
 
 from preftune.errors import UserError
 from preftune.losses import LOSSES
@@ -38,24 +37,11 @@ def digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def nan_dpo_from(n: int) -> None:
-    spec, calls = LOSSES["dpo"], []
-
-    def nan_dpo(logps, **hparams):
-        out = spec.fn(logps, **hparams)
-        calls.append(1)
-        if len(calls) >= n:
-            out.losses = out.losses * math.nan
-        return out
-
-    LOSSES["dpo"] = dataclasses.replace(spec, fn=nan_dpo)
-
-
 def main(path: str) -> None:
     rank = int(os.environ.get("RANK", "0"))
     for job in json.loads(open(path).read()):
         if job.get("nan_on_rank") == rank:
-            nan_dpo_from(job["nan_from_call"])
+            LOSSES["dpo"] = nan_dpo_from_call(job["nan_from_call"])
         try:
             run_job(job)
         except UserError as e:

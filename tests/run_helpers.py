@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 
 from preftune.config import build_config
@@ -75,3 +78,20 @@ def assert_finite_metrics(line: dict, prefix: str = "") -> list[str]:
     bad = {k: line[k] for k in names if not math.isfinite(line[k])}
     assert not bad, f"non-finite metrics: {bad}"
     return names
+
+
+def nan_dpo_from_call(n: int):
+    """The registry's DPO entry, returning NaN losses from its n-th call on: a loss the tiny
+    model drives to NaN, found by name like any other. Install it in `LOSSES["dpo"]`."""
+    from preftune.losses import LOSSES
+
+    spec, calls = LOSSES["dpo"], []
+
+    def nan_dpo(logps, **hparams):
+        out = spec.fn(logps, **hparams)
+        calls.append(1)
+        if len(calls) >= n:
+            out.losses = out.losses * math.nan
+        return out
+
+    return dataclasses.replace(spec, fn=nan_dpo)

@@ -7,12 +7,11 @@ moved aside) is tested in test_run_safety.py; here the step's own checks, reache
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
-from run_helpers import tiny_run_config
+from run_helpers import nan_dpo_from_call, tiny_run_config
 
 from preftune.losses import LOSSES
 from preftune.train.guards import DivergedError
@@ -56,16 +55,7 @@ def _assert_refused_at_bad_step(trainer: Trainer, err: DivergedError, before, si
 def _nan_loss_from_call(n: int, monkeypatch) -> None:
     """The registry's DPO returns NaN losses from its n-th call on (a loss the tiny model drives
     to NaN, through the public registry: the trainer finds it by name like any other)."""
-    spec, calls = LOSSES["dpo"], []
-
-    def nan_dpo(logps, **hparams):
-        out = spec.fn(logps, **hparams)
-        calls.append(1)
-        if len(calls) >= n:
-            out.losses = out.losses * math.nan
-        return out
-
-    monkeypatch.setitem(LOSSES, "dpo", dataclasses.replace(spec, fn=nan_dpo))
+    monkeypatch.setitem(LOSSES, "dpo", nan_dpo_from_call(n))
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from preftune.errors import UserError
-from preftune.models import PICKLE_SUFFIXES
+from preftune.models import pickle_files
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 FILES = ("weights.safetensors", "state.safetensors", "state.json")
@@ -201,8 +201,7 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 # ---- reading ------------------------------------------------------------------------------------
 def refuse_pickles(path: Path) -> None:
-    found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
-    if found:
+    if found := pickle_files(path):
         raise CheckpointError(
             f"{path} holds {', '.join(found)}, a pickle file that could run code when loaded; "
             f"preftune never unpickles and did not write it. Resume only runs preftune wrote "
