@@ -268,6 +268,10 @@ def run_settings(claim: Claim, label: str, overrides: dict, out: Path) -> dict:
     for k, v in {**claim.shared, **overrides}.items():
         if k in hparam_names and k not in spec.defaults:
             settings.pop(k, None)  # e.g. dpop_lambda for the DPO run
+        elif k == "lr" and k in overrides and "lr" in claim.runs[label]:
+            # a run with its own lr (IPO at 5x) keeps its ratio to the claim's shared lr
+            shared = claim.shared.get("lr", COMMON.get("lr"))
+            settings["lr"] = claim.runs[label]["lr"] * float(v) / float(shared)
         elif k in overrides:
             settings[k] = v
     settings.update({"output_dir": str(out / "runs"), "run_name": label})
@@ -280,12 +284,26 @@ def _finished(run_dir: Path) -> bool:
     return path.exists() and "train_seconds" in json.loads(path.read_text())
 
 
+def _same_settings(run_dir: Path, settings: dict) -> bool:
+    """Whether the run in `run_dir` trained what `settings` asks for (its training keys)."""
+    import yaml
+
+    from preftune.config import build_config
+    from preftune.train.rundir import absolute_paths, training_keys
+
+    want = build_config(settings)
+    absolute_paths(want)
+    saved = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    return training_keys(saved) == training_keys(want)
+
+
 def _train_or_reuse(settings: dict, fresh: bool) -> float:
     # imported here for the same reason as LOSSES in run_settings
     from preftune.train.trainer import train
 
     run_dir = Path(settings["output_dir"]) / settings["run_name"]
-    if run_dir.exists() and (fresh or not _finished(run_dir)):
+    stale = run_dir.exists() and _finished(run_dir) and not _same_settings(run_dir, settings)
+    if run_dir.exists() and (fresh or stale or not _finished(run_dir)):
         shutil.rmtree(run_dir)  # a claim's run directory belongs to the claim
     if run_dir.exists():
         return 0.0

@@ -32,6 +32,26 @@ def test_overrides_reach_every_run_and_loss_keys_only_the_losses_that_have_them(
     assert dpop["dpop_lambda"] == 5.0 and "dpop_lambda" not in dpo
 
 
+def test_an_lr_override_keeps_the_high_lr_run_five_times_higher(tmp_path):
+    claim = CLAIMS["ipo"]
+    low, high = (
+        run_settings(claim, label, {"lr": 2e-6}, tmp_path) for label in ("ipo", "ipo_high_lr")
+    )
+    assert low["lr"] == 2e-6 and high["lr"] == pytest.approx(1e-5)
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
+    from preftune.claims import _same_settings
+    from preftune.config import build_config
+
+    settings = run_settings(CLAIMS["dpop"], "dpo", {}, tmp_path)
+    run = tmp_path / "runs" / "dpo"
+    run.mkdir(parents=True)
+    build_config(settings).save(run / "config.yaml")
+    assert _same_settings(run, settings)
+    assert not _same_settings(run, run_settings(CLAIMS["dpop"], "dpo", {"beta": 0.1}, tmp_path))
+
+
 def test_cli_rejects_an_unknown_claim(capsys):
     with pytest.raises(SystemExit):
         main(["claim", "nonsense"])
