@@ -117,7 +117,7 @@ class OnlineTrainer(Trainer):
             mode = "lora" if self.cfg.model.lora else "frozen"
         self.reference_mode = mode
         self.log_line(f"reference: {mode} — the initial model, fixed for the whole run")
-        return ModelReference(self.acc.unwrap_model(self.policy), mode, self.cfg.train.chunk_size)
+        return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
 
     # ---- generation and judging ------------------------------------------------------------
     def _my_prompts(self, batch_idx: list[int]) -> list[dict]:
@@ -130,7 +130,7 @@ class OnlineTrainer(Trainer):
         """Completions of the current policy, or of the reference (RSO's proposal pi_sft)."""
         texts = [p["text"] for p in prompts]
         bs = self.cfg.online.generation_batch_size
-        model, ctx = self.acc.unwrap_model(self.policy), contextlib.nullcontext()
+        model, ctx = self.policy, contextlib.nullcontext()
         if from_reference:
             if self.reference.mode == "lora":
                 ctx = model.disable_adapter()

@@ -70,7 +70,7 @@ def _resume(trainer: Trainer) -> None:
     else:
         state = ckpt.load_checkpoint(
             path,
-            trainer.acc.unwrap_model(trainer.policy),
+            trainer.policy,
             trainer.optimizer,
             trainer.scheduler,
             trainer.acc.process_index,
@@ -289,7 +289,7 @@ def _save_final(trainer: Trainer) -> None:
     kill leaves either the whole folder or none."""
     if not trainer.acc.is_main_process:
         return
-    model = trainer.acc.unwrap_model(trainer.policy)
+    model = trainer.policy
     final, tmp = trainer.run_dir / "final", trainer.run_dir / ".tmp-final"
     if tmp.exists():
         shutil.rmtree(tmp)

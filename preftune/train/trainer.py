@@ -96,7 +96,9 @@ SUPPORTED_ENGINES = {
 def place_for_training(acc, policy, optimizer):
     """(policy on the accelerator's device, the prepared `EngineModule` around it, the prepared
     optimizer). Under several processes accelerate wraps the module (DDP), whose reducer
-    averages the gradients; the engine then keeps every gradient inside autograd."""
+    averages the gradients; the engine then keeps every gradient inside autograd. The policy
+    itself is never wrapped: `trainer.policy` is the bare model everywhere (saving, generation,
+    the reference), no unwrap needed."""
     if acc.distributed_type not in SUPPORTED_ENGINES:
         raise TrainingError(
             f"accelerate is configured for {acc.distributed_type.value}; preftune runs one "
@@ -247,9 +249,7 @@ class Trainer:
         if mode == "none":
             return None
         if mode in ("frozen", "lora"):
-            return ModelReference(
-                self.acc.unwrap_model(self.policy), mode, self.cfg.train.chunk_size
-            )
+            return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
         return CachedReference(self._precompute())
 
     def _precompute(self) -> dict[str, torch.Tensor]:
@@ -297,7 +297,7 @@ class Trainer:
         length-sorted batches (of PRECOMPUTE_TOKENS, not the training batches), then all
         shares are gathered, so N processes do 1/N of the work each."""
         model = ModelReference(
-            self.acc.unwrap_model(self.policy),
+            self.policy,
             "lora" if self.cfg.model.lora else "same",
             self.cfg.train.chunk_size,
         )
@@ -328,7 +328,7 @@ class Trainer:
         `auto` is off for hybrid models, whose recurrent / convolution layers would see the
         other branch."""
         share = {"true": True, "false": False}.get(self.cfg.train.share_prompt, "auto")
-        config = self.acc.unwrap_model(self.policy).config
+        config = self.policy.config
         if share == "auto" and not attention_only(config):
             share = False
         return share, getattr(config, "hidden_size", 1024)
@@ -578,7 +578,7 @@ class Trainer:
         """Greedy completions of a few held-out prompts (`greedy_{tag}.json`, any data set) and,
         before training (policy == reference), the held-out pairs' reference segment sums that
         evaluate_pairs subtracts; both on disk, so a resumed run keeps them."""
-        model = self.acc.unwrap_model(self.policy)
+        model = self.policy
         if self.acc.is_main_process and model.can_generate():
             was = self.policy.training
             self.policy.eval()
@@ -601,7 +601,7 @@ class Trainer:
 
         e = self.cfg.eval
         acc, samples = task_accuracy(
-            self.acc.unwrap_model(self.policy),
+            self.policy,
             self.tokenizer,
             self.data.task_problems,
             self.data.verify,
@@ -645,7 +645,7 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.run_dir / "checkpoints",
             self.step,
-            self.acc.unwrap_model(self.policy),
+            self.policy,
             self.optimizer,
             self.scheduler,
             self.state(),
