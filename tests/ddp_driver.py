@@ -46,7 +46,12 @@ def main(path: str) -> None:
             run_job(job)
         except UserError as e:
             args = job["args"]
-            Path(args["output_dir"], f"{args['run_name']}.error-rank{rank}").write_text(str(e))
+            where = (
+                Path(args["resume"])
+                if "resume" in args
+                else Path(args["output_dir"], args["run_name"])
+            )
+            Path(f"{where}.error-rank{rank}").write_text(str(e))
 
 
 def run_job(job: dict) -> None:

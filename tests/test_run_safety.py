@@ -10,6 +10,8 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -281,6 +283,22 @@ def test_a_run_directory_in_use_is_refused_and_a_stale_lock_taken_over(tiny_dir,
     (run / ".lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname()}))
     assert train(None, [f"resume={run}", "max_steps=3"]).metrics["steps"] == 3
     assert not (run / ".lock").exists()
+
+
+def test_a_lock_held_by_a_zombie_is_taken_over(tiny_dir, tmp_path):
+    """A SIGKILLed rank whose launcher died too stays a zombie where nothing reaps it (CI
+    containers): os.kill(pid, 0) still succeeds, but the run is over."""
+    run = _cut_run(tiny_dir, tmp_path, "zombie")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.time() < deadline, "the child never exited"
+        time.sleep(0.05)
+    try:
+        (run / ".lock").write_text(json.dumps({"pid": child.pid, "host": socket.gethostname()}))
+        assert train(None, [f"resume={run}", "max_steps=3"]).metrics["steps"] == 3
+    finally:
+        child.wait()
 
 
 @pytest.mark.parametrize("name", ["../outside", "a/b", ".."])

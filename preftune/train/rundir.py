@@ -181,6 +181,8 @@ def _lock(path: Path) -> None:
 
 
 def _alive(pid) -> bool:
+    """Whether `pid` still runs here. A killed process whose parent died too stays a zombie
+    until an init that reaps it (containers often have none): it holds nothing, so it is gone."""
     if not isinstance(pid, int):
         return False
     try:
@@ -189,7 +191,11 @@ def _alive(pid) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: the state field follows the parenthesised command name
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 @dataclass
