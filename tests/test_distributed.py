@@ -53,6 +53,42 @@ def _losses(run_dir: Path, key: str = "loss") -> list[float]:
     return [r[key] for r in rows if "grad_norm" in r]
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (Linux /proc)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except OSError:
+        return True
+
+
+def _kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks. torchrun starts each rank in a session of its own, so a
+    kill of torchrun's group alone leaves the ranks training on as orphans."""
+    ranks = _children(proc.pid)
+    for pid in [proc.pid, *ranks]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    deadline = time.time() + 60
+    while not all(_gone(pid) for pid in ranks):
+        assert time.time() < deadline, f"ranks {ranks} still run after SIGKILL"
+        time.sleep(0.05)
+
+
 def _args(tiny_dir, tmp_path, name, **extra) -> dict:
     return tiny_run_args(tiny_dir, tmp_path, name, **{**COMMON, **extra})
 
@@ -134,8 +170,7 @@ def test_two_processes_killed_and_resumed_equal_uninterrupted(two_processes, tin
     deadline = time.time() + 300
     while time.time() < deadline and not (ckpts / "step-2").exists() and proc.poll() is None:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_launch(proc)
     assert not (out / "killed" / "final").exists(), "the kill came too late to test anything"
     resume = [{"kind": "train", "args": {"resume": str(out / "killed")}}]
     done = subprocess.run(_launch(out, "resume", resume), env=ENV, capture_output=True,
