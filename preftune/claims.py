@@ -25,7 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from preftune.config import ConfigError, build_config, parse_value
+from preftune.losses import LOSSES
+from preftune.report import compare_runs
 from preftune.report.runs import load_run
+from preftune.train.entry import train
+from preftune.train.rundir import absolute_paths, training_keys
+from preftune.validation import loss_hparam_names
 
 # every claim's runs share these; the defaults of `preftune train` otherwise (256 pairs, batch
 # 8, one pass, AdamW with 10% warm-up then linear decay, seed 0)
@@ -258,13 +266,9 @@ CLAIMS = {
 def run_settings(claim: Claim, label: str, overrides: dict, out: Path) -> dict:
     """The full settings of one run: COMMON, the claim's shared ones, the run's own, then the
     user's overrides (a loss hyper-parameter only where the run's loss has it)."""
-    # imported here: cli.py imports this module for the claims' names, and the registry
-    # brings torch, which `preftune --help` should not wait for
-    from preftune.losses import LOSSES
-
     settings = {**COMMON, **claim.shared, **claim.runs[label]}
     spec = LOSSES[settings["loss"]]
-    hparam_names = {k for s in LOSSES.values() for k in s.defaults}
+    hparam_names = loss_hparam_names()
     for k, v in {**claim.shared, **overrides}.items():
         if k in hparam_names and k not in spec.defaults:
             settings.pop(k, None)  # e.g. dpop_lambda for the DPO run
@@ -286,11 +290,6 @@ def _finished(run_dir: Path) -> bool:
 
 def _same_settings(run_dir: Path, settings: dict) -> bool:
     """Whether the run in `run_dir` trained what `settings` asks for (its training keys)."""
-    import yaml
-
-    from preftune.config import build_config
-    from preftune.train.rundir import absolute_paths, training_keys
-
     want = build_config(settings)
     absolute_paths(want)
     saved = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
@@ -298,9 +297,6 @@ def _same_settings(run_dir: Path, settings: dict) -> bool:
 
 
 def _train_or_reuse(settings: dict, fresh: bool) -> float:
-    # imported here for the same reason as LOSSES in run_settings
-    from preftune.train.trainer import train
-
     run_dir = Path(settings["output_dir"]) / settings["run_name"]
     stale = run_dir.exists() and _finished(run_dir) and not _same_settings(run_dir, settings)
     if run_dir.exists() and (fresh or stale or not _finished(run_dir)):
@@ -327,8 +323,8 @@ def run_claim(
 ) -> Path:
     """Train (or reuse) the claim's runs, write compare.html and result.md under `out`
     (default claims/NAME); returns the result.md path."""
-    from preftune.report import compare_runs
-
+    if name not in CLAIMS:
+        raise ConfigError(f"unknown claim {name!r}; choose one of {', '.join(CLAIMS)}")
     claim = CLAIMS[name]
     out = Path(out or Path("claims") / name)
     overrides = {**(SMALL if small else {}), **(overrides or {})}
@@ -376,8 +372,6 @@ def run_claim(
 
 def cli(args) -> int:
     """`preftune claim NAME [key=value ...] [--out DIR] [--fresh] [--small]` (cli.py's parser)."""
-    from preftune.config import ConfigError, parse_value
-
     overrides = {}
     for item in args.overrides:
         if "=" not in item:

@@ -1,9 +1,21 @@
-"""The `preftune` command: parse, build, call. No logic lives here."""
+"""The `preftune` command: parse, build, call. No logic lives here.
+
+Each command is a function in COMMANDS. The ones that train import their module when they run
+(preftune/api.py), as do `losses`, `data`, `compare` and `claim`: they bring torch,
+transformers or matplotlib, which `preftune --help` should not wait for.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from preftune import api
+from preftune.config import help_text
+from preftune.errors import UserError
+
+# the names of preftune/claims.py's CLAIMS, for --help without importing it (a test checks them)
+CLAIM_NAMES = ("dpop", "ipo", "beta_dpo")
 
 
 def _config_and_overrides(args) -> tuple[str | None, list[str]]:
@@ -19,11 +31,9 @@ def _config_and_overrides(args) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
-def _run(entry: str):
+def _run(entry):
     def run(args) -> int:
-        import preftune.api
-
-        getattr(preftune.api, entry)(*_config_and_overrides(args))
+        entry(*_config_and_overrides(args))
         return 0
 
     return run
@@ -54,7 +64,7 @@ def _data(args) -> int:
         build_arithmetic(args.out, onpolicy=not args.no_onpolicy, model=args.model)
         return 0
     if args.what == "rso":
-        from preftune.online.rso_data import main as rso_main
+        from preftune.data.build_rso import main as rso_main
 
         return rso_main(args.overrides)
     raise SystemExit(f"unknown data builder {args.what!r}")
@@ -81,9 +91,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from preftune.config import help_text
+def _claim(args) -> int:
+    from preftune.claims import cli
 
+    return cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="preftune", description="Tune language models on preference data."
     )
@@ -96,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="config keys (YAML file or key=value):\n" + help_text(),
     )
     _add_run_arguments(t)
-    t.set_defaults(func=_run("train"))
+    t.set_defaults(func=_run(api.train))
 
     sub.add_parser(
         "losses", help="list every loss with its paper and hyper-parameters"
@@ -121,24 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="compare.html")
     c.set_defaults(func=_compare)
 
-    from preftune.claims import CLAIMS
-    from preftune.claims import cli as claim_cli
-
     k = sub.add_parser(
         "claim",
         help="reproduce a paper's claim at controlled settings "
         "(preftune/claims.py): runs, compare.html, result.md",
     )
-    k.add_argument("name", choices=list(CLAIMS))
+    k.add_argument("name", metavar="NAME", help=f"one of: {', '.join(CLAIM_NAMES)}")
     k.add_argument("overrides", nargs="*", help="key=value, applied to every run of the claim")
     k.add_argument("--out", default=None, help="output folder (default claims/NAME)")
     k.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     k.add_argument("--small", action="store_true", help="a few steps on a few pairs (a smoke test)")
-    k.set_defaults(func=claim_cli)
+    k.set_defaults(func=_claim)
 
     for name, entry, text in (
-        ("reward", "train_reward", "train a Bradley-Terry reward model"),
-        ("online", "train_online", "online DPO / RSO / ReMax with a judge"),
+        ("reward", api.train_reward, "train a Bradley-Terry reward model"),
+        ("online", api.train_online, "online DPO / RSO / ReMax with a judge"),
     ):
         s = sub.add_parser(name, help=text)
         _add_run_arguments(s)
@@ -163,8 +174,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from preftune.errors import UserError
-
     try:
         return args.func(args)
     except UserError as e:

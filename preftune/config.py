@@ -17,11 +17,9 @@ from typing import Any
 
 import yaml
 
-from preftune.errors import UserError
+from preftune.errors import ConfigError
 
-
-class ConfigError(UserError, ValueError):
-    """A config key or value that cannot work; raised before any model loads."""
+__all__ = ["Config", "ConfigError", "build_config", "help_text", "parse_value"]
 
 
 @dataclass
@@ -269,16 +267,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
-def _loss_hparam_names() -> set[str]:
-    from preftune.losses import LOSSES
-
-    return {k for spec in LOSSES.values() for k in spec.defaults}
-
-
-def build_config(
-    source: str | Path | dict | Config | None = None, overrides: list[str] | dict | None = None
-) -> Config:
-    """A Config from a YAML path, a dict or an existing Config, then `overrides` (['lr=1e-5', ...])."""
+def _raw_items(source, overrides) -> dict[str, Any]:
+    """The flat key -> value mapping of `source` (a YAML path, dict or Config) and `overrides`."""
     raw: dict[str, Any] = {}
     if isinstance(source, Config):
         raw = source.flat()
@@ -288,17 +278,18 @@ def build_config(
         raw = _read_yaml(Path(source))
     if isinstance(overrides, dict):
         raw.update(overrides)
-    else:
-        for item in overrides or []:
-            if "=" not in item:
-                raise ConfigError(
-                    f"override {item!r} must look like key=value (for example lr=1e-5)"
-                )
-            k, v = item.split("=", 1)
-            raw[k.strip().lstrip("-").replace("-", "_")] = parse_value(v)
+        return raw
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (for example lr=1e-5)")
+        k, v = item.split("=", 1)
+        raw[k.strip().lstrip("-").replace("-", "_")] = parse_value(v)
+    return raw
 
+
+def _sections(raw: dict[str, Any], hparams: set[str]) -> dict[str, dict]:
+    """Each key in its section; a loss hyper-parameter given at the top level in loss_args."""
     owner = _owner()
-    hparams = _loss_hparam_names()
     sections: dict[str, dict] = {s: {} for s in SECTIONS}
     loss_args = raw.pop("loss_args", None) or {}
     if not isinstance(loss_args, dict):
@@ -319,12 +310,25 @@ def build_config(
                 + " (run `preftune train --help` for the list of keys)"
             )
     sections["loss"]["loss_args"] = loss_args
+    return sections
+
+
+def build_config(
+    source: str | Path | dict | Config | None = None, overrides: list[str] | dict | None = None
+) -> Config:
+    """A Config from a YAML path, a dict or an existing Config, then `overrides` (['lr=1e-5', ...]),
+    validated (preftune/validation.py)."""
+    # validation reads the loss registry, which brings torch: imported on the first config
+    # built, so `import preftune` and `preftune --help` stay fast
+    from preftune import validation
+
+    sections = _sections(_raw_items(source, overrides), validation.loss_hparam_names())
     built = {}
     for sec, cls in SECTIONS.items():
         types = {f.name: f.type for f in fields(cls)}
         built[sec] = cls(**{k: _coerce(k, v, types[k]) for k, v in sections[sec].items()})
     cfg = Config(**built)
-    validate(cfg)
+    validation.validate(cfg)
     return cfg
 
 
@@ -347,144 +351,6 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of key: value lines")
     return loaded
-
-
-def validate(cfg: Config) -> None:
-    """Everything that can be checked before a model loads."""
-    _validate_loss(cfg)
-    for ok, msg in _value_checks(cfg):
-        if not ok:
-            raise ConfigError(msg)
-    _validate_combinations(cfg)
-
-
-def _validate_loss(cfg: Config) -> None:
-    from preftune.losses import LOSSES, validate_hparams
-
-    if cfg.loss.loss not in LOSSES:
-        hint = difflib.get_close_matches(cfg.loss.loss, list(LOSSES), n=1)
-        raise ConfigError(
-            f"unknown loss '{cfg.loss.loss}'"
-            + (f"; did you mean '{hint[0]}'?" if hint else "")
-            + f" Available: {', '.join(LOSSES)}"
-        )
-    try:
-        cfg.loss.loss_args = validate_hparams(cfg.loss.loss, cfg.loss.loss_args)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
-    if cfg.loss.beta_calibration is not None:
-        allowed = {"alpha", "filter_ratio", "momentum", "seed"}
-        bad = set(cfg.loss.beta_calibration) - allowed
-        if bad:
-            raise ConfigError(
-                f"beta_calibration: unknown keys {sorted(bad)}; allowed: {sorted(allowed)}"
-            )
-        if "beta" not in LOSSES[cfg.loss.loss].defaults:
-            raise ConfigError(
-                f"beta_calibration needs a loss with a beta; '{cfg.loss.loss}' has none"
-            )
-        for k, v in cfg.loss.beta_calibration.items():
-            if isinstance(v, bool) or not isinstance(v, int | float):
-                raise ConfigError(f"beta_calibration.{k} must be a number, got {v!r}")
-        fr = cfg.loss.beta_calibration.get("filter_ratio", 0.2)
-        if not 0 <= fr < 1:
-            raise ConfigError(f"beta_calibration.filter_ratio must be in [0, 1), got {fr}")
-
-
-def _value_checks(cfg: Config) -> list[tuple[bool, str]]:
-    """(holds, message if not) for each key checked on its own."""
-    t, d = cfg.train, cfg.data
-    return [
-        (t.lr > 0, f"lr must be > 0, got {t.lr}"),
-        (t.batch_size >= 1, f"batch_size must be >= 1, got {t.batch_size}"),
-        (t.grad_accum >= 1, f"grad_accum must be >= 1, got {t.grad_accum}"),
-        (
-            t.batch_size % t.grad_accum == 0,
-            f"batch_size ({t.batch_size}) must be divisible by grad_accum ({t.grad_accum})",
-        ),
-        (t.epochs >= 1, f"epochs must be >= 1, got {t.epochs}"),
-        (t.max_steps is None or t.max_steps >= 1, f"max_steps must be >= 1, got {t.max_steps}"),
-        (0 <= t.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {t.warmup_ratio}"),
-        (
-            t.scheduler in ("linear", "cosine", "constant"),
-            f"scheduler must be linear, cosine or constant, got {t.scheduler!r}",
-        ),
-        (
-            t.reference in ("auto", "frozen", "lora", "precompute", "none"),
-            f"reference must be auto, frozen, lora, precompute or none, got {t.reference!r}",
-        ),
-        (
-            t.share_prompt in ("auto", "true", "false"),
-            f"share_prompt must be auto, true or false, got {t.share_prompt!r}",
-        ),
-        (
-            t.chunk_size is None or t.chunk_size >= 1,
-            f"chunk_size must be >= 1 (or null: 2^25 logits per chunk), got {t.chunk_size}",
-        ),
-        (
-            d.max_length > 1 and d.max_prompt_length >= 1,
-            "max_length must be > 1 and max_prompt_length >= 1",
-        ),
-        (
-            d.num_train in (None, "auto") or (isinstance(d.num_train, int) and d.num_train >= 1),
-            f"num_train must be >= 1, null (all records) or auto, got {d.num_train!r}",
-        ),
-        (d.num_eval >= 0, f"num_eval must be >= 0 (0: hold nothing out), got {d.num_eval}"),
-        (d.num_task_eval >= 0, f"num_task_eval must be >= 0, got {d.num_task_eval}"),
-        (
-            d.task in ("auto", "arithmetic", None),
-            f"task must be auto, arithmetic or null, got {d.task!r}",
-        ),
-        (
-            t.optimizer in ("adamw", "rmsprop", "sgd"),
-            f"optimizer must be adamw, rmsprop or sgd, got {t.optimizer!r}",
-        ),
-        (t.log_every >= 1, f"log_every must be >= 1, got {t.log_every}"),
-        (
-            t.eval_every is None or t.eval_every >= 0,
-            f"eval_every must be >= 0 (0 or null: only before and after), got {t.eval_every}",
-        ),
-        (
-            t.save_every is None or t.save_every >= 0,
-            f"save_every must be >= 0 (0 or null: no checkpoints), got {t.save_every}",
-        ),
-        (
-            cfg.model.dtype in ("float32", "bfloat16", "float16", "float64"),
-            f"dtype must be float32, bfloat16, float16 or float64, got {cfg.model.dtype!r}",
-        ),
-        (t.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {t.keep_checkpoints}"),
-        (t.save_every is None or t.save_every >= 1, f"save_every must be >= 1, got {t.save_every}"),
-        (
-            t.save_every_minutes is None or t.save_every_minutes > 0,
-            f"save_every_minutes must be > 0 (or null), got {t.save_every_minutes}",
-        ),
-        (
-            t.divergence_factor is None or t.divergence_factor > 1,
-            f"divergence_factor must be > 1 (or null), got {t.divergence_factor}",
-        ),
-    ]
-
-
-def _validate_combinations(cfg: Config) -> None:
-    t = cfg.train
-    if t.optimizer_in_backward:
-        # each parameter is updated before the backward has finished (train/in_backward.py)
-        if t.max_grad_norm:
-            raise ConfigError(
-                f"optimizer_in_backward cannot clip (max_grad_norm={t.max_grad_norm}): each "
-                "parameter is updated before the total norm is known. Set max_grad_norm=null, "
-                "or optimizer_in_backward=false"
-            )
-        if t.grad_accum != 1:
-            raise ConfigError(
-                f"optimizer_in_backward cannot accumulate (grad_accum={t.grad_accum}): each "
-                "parameter is updated as soon as one backward has finished its gradient. Set "
-                "grad_accum=1 (with a smaller batch_size), or optimizer_in_backward=false"
-            )
-    if t.reference == "lora" and not cfg.model.lora:
-        raise ConfigError(
-            "reference=lora needs lora=true (the reference is the LoRA model with its adapter off)"
-        )
 
 
 def help_text() -> str:

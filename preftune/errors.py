@@ -13,3 +13,7 @@ class UserError(Exception):
     """Something the user can fix; the message says what, where, and what to do."""
 
     exit_code = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A config key or value that cannot work; raised before any model loads."""

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from preftune.data.tokenize import render_prompt
 from preftune.diagnostics import segment_sums, shared_lengths
+from preftune.generation import SamplingConfig, generate
 from preftune.logps import token_logps
 
 
@@ -24,8 +25,6 @@ def greedy_completions(
     quiet: bool = False,
 ) -> list[str]:
     """Greedy decode each prompt (a string or a message list) with a KV cache, in batches."""
-    from preftune.generation import SamplingConfig, generate
-
     cfg = SamplingConfig(max_new_tokens=max_new_tokens).greedy()
     texts = [render_prompt(tokenizer, p) for p in prompts]
     out: list[str] = []
@@ -72,8 +71,6 @@ def greedy_samples(model, tokenizer, examples: list[dict], max_new_tokens: int) 
     `prompt_ids`, and `chosen_ids` / `rejected_ids` when paired), for the report's before /
     after table: [{prompt, completion, chosen?, rejected?}]. Prompt ids are decoded with their
     special tokens and re-encoded without adding any, so the model sees its own layout."""
-    from preftune.generation import SamplingConfig, generate
-
     exs = [e for e in examples if "prompt_ids" in e][:NUM_SAMPLES]
     if not exs:
         return []

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from preftune.config import ConfigError
+from preftune.data.arithmetic import verify
 from preftune.models import check_model_source, load_or_explain
 from preftune.reward.loss import pool_last_token
 
@@ -140,8 +142,6 @@ class RewardModelJudge:
 
 
 def _load_reward_model(path: Path, tokenizer: Any):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     check_model_source(str(path), key="judge")
     model = load_or_explain(
         lambda: AutoModelForSequenceClassification.from_pretrained(
@@ -159,25 +159,11 @@ class VerifierJudge:
     """Exact-answer judge: 1.0 when `verify_fn(prompt, completion)` is true, else 0.0.
 
     The default `verify_fn` is `preftune.data.arithmetic.verify` (the bundled arithmetic
-    task), imported on first use so other tasks never need it.
+    task).
     """
 
     def __init__(self, verify_fn: Callable[[str, str], bool] | None = None):
-        self._verify_fn = verify_fn
-
-    @property
-    def verify_fn(self) -> Callable[[str, str], bool]:
-        if self._verify_fn is None:
-            try:
-                from preftune.data.arithmetic import verify
-            except ImportError as e:
-                raise ImportError(
-                    "VerifierJudge's default checker preftune.data.arithmetic."
-                    "verify could not be imported; pass verify_fn=... for your "
-                    f"task ({e})"
-                ) from e
-            self._verify_fn = verify
-        return self._verify_fn
+        self.verify_fn = verify_fn or verify
 
     def score(self, prompts: list[str], completions: list[str]) -> list[float]:
         _check_pairs(prompts, completions, "VerifierJudge")

@@ -31,6 +31,8 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from preftune.layouts import TokenBatch, with_prefix_columns
 
@@ -164,8 +166,6 @@ def _folded_prefix_attention(module, query, key, value, attention_mask, **kwargs
     keys and values are the prefix's (row 0's first L0 positions) followed by its own, so the
     rows attend to the prefix without a KV cache and every linear layer runs once over prefix
     and rows together. `attention_mask` is (B, 1, T, L0 + T); L0 is read off its width."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     L0, B = attention_mask.shape[-1] - query.shape[2], query.shape[0]
     key = torch.cat([key[:1, :, :L0].expand(B, -1, -1, -1), key], 2)
     value = torch.cat([value[:1, :, :L0].expand(B, -1, -1, -1), value], 2)
@@ -282,8 +282,6 @@ def _hidden_folded(
     """(R*T, H) hidden states of the rows, with the prefix run as an extra row 0 of the same
     forward (see `_folded_prefix_attention`). Rows narrower than the prefix are padded to its
     length (the pad slots attend to themselves only and are dropped from the result)."""
-    from transformers import AttentionInterface
-
     AttentionInterface.register(FOLDED_PREFIX_ATTENTION, _folded_prefix_attention)
     L0, (R, T) = batch.prefix_ids.numel(), batch.input_ids.shape
     W, dev = max(T, L0), batch.input_ids.device

@@ -22,6 +22,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors import SafetensorError
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
 
 from preftune.errors import UserError
 from preftune.hub import check_hub_repo, looks_like_hub_id
@@ -86,8 +91,6 @@ def default_model_dir() -> Path:
         raise ModelNotFoundError(
             f"Reading the GGUF file needs the 'gguf' package: {INSTALL_HINT}"
         ) from e
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(
         f"[preftune] converting the embedded {_DEFAULT_NAME} (GGUF, once) into {target} ...",
         flush=True,
@@ -173,9 +176,6 @@ def _check_model_dir(path: Path, trust_remote_code: bool, key: str) -> None:
 
 def _own_code(path: Path, config: dict) -> str | None:
     """The module a model folder's config points to for code transformers does not have."""
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
     auto_map = config.get("auto_map") or {}
     if auto_map and config.get("model_type") not in CONFIG_MAPPING_NAMES:
         return str(auto_map.get("AutoModelForCausalLM") or next(iter(auto_map.values())))
@@ -204,8 +204,6 @@ def load_or_explain(load, name_or_path: str, key: str = "model"):
     """`load()`, with what transformers raises for a model it cannot read one line: the checks
     above catch the usual causes; this covers the rest (a broken tokenizer file, a hub model
     with custom code)."""
-    from safetensors import SafetensorError
-
     try:
         return load()
     except (OSError, ValueError, SafetensorError) as e:
@@ -225,8 +223,6 @@ def load_or_explain(load, name_or_path: str, key: str = "model"):
 def progress_bars(shown: bool):
     """transformers' own progress bars (loading weights) on or off inside the block, as they
     were after it: a quiet run prints none."""
-    from transformers.utils import logging as hf_logging
-
     was = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if shown else hf_logging.disable_progress_bar)()
     try:
@@ -236,8 +232,6 @@ def progress_bars(shown: bool):
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     path = resolve_model_path(name_or_path, trust_remote_code)
     tok = load_or_explain(
         lambda: AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code),
@@ -252,8 +246,6 @@ def load_causal_lm(
     name_or_path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ):
     """Any AutoModelForCausalLM, in eval-free train mode with dropout disabled."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(name_or_path, trust_remote_code)
     model = load_or_explain(
         lambda: AutoModelForCausalLM.from_pretrained(
@@ -318,8 +310,6 @@ def tiny_causal_lm(
     """A random-weight Llama with the given vocabulary, for tests that must run in seconds.
     `attn` picks the attention implementation ("sdpa", "eager"; None = transformers' default);
     `kv_heads` < `heads` gives grouped-query attention; `tied=False` a separate LM head."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

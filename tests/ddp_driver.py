@@ -21,11 +21,12 @@ from run_helpers import nan_dpo_from_call
 
 from preftune.errors import UserError
 from preftune.losses import LOSSES
+from preftune.train.entry import ONLINE_METHODS
 from preftune.train.loop import run
-from preftune.train.online import ONLINE_METHODS, validate_online
 from preftune.train.reward import RewardTrainer
 from preftune.train.rundir import resolve
 from preftune.train.trainer import Trainer
+from preftune.validation import validate_online
 
 
 def digest(model: torch.nn.Module) -> str:

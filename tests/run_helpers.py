@@ -7,9 +7,9 @@ import math
 
 import pytest
 
+from preftune.api import train
 from preftune.config import build_config
 from preftune.train import checkpoint as ckpt
-from preftune.train.trainer import train
 
 
 def tiny_run_args(tiny_dir, tmp_path, name: str, **extra) -> dict:

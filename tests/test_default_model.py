@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
+from preftune.api import train
 from preftune.config import build_config
-from preftune.train.trainer import train
 
 
 def test_no_argument_config_is_the_default_job():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from run_helpers import tiny_run_args
 
+from preftune.api import train
 from preftune.diagnostics import (
     pair_diagnostics,
     segment_changes,
@@ -17,7 +18,6 @@ from preftune.diagnostics import (
 )
 from preftune.layouts import build_shared_prompt_batch, build_token_batch
 from preftune.logps import sequence_logps, token_logps
-from preftune.train.trainer import train
 
 
 def test_pair_diagnostics_match_a_plain_loop():

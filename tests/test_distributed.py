@@ -21,9 +21,7 @@ from run_helpers import tiny_run_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from preftune.train.online import train_online
-from preftune.train.reward import train_reward
-from preftune.train.trainer import train
+from preftune.api import train, train_online, train_reward
 
 HERE = Path(__file__).parent
 # float64 weights: the 2-process run keeps every gradient in autograd (the wrapper must see

@@ -10,11 +10,13 @@ import torch
 from run_helpers import tiny_run_args, tiny_run_config, train_killed_while_saving
 from safetensors.torch import load_file
 
+from preftune.api import train
 from preftune.config import ConfigError
 from preftune.models import save_tiny_model_dir
 from preftune.train import checkpoint as ckpt
 from preftune.train.in_backward import StepInBackward
-from preftune.train.trainer import Trainer, TrainingError, train
+from preftune.train.setup import TrainingError
+from preftune.train.trainer import Trainer
 
 
 def cfg(tiny_dir, tmp_path, name, **extra):
@@ -184,8 +186,7 @@ def test_in_backward_equals_the_normal_step_in_the_other_trainers(
     tiny_dir, tmp_path, monkeypatch, method
 ):
     """The online loops and the reward trainer end their steps through the same code."""
-    from preftune.train.online import train_online
-    from preftune.train.reward import train_reward
+    from preftune.api import train_online, train_reward
 
     monkeypatch.setattr("preftune.report.write_report", lambda run_dir: None)
     hooked = []

@@ -1,6 +1,5 @@
 """Judges: verifier, callable by import path, reward model read at the last real token."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -131,11 +130,9 @@ def test_verifier_judge_with_own_verify_fn():
     assert isinstance(judge, Judge)
 
 
-def test_verifier_default_is_imported_lazily(monkeypatch):
-    monkeypatch.setitem(sys.modules, "preftune.data.arithmetic", None)  # import now fails
-    judge = VerifierJudge()  # constructing does not import the default checker
-    with pytest.raises(ImportError, match="pass verify_fn"):
-        judge.score(["q"], ["a"])
+def test_verifier_default_checks_arithmetic_answers():
+    judge = VerifierJudge()
+    assert judge.score(["What is 2 + 3?", "What is 2 + 3?"], ["5", "6"]) == [1.0, 0.0]
 
 
 def test_callable_judge_from_import_path():

@@ -13,12 +13,11 @@ import torch
 from run_helpers import assert_final_weights_moved, assert_finite_metrics
 from transformers import AutoModelForCausalLM
 
+from preftune.api import train_online, train_reward
 from preftune.cli import main
 from preftune.data.records import load_records
 from preftune.layouts import build_token_batch
-from preftune.online.remax_loop import per_token_rows
-from preftune.train.online import train_online
-from preftune.train.reward import train_reward
+from preftune.train.remax import per_token_rows
 
 JUDGE = "online_helpers:length_score"
 DISTINCT_JUDGE = "online_helpers:position_score"

@@ -10,12 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
+from preftune.api import train_reward
 from preftune.cli import main
 from preftune.config import build_config
 from preftune.judges import RewardModelJudge
 from preftune.reward.loss import bradley_terry_loss
 from preftune.reward.model import load_reward_model, pad_right, sequence_rewards
-from preftune.train.reward import RewardTrainer, train_reward
+from preftune.train.reward import RewardTrainer
 
 
 @pytest.fixture(autouse=True)

@@ -18,12 +18,12 @@ import torch
 from run_helpers import tiny_run_args, tiny_run_config
 from safetensors.torch import load_file
 
+from preftune.api import train
 from preftune.cli import main
 from preftune.config import ConfigError
 from preftune.errors import UserError
 from preftune.train import checkpoint as ckpt
 from preftune.train.guards import DivergedError, DivergenceGuard
-from preftune.train.trainer import train
 
 
 def metric_rows(run_dir) -> list[dict]:
@@ -191,7 +191,7 @@ KILL_DRIVER = r"""
 import os, signal, sys
 from preftune.train import checkpoint as ckpt
 from preftune.train.step import StepEngine
-from preftune.train.trainer import train
+from preftune.api import train
 where, at = sys.argv[1], int(sys.argv[2])
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 if where == "step":  # after the backward of step `at`, before its optimizer step

@@ -9,8 +9,8 @@ import torch
 from run_helpers import assert_final_weights_moved, assert_finite_metrics
 from transformers import AutoModelForCausalLM
 
+from preftune.api import train
 from preftune.cli import main
-from preftune.train.trainer import train
 
 METRIC_KEYS = {
     "loss",

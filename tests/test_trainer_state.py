@@ -15,11 +15,12 @@ import torch
 from run_helpers import tiny_run_config, train_killed_while_saving
 from transformers import AutoModelForCausalLM
 
+from preftune.api import train
 from preftune.logps import sequence_logps
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import pair_batch
 from preftune.train.loop import run
-from preftune.train.trainer import Trainer, train
+from preftune.train.trainer import Trainer
 
 cfg = tiny_run_config
 

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from preftune.data import arithmetic
+from preftune.evaluate import greedy_completions
+from preftune.models import load_causal_lm, load_tokenizer
 
 N_EDIT = 2048
 N_ONPOLICY = 1024
@@ -27,11 +31,6 @@ def build_arithmetic(
     arithmetic.write_jsonl(arithmetic.test_prompts(), paths["test"])
     print(f"[preftune] wrote {paths['edit']} and {paths['test']}")
     if onpolicy:
-        import torch
-
-        from preftune.evaluate import greedy_completions
-        from preftune.models import load_causal_lm, load_tokenizer
-
         tok = load_tokenizer(model)
         lm = load_causal_lm(model).eval()
         torch.manual_seed(0)

@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset, load_dataset, load_from_disk
+
 from preftune.data import arithmetic
 from preftune.errors import UserError
 from preftune.hub import check_hub_repo, looks_like_hub_id
@@ -58,8 +60,6 @@ def read_items(source: str | Path, key: str = "data") -> tuple[str, list[tuple[s
     if path.is_dir():
         return str(path), _read_saved(path, key)
     if path.suffix == ".parquet":
-        from datasets import Dataset
-
         ds = _open(lambda: Dataset.from_parquet(str(path)), path, key, "a Parquet file")
         return str(path), [(f"{path} row {i + 1}", row) for i, row in enumerate(ds)]
     if path.is_file():
@@ -86,8 +86,6 @@ def _open(load, name, key: str, kind: str, errors=(OSError, ValueError)):
 
 
 def _read_saved(path: Path, key: str) -> list[tuple[str, Any]]:
-    from datasets import load_from_disk
-
     ds = _open(lambda: load_from_disk(str(path)), path, key, "a folder saved by datasets")
     if hasattr(ds, "keys"):  # a DatasetDict: take 'train'
         if "train" not in ds:
@@ -134,8 +132,6 @@ def _parse_line(raw: bytes, lineno: int, where: str) -> Any:
 
 
 def _read_hub(repo_id: str, key: str) -> list[tuple[str, Any]]:
-    from datasets import load_dataset
-
     # the hub answered; whatever fails now (no 'train' split, a script, the network) is one line
     load = lambda: load_dataset(repo_id, split="train")  # noqa: E731
     ds = _open(load, repo_id, key, "a hub data set", errors=Exception)

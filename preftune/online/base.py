@@ -1,10 +1,4 @@
-"""What the online and reward trainers share with the offline `Trainer`, minus its model and data.
-
-`Trainer.__init__` loads a causal LM and tokenized pairs; the online trainers need prompts
-instead, the reward trainer a sequence classifier. They call `preftune.train.trainer.
-prepare_trainer` with their own loaders (the same setup `Trainer.__init__` runs), so they keep
-every other `Trainer` method and the one loop in `preftune.train.loop.run`.
-"""
+"""Small list and file helpers of the online loops."""
 
 from __future__ import annotations
 
@@ -23,22 +17,3 @@ def append_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row, default=str) + "\n")
-
-
-def split_argv(argv: list[str]) -> tuple[str | None, list[str]]:
-    """`[config.yaml] key=value ...` -> (config path or None, overrides)."""
-    argv = list(argv)
-    if argv and "=" not in argv[0]:
-        return argv[0], argv[1:]
-    return None, argv
-
-
-def relabel_summary(trainer, result, method: str, loss_name: str):
-    """`loop.run` records `cfg.loss.loss` as the run's loss; record what was trained instead."""
-    result.metrics.update({"method": method, "loss_name": loss_name})
-    path = result.run_dir / "summary.json"
-    if trainer.acc.is_main_process and path.exists():
-        summary = json.loads(path.read_text())
-        summary.update({"method": method, "loss_name": loss_name})
-        path.write_text(json.dumps(summary, indent=1, default=str))
-    return result

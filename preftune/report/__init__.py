@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from preftune.report.page import page
 from preftune.report.panels import PANELS, Panel, run_colors
 from preftune.report.runs import Run, load_run, read_metrics
@@ -21,27 +23,21 @@ __all__ = ["PANELS", "compare_runs", "draw_panels", "load_run", "read_metrics", 
 def draw_panels(runs: list[Run], folder: Path, src_prefix: str) -> list[tuple[str, str, str]]:
     """Every panel with something to show, as PNGs in `folder`: [(title, note, src)]. One
     figure is reused and margins are fixed (tight_layout costs more than the drawing)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     folder.mkdir(parents=True, exist_ok=True)
     colors = run_colors(runs)
     figures = []
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    try:
-        for panel in PANELS:
-            ax.clear()
-            path = folder / f"{panel.name}.png"
-            if not panel.draw(ax, runs, colors):
-                path.unlink(missing_ok=True)  # a stale plot from an earlier report
-                continue
-            _style(fig, ax, panel)
-            fig.savefig(path, dpi=100)
-            figures.append((panel.title, panel.note, f"{src_prefix}{panel.name}.png"))
-    finally:
-        plt.close(fig)
+    # a Figure of its own (no pyplot): no global backend or figure registry is touched
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    for panel in PANELS:
+        ax.clear()
+        path = folder / f"{panel.name}.png"
+        if not panel.draw(ax, runs, colors):
+            path.unlink(missing_ok=True)  # a stale plot from an earlier report
+            continue
+        _style(fig, ax, panel)
+        fig.savefig(path, dpi=100)
+        figures.append((panel.title, panel.note, f"{src_prefix}{panel.name}.png"))
     return figures
 
 

@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 
 @dataclass
 class Run:
@@ -49,8 +51,6 @@ def _json(path: Path, default):
 
 
 def load_run(run_dir: str | Path) -> Run:
-    import yaml
-
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
     config = flat_config(yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.exists() else {}

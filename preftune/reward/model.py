@@ -11,6 +11,7 @@ model also works with plain transformers pipelines.
 from __future__ import annotations
 
 import torch
+from transformers import AutoModelForSequenceClassification
 
 from preftune.models import disable_dropout, load_or_explain, resolve_model_path
 from preftune.reward.loss import pool_last_token
@@ -23,8 +24,6 @@ def load_reward_model(
     trust_remote_code: bool = False,
 ):
     """A causal-LM base (or an existing reward model) with a fresh 1-output score head."""
-    from transformers import AutoModelForSequenceClassification
-
     path = resolve_model_path(name_or_path, trust_remote_code)
     model = load_or_explain(
         lambda: AutoModelForSequenceClassification.from_pretrained(

@@ -7,21 +7,25 @@ divergence on moved aside, and the summary and report of what ran are written al
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from preftune.config import ConfigError
+from preftune.report import write_report
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import global_batches
 from preftune.train.guards import DivergedError, quarantine
 from preftune.train.rundir import check_same_training, save_config
-from preftune.train.trainer import Trainer, TrainResult, write_json
+from preftune.train.trainer import Trainer, write_json
 
 
 def _log(trainer: Trainer, metrics: dict, step: int) -> None:
@@ -225,6 +229,14 @@ def _stop_diverged(trainer: Trainer, summary: dict, err: DivergedError) -> None:
     raise DivergedError(err.step, f"{err.reason}; {where}", err.first) from None
 
 
+@dataclass
+class TrainResult:
+    """What a run returns: its directory and its final metrics (summary.json)."""
+
+    run_dir: Path
+    metrics: dict
+
+
 def run(trainer: Trainer) -> TrainResult:
     try:
         return _run(trainer)
@@ -279,8 +291,6 @@ def _write_summary(trainer: Trainer, summary: dict, report: bool = True) -> None
         return
     write_json(trainer.run_dir / "summary.json", summary)
     if report:
-        from preftune.report import write_report  # matplotlib only when a report is written
-
         write_report(trainer.run_dir)
 
 
@@ -296,8 +306,6 @@ def _save_final(trainer: Trainer) -> None:
     if trainer.cfg.model.lora:
         model.save_pretrained(tmp / "adapter")
         trainer.tokenizer.save_pretrained(tmp / "adapter")
-        import copy
-
         merged = copy.deepcopy(model).merge_and_unload()
         merged.save_pretrained(tmp)
     else:

@@ -20,12 +20,10 @@ import torch
 from preftune.config import Config
 from preftune.losses import LossOutput
 from preftune.models import load_tokenizer, progress_bars, resolve_model_path
-from preftune.online.base import relabel_summary
 from preftune.reward.loss import bradley_terry_loss
 from preftune.reward.model import load_reward_model, pad_right, sequence_rewards
-from preftune.train.rundir import resolve
 from preftune.train.setup import load_datasets, prepare_model
-from preftune.train.trainer import Trainer, TrainResult, prepare_trainer
+from preftune.train.trainer import Trainer, prepare_trainer
 
 
 def _load_model(cfg: Config):
@@ -79,13 +77,3 @@ class RewardTrainer(Trainer):
 
     def task_accuracy(self, tag: str):
         return None, []  # a reward model does not generate
-
-
-def train_reward(config=None, overrides=None) -> TrainResult:
-    """Train a reward model with `config` (a Config, dict, YAML path or None) plus `overrides`
-    (['key=value', ...] or a dict). Returns the run directory and the final metrics."""
-    from preftune.train.loop import run
-
-    cfg = resolve(config, overrides)
-    trainer = RewardTrainer(cfg)
-    return relabel_summary(trainer, run(trainer), "reward", "bradley_terry")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 from preftune.config import Config, ConfigError
 from preftune.data import arithmetic
@@ -143,8 +144,6 @@ def prepare_model(cfg: Config, model, task_type: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not m.lora:
         return model
-    from peft import LoraConfig, get_peft_model
-
     target = m.lora_target_modules
     lcfg = LoraConfig(
         r=m.lora_r,

@@ -13,7 +13,6 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from preftune.evaluate import (
     pair_segment_sums,
     read_segment_table,
     segment_table,
+    task_accuracy,
 )
 from preftune.logps import attention_only, sequence_logps, sequence_logps_and_kl
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
@@ -62,7 +62,7 @@ from preftune.train.reference import (
     load_or_compute_cache,
     write_cache,
 )
-from preftune.train.rundir import claim_once, resolve, training_keys
+from preftune.train.rundir import claim_once, training_keys
 from preftune.train.setup import (
     Datasets,
     TrainingError,
@@ -74,13 +74,6 @@ from preftune.train.setup import (
     trackers,
 )
 from preftune.train.step import EngineModule, StepEngine, wrapped
-
-
-@dataclass
-class TrainResult:
-    run_dir: Path
-    metrics: dict
-
 
 # what prepare may wrap the engine in: nothing, or DDP (CPU processes over gloo, GPUs over NCCL)
 SUPPORTED_ENGINES = {
@@ -597,8 +590,6 @@ class Trainer:
     def task_accuracy(self, tag: str) -> tuple[float | None, list]:
         if not self.data.task_problems:
             return None, []
-        from preftune.evaluate import task_accuracy
-
         e = self.cfg.eval
         acc, samples = task_accuracy(
             self.policy,
@@ -652,14 +643,6 @@ class Trainer:
             self.cfg.train.keep_checkpoints,
             rngs,
         )
-
-
-def train(config=None, overrides=None) -> TrainResult:
-    """Train with `config` (a Config, a dict, a YAML path or None for the defaults) plus
-    `overrides` (['key=value', ...] or a dict). Returns the run directory and final metrics."""
-    from preftune.train.loop import run
-
-    return run(Trainer(resolve(config, overrides)))
 
 
 def write_json(path: Path, obj) -> None:

@@ -6,7 +6,7 @@
   (SFT) policy, k kept by the statistical rejection sampler, ranked into pairs by the judge,
   trained with sigmoid-norm (`loss=dpo`) or hinge-norm (`loss=hinge`), `beta` being the paper's
   gamma.
-- `ReMaxTrainer` (in `preftune.online.remax_loop`) — REINFORCE with a greedy baseline (§14).
+- `ReMaxTrainer` (in preftune/train/remax.py) — REINFORCE with a greedy baseline (§14).
 
 They are `Trainer`s with prompts as their data: `preftune.train.loop.run` drives them exactly as
 it drives offline training (data order, progress bar, eval, checkpoints, resume, final/), and
@@ -26,13 +26,13 @@ import torch
 
 from preftune.config import Config, ConfigError
 from preftune.data import arithmetic
+from preftune.data.prompts import load_prompts, user_text
 from preftune.data.tokenize import tokenize_records
 from preftune.generation import Completion, SamplingConfig, generate
 from preftune.judges import RewardModelJudge, load_judge
 from preftune.logps import sequence_logps
 from preftune.online.base import append_jsonl, split_even
 from preftune.online.labels import label_online_pairs
-from preftune.online.prompts import load_prompts, user_text
 from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
 from preftune.train.reference import ModelReference
 from preftune.train.setup import Datasets, load_policy, resolve_task

@@ -22,13 +22,12 @@ import time
 
 import torch
 
-from preftune.config import ConfigError
 from preftune.layouts import TokenBatch, build_token_batch
 from preftune.logps import token_logps
 from preftune.online.base import split_even
-from preftune.online.loops import OnlineTrainer
 from preftune.online.remax import remax_returns, remax_sequence_losses
 from preftune.online.rso_data import apply_eos_penalty
+from preftune.train.online_dpo import OnlineTrainer
 
 
 def per_token_rows(values: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,13 +136,3 @@ class ReMaxTrainer(OnlineTrainer):
         metrics["kl"] = self._gmean(torch.cat(kls)) if kls else float("nan")
         metrics["reward/advantage"] = self._gmean(torch.cat(advantages)) if advantages else 0.0
         return metrics
-
-
-def check_remax(cfg) -> None:
-    o = cfg.online
-    if not 0 < o.remax_gamma <= 1:
-        raise ConfigError(f"remax_gamma must be in (0, 1], got {o.remax_gamma}")
-    if o.remax_kl_ctl < 0:
-        raise ConfigError(f"remax_kl_ctl must be >= 0, got {o.remax_kl_ctl}")
-    if o.remax_clip_reward <= 0:
-        raise ConfigError(f"remax_clip_reward must be > 0, got {o.remax_clip_reward}")

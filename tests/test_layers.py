@@ -1,0 +1,151 @@
+"""The shape of the package: imports point down (no cycle), imports sit at the top of modules,
+and no file or function grows past what a reader holds in mind. Each exception is named here
+with its reason; a new offender fails with its name."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "preftune"
+MAX_FILE_LINES = 400
+MAX_FUNCTION_LINES = 60
+
+# modules that import preftune modules inside functions, and why
+INLINE_IMPORTS = {
+    "preftune.api": "the trainers bring torch: `import preftune` must not wait for them",
+    "preftune.cli": "`preftune --help` must not wait for torch, transformers or matplotlib",
+    "preftune.config": "validation reads the loss registry (torch): `import preftune` is light",
+}
+# third-party packages a module may import inside a function: optional extras
+OPTIONAL = {
+    "vllm": "generation on a GPU when installed (preftune[vllm])",
+    "deepspeed": "ZeRO when installed (preftune[deepspeed])",
+    "gguf": "read once, to convert the embedded default model; its absence gets an install hint",
+}
+
+FILE_EXCEPTIONS: dict[str, str] = {
+    "preftune.logps": "being split around the layout planner (issue 19, item 2)",
+    "preftune.train.trainer": "being split: evaluation and state out of the Trainer (issue 19)",
+}
+FUNCTION_EXCEPTIONS: dict[str, str] = {
+    "preftune.logps.hidden_at_targets": "being split with logps.py",
+    "preftune.layouts.build_shared_prompt_batch": "being split with logps.py",
+    "preftune.calibrate.calibrated_step": "to split",
+    "preftune.validation._value_checks": "a table of one-line (holds, message) checks",
+}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for path in ROOT.rglob("*.py"):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _targets(node, here: str, is_pkg: bool, mods: dict) -> list[str]:
+    """The preftune modules an import statement loads (a `from pkg import sub` loads sub)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        pkg = here.split(".") if is_pkg else here.split(".")[:-1]
+        base = ".".join(pkg[: len(pkg) - node.level + 1] + ([base] if base else []))
+    subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in mods]
+    return subs if len(subs) == len(node.names) else [base, *subs]
+
+
+def imports(mods: dict) -> tuple[dict[str, set], list[tuple[str, str, int]]]:
+    """(module -> preftune modules it imports, [(module, imported, line) inside functions])."""
+    graph, inline = {m: set() for m in mods}, []
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text())
+        in_function = {
+            id(n)
+            for f in ast.walk(tree)
+            if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
+            for n in ast.walk(f)
+        }
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            for target in _targets(node, name, path.name == "__init__.py", mods):
+                if id(node) in in_function:
+                    inline.append((name, target, node.lineno))
+                if target in mods and target != name:
+                    graph[name].add(target)
+    return graph, inline
+
+
+def cycles(graph: dict[str, set]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle():
+    assert cycles(imports(modules())[0]) == []
+
+
+def test_imports_inside_functions_are_the_named_exceptions():
+    mods = modules()
+    bad = [
+        f"{m}:{line} imports {t}"
+        for m, t, line in imports(mods)[1]
+        if (t.startswith("preftune") and m not in INLINE_IMPORTS)
+        or (not t.startswith("preftune") and t.split(".")[0] not in OPTIONAL and t not in OPTIONAL)
+    ]
+    assert bad == []
+
+
+def test_no_file_or_function_too_long():
+    long_files, long_functions = [], []
+    for name, path in modules().items():
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_FILE_LINES and name not in FILE_EXCEPTIONS:
+            long_files.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = node.end_lineno - node.lineno + 1
+                qual = f"{name}.{node.name}"
+                if n > MAX_FUNCTION_LINES and qual not in FUNCTION_EXCEPTIONS:
+                    long_functions.append(f"{qual}: {n} lines")
+    assert long_files == [] and long_functions == []
+
+
+def test_the_checks_see_a_cycle_and_a_long_function(tmp_path):
+    """The graph and the measures work: a two-module cycle is found, an inline import seen."""
+    graph = {"a": {"b"}, "b": {"a"}, "c": {"a"}}
+    assert cycles(graph) == [["a", "b"]]
+    mods = modules()
+    graph, inline = imports(mods)
+    assert "preftune.train.loop" in graph["preftune.train.entry"]
+    assert any(m == "preftune.api" and t == "preftune.train.entry" for m, t, _ in inline)
