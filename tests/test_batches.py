@@ -42,7 +42,8 @@ def test_micro_batches_split_processes_then_accumulation():
 
 
 def test_sharing_pays_for_long_prompts_not_for_long_completions():
-    from preftune.train.batches import pair_batch, sharing_pays
+    from preftune.logprob.plan import sharing_pays
+    from preftune.train.batches import pair_batch
 
     def ex(p, c, r):
         return {"prompt_ids": [5] * p, "chosen_ids": [6] * c, "rejected_ids": [7] * r}

@@ -35,8 +35,8 @@ from test_logps import (
     per_example,
 )
 
-from preftune import logps
 from preftune.layouts import build_shared_prompt_batch, build_token_batch
+from preftune.logprob import embedding, head
 from preftune.logps import plain_sequence_logps, sequence_logps
 from preftune.models import tiny_causal_lm
 
@@ -169,9 +169,9 @@ def test_fast_path_matches_plain(path, dtype_name, fused_allowed, tied, monkeypa
     hand-written one, so both are compared in fp32 (bf16 never takes the hand-written one)."""
     dtype = DTYPES[dtype_name]
     if not fused_allowed:
-        monkeypatch.setattr(logps, "_fused_head", lambda *a: False)
-    head_calls = _spy(monkeypatch, logps._HeadLogpsIntoGrad)
-    embed_calls = _spy(monkeypatch, logps._EmbeddingIntoGrad)
+        monkeypatch.setattr(head, "fused_head", lambda *a: False)
+    head_calls = _spy(monkeypatch, head.HeadLogpsIntoGrad)
+    embed_calls = _spy(monkeypatch, embedding.EmbeddingIntoGrad)
     model = _model(dtype, tied)
     batch, prompts, comps = PATHS[path]()
     fast, fast_grads = _logps_and_grads(model, dtype, lambda: sequence_logps(model, batch, 3))

@@ -25,11 +25,9 @@ OPTIONAL = {
 }
 
 FILE_EXCEPTIONS: dict[str, str] = {
-    "preftune.logps": "being split around the layout planner (issue 19, item 2)",
     "preftune.train.trainer": "being split: evaluation and state out of the Trainer (issue 19)",
 }
 FUNCTION_EXCEPTIONS: dict[str, str] = {
-    "preftune.logps.hidden_at_targets": "being split with logps.py",
     "preftune.layouts.build_shared_prompt_batch": "being split with logps.py",
     "preftune.calibrate.calibrated_step": "to split",
     "preftune.validation._value_checks": "a table of one-line (holds, message) checks",

@@ -6,6 +6,9 @@ import torch
 
 from preftune import logps
 from preftune.layouts import branch_point, build_shared_prompt_batch, build_token_batch
+from preftune.logprob import arch, embedding
+from preftune.logprob import head as lm_head
+from preftune.logprob import prefix as prefix_attention
 from preftune.logps import (
     hidden_at_targets,
     plain_sequence_logps,
@@ -214,7 +217,7 @@ def test_shared_completion_prefix_equals_separate_sequences(
     """Completions' common leading tokens laid out and scored once give every completion its
     own log-prob and the same gradients as separate sequences."""
     if not fused_head:
-        monkeypatch.setattr(logps, "_fused_head", lambda *a: False)
+        monkeypatch.setattr(lm_head, "fused_head", lambda *a: False)
     model = tiny_causal_lm(64, seed=8, eos_token_id=2, pad_token_id=0).double()
     prompts = [[50, 51, 52, 53, 54, 55, 56, 57, 58] + p for p in EDIT_PROMPTS]  # a 9-token head
     branches = [[c, r] for c, r in zip(EDIT_CHOSEN, EDIT_REJECTED)]
@@ -230,7 +233,7 @@ def test_shared_completion_prefix_equals_separate_sequences(
             share_completion_prefix=share,
         )
         if share:  # the edit pair's "20 21" is laid out once and scored once
-            assert logps.distinct_targets(batch.target_pos, batch.target_ids) is not None
+            assert lm_head.distinct_targets(batch.target_pos, batch.target_ids) is not None
             trunk_tokens = batch.input_ids.ne(0).sum()
         else:
             assert trunk_tokens < batch.input_ids.ne(0).sum()
@@ -272,10 +275,10 @@ def test_shared_group_length_is_what_the_layout_lays_out():
 
 def test_distinct_targets():
     pos, ids = torch.tensor([4, 7, 4, 9, 4]), torch.tensor([1, 2, 1, 2, 3])
-    first, inverse = logps.distinct_targets(pos, ids)
+    first, inverse = lm_head.distinct_targets(pos, ids)
     assert torch.equal(pos[first][inverse], pos) and torch.equal(ids[first][inverse], ids)
     assert len(first) == 4
-    assert logps.distinct_targets(torch.tensor([1, 2]), torch.tensor([5, 5])) is None
+    assert lm_head.distinct_targets(torch.tensor([1, 2]), torch.tensor([5, 5])) is None
 
 
 def test_shared_prompt_bad_shapes():
@@ -286,7 +289,7 @@ def test_shared_prompt_bad_shapes():
 
 
 def test_default_chunk_holds_a_fixed_logit_budget():
-    from preftune.logps import LOGIT_BUDGET, MIN_CHUNK, chunk_tokens
+    from preftune.logprob.head import LOGIT_BUDGET, MIN_CHUNK, chunk_tokens
 
     for vocab, want in ((32768, 1024), (49152, 682), (262144, 128), (1 << 24, 2)):
         head = torch.nn.Linear(8, vocab, bias=False, device="meta")
@@ -381,16 +384,14 @@ def test_shared_prefix_gradients_and_kl_match_full_sequences():
 def test_shared_prefix_folded_only_under_sdpa_and_no_longer_than_the_rows(
     attn, head, packed, folded, monkeypatch
 ):
-    import preftune.logps as logps
-
     calls = []
 
     def spy(module, *args, **kwargs):
         calls.append(module.layer_idx)
         return folded_attention(module, *args, **kwargs)
 
-    folded_attention = logps._folded_prefix_attention
-    monkeypatch.setattr(logps, "_folded_prefix_attention", spy)
+    folded_attention = prefix_attention.folded_prefix_attention
+    monkeypatch.setattr(prefix_attention, "folded_prefix_attention", spy)
     model = tiny_causal_lm(64, seed=8, eos_token_id=2, pad_token_id=0, attn=attn)
     for cached, _ in _prefixed_batches(packed, head):
         calls.clear()
@@ -402,11 +403,9 @@ def test_shared_prefix_folded_only_under_sdpa_and_no_longer_than_the_rows(
 def test_short_prefix_before_long_rows_is_not_folded(monkeypatch):
     """Row 0 is padded to the rows' width: with T > R·L0 folding runs more token slots than
     laying the prefix out in every row, so the KV-cache path runs it; same log-probs."""
-    import preftune.logps as logps
-
     calls = []
-    fold = logps._hidden_folded
-    monkeypatch.setattr(logps, "_hidden_folded", lambda *a: calls.append(1) or fold(*a))
+    fold = logps.hidden_folded
+    monkeypatch.setattr(logps, "hidden_folded", lambda *a: calls.append(1) or fold(*a))
     model = tiny_causal_lm(64, seed=8, eos_token_id=2, pad_token_id=0, attn="sdpa").double()
     prompts, comps = [HEAD + [5], HEAD + [6, 7]], [list(range(20, 45)) + [2], [30, 31, 2]]
     want = per_example(model, prompts, comps)
@@ -471,17 +470,15 @@ def test_embedding_gradient_added_in_place_equals_autograds(tied, monkeypatch):
     same layout, over two backward passes (accumulation), with the padding row (id 0 here, also
     inside a prompt) never updated, tied to the LM head or not, with and without a shared
     prefix; and the plain full-logits gradients without one."""
-    import preftune.logps as logps
-
     model = tiny_causal_lm(64, seed=4, eos_token_id=2, pad_token_id=0).double()
     if not tied:
         model.config.tie_word_embeddings = False
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     emb = model.get_input_embeddings()
     assert (model.lm_head.weight is emb.weight) == tied
-    assert "inputs_embeds" in logps._decoder_inputs(model.model, torch.tensor([[1, 2]]))
+    assert "inputs_embeds" in embedding.decoder_inputs(model.model, torch.tensor([[1, 2]]))
     with torch.no_grad():
-        assert "input_ids" in logps._decoder_inputs(model.model, torch.tensor([[1, 2]]))
+        assert "input_ids" in embedding.decoder_inputs(model.model, torch.tensor([[1, 2]]))
     head = [9, 10, 11, 12, 13, 14, 15, 16, 17]
     prompts = [head + [0, 5], head + [6], head + [7, 0, 8]]
     comps = [[20, 21, 2], [22, 2], [23, 0, 25, 2]]
@@ -502,7 +499,8 @@ def test_embedding_gradient_added_in_place_equals_autograds(tied, monkeypatch):
         assert (batch.prefix_ids is not None) == prefix
         fast[prefix] = grads(lambda b=batch: sequence_logps(model, b))
         with monkeypatch.context() as m:
-            m.setattr(logps, "_decoder_inputs", by_module)
+            m.setattr(logps, "decoder_inputs", by_module)  # the rows' forward
+            m.setattr(prefix_attention, "decoder_inputs", by_module)  # the folded one
             want = grads(lambda b=batch: sequence_logps(model, b))
         for a, b in zip(fast[prefix], want):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
@@ -573,8 +571,6 @@ def test_fused_head_equals_autograds_chunks(tied, chunk, monkeypatch):
     the weight's gradient added into .grad in place) against autograd through the generic
     checkpointed chunks: values, every parameter's gradient over two accumulating backward
     passes, tied and untied heads, one and many chunks; a frozen head gets no gradient."""
-    import preftune.logps as logps
-
     model = tiny_causal_lm(64, seed=11, eos_token_id=2, pad_token_id=0).double()
     if not tied:
         model.config.tie_word_embeddings = False
@@ -590,10 +586,10 @@ def test_fused_head_equals_autograds_chunks(tied, chunk, monkeypatch):
         (lp * w).sum().backward()  # again through the same graph: the kept logits are gone
         return lp.detach(), [p.grad.clone() for p in model.parameters()]
 
-    assert logps._fused_head(model.lm_head, None, None, torch.zeros(1, 64, dtype=torch.float64))
+    assert lm_head.fused_head(model.lm_head, None, None, torch.zeros(1, 64, dtype=torch.float64))
     lp_fast, g_fast = run()
     with monkeypatch.context() as m:
-        m.setattr(logps, "_fused_head", lambda *a: False)
+        m.setattr(lm_head, "fused_head", lambda *a: False)
         lp_want, g_want = run()
     torch.testing.assert_close(lp_fast, lp_want, rtol=0, atol=1e-12)
     for a, b in zip(g_fast, g_want):
@@ -614,11 +610,9 @@ def test_fold_with_grouped_query_attention_and_only_for_attention_backend_models
     e.g. Falcon) never folds."""
     from transformers import LlamaModel
 
-    import preftune.logps as logps
-
     calls = []
-    fold = logps._hidden_folded
-    monkeypatch.setattr(logps, "_hidden_folded", lambda *a: calls.append(1) or fold(*a))
+    fold = logps.hidden_folded
+    monkeypatch.setattr(logps, "hidden_folded", lambda *a: calls.append(1) or fold(*a))
     model = tiny_causal_lm(64, seed=12, eos_token_id=2, pad_token_id=0, attn="sdpa", kv_heads=2)
     model = model.double()
     want = per_example(model, PREFIXED * 2, CHOSEN + REJECTED)
@@ -648,12 +642,10 @@ def test_hybrid_models_get_padded_rows_with_the_prefix_laid_out():
     """A model with convolution / recurrent layers: the shared prefix is laid out in its rows
     (same log-probs as each sequence alone); the packed and shared-prompt layouts, where a
     convolution would read across sequences, are refused with what to set instead."""
-    import preftune.logps as logps
-
     model = _tiny_hybrid_lm()
-    assert logps.token_mixers(model.config) == {"conv", "full_attention"}
-    assert not logps.attention_only(model.config)
-    assert logps.attention_only(tiny_causal_lm(64).config)
+    assert arch.token_mixers(model.config) == {"conv", "full_attention"}
+    assert not arch.attention_only(model.config)
+    assert arch.attention_only(tiny_causal_lm(64).config)
     want = per_example(model, PREFIXED * 2, CHOSEN + REJECTED)
     prefixed = build_token_batch(PREFIXED * 2, CHOSEN + REJECTED, 0, share_prefix=True)
     assert prefixed.prefix_ids is not None

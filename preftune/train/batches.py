@@ -15,10 +15,8 @@ from preftune.layouts import (
     TokenBatch,
     build_shared_prompt_batch,
     build_token_batch,
-    laid_out,
-    shared_group_length,
-    shared_prefix_length,
 )
+from preftune.logprob.plan import shared_prompt_pays
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -94,36 +92,6 @@ class PairBatch:
     num_tokens: int  # real tokens: prompt + chosen + rejected
 
 
-def sharing_pays(
-    exs: list[dict],
-    packed: bool,
-    hidden_size: int,
-    prefix: int = 0,
-    share_completions: bool = True,
-) -> bool:
-    """Whether laying each prompt out once costs less than prompt + chosen, prompt + rejected.
-
-    Per layer, dense work is ~24 d^2 FLOPs per laid-out token and attention ~4 d W^2 per row of
-    width W: a row with a custom mask is computed in full (the CPU SDPA kernels cannot skip its
-    masked blocks). Sharing saves the second prompt copy but puts both completions in one row,
-    so it pays for short completions after long prompts (chat data, the bundled set) and loses
-    for long completions after short prompts (W2 in docs/benchmarks.md). A shared `prefix`
-    (run once, see logps.py) leaves the rows and adds `prefix` key columns to their attention.
-    """
-    # the tokens each layout lays out (layouts.py decides: last tokens are targets only, and
-    # with `share_completions` the completions' common leading tokens are laid out once)
-    prompts = [e["prompt_ids"][prefix:] for e in exs]
-    pairs = [[e["chosen_ids"], e["rejected_ids"]] for e in exs]
-    shared = [shared_group_length(p, cs, share_completions) for p, cs in zip(prompts, pairs)]
-    separate = [len(laid_out(p + c, len(p))) for p, cs in zip(prompts, pairs) for c in cs]
-
-    def cost(lengths: list[int]) -> int:
-        rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))
-        return rows * (6 * hidden_size * width + width * (width + prefix))
-
-    return cost(shared) <= cost(separate)
-
-
 def pair_batch(
     examples: list[dict],
     idx: list[int],
@@ -144,9 +112,9 @@ def pair_batch(
     exs = [examples[i] for i in idx]
     prompts = [e["prompt_ids"] for e in exs]
     if share_prompt == "auto":
-        # the separate layout can share a prefix only when padded (see build_token_batch)
-        prefix = shared_prefix_length(prompts) if share_prefix and not packed else 0
-        share_prompt = sharing_pays(exs, packed, hidden_size, prefix, share_completion_prefix)
+        share_prompt = shared_prompt_pays(
+            exs, packed, hidden_size, share_prefix, share_completion_prefix
+        )
     if share_prompt:
         tokens = build_shared_prompt_batch(
             prompts,

@@ -39,7 +39,8 @@ from preftune.evaluate import (
     segment_table,
     task_accuracy,
 )
-from preftune.logps import attention_only, sequence_logps, sequence_logps_and_kl
+from preftune.logprob.plan import LayoutSettings, layout_settings
+from preftune.logps import sequence_logps, sequence_logps_and_kl
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
 from preftune.models import cache_dir
 from preftune.train import checkpoint as ckpt
@@ -316,30 +317,23 @@ class Trainer:
         return {"chosen": chosen, "rejected": rejected}
 
     @functools.cached_property
-    def _share_prompt(self) -> tuple[bool | str, int]:
-        """(share_prompt as the batch builders take it, the model width its cost model uses);
-        `auto` is off for hybrid models, whose recurrent / convolution layers would see the
-        other branch."""
-        share = {"true": True, "false": False}.get(self.cfg.train.share_prompt, "auto")
-        config = self.policy.config
-        if share == "auto" and not attention_only(config):
-            share = False
-        return share, getattr(config, "hidden_size", 1024)
+    def layout(self) -> LayoutSettings:
+        """How this run lays out its pair batches (the layout planner, logprob/plan.py)."""
+        return layout_settings(self.cfg.train, self.policy.config)
 
     def _pair_batch(self, examples, idx):
-        t = self.cfg.train
-        share, width = self._share_prompt
         # under gradient checkpointing the engine lays a shared prefix out in the rows of a
-        # training step (logps.hidden_at_targets); passes without gradients still share it
+        # training step (logprob/plan.py); passes without gradients still share it
+        lay = self.layout
         return pair_batch(
             examples,
             idx,
             self.tokenizer.pad_token_id,
-            t.packed,
-            share,
-            width,
-            t.share_prefix,
-            t.share_completion_prefix,
+            lay.packed,
+            lay.share_prompt,
+            lay.hidden_size,
+            lay.share_prefix,
+            lay.share_completion_prefix,
         )
 
     # ---- one micro-batch -----------------------------------------------------------------------
