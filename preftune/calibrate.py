@@ -99,14 +99,7 @@ def calibrated_step(
     process_index: where this process's pairs sit in the gathered vector; None means the
     torch.distributed rank when a `gather` is given and a process group is up, else 0.
     """
-    spec = get_spec(name)
-    if not spec.has_beta or spec.unpaired:
-        raise ValueError(
-            f"β-DPO calibration needs a paired loss with a 'beta'; loss {name!r} "
-            + ("is unpaired." if spec.unpaired else "has none.")
-            + f" Losses it applies to: {', '.join(calibratable())}."
-        )
-    hparams = validate_hparams(name, hparams)
+    hparams = _checked(name, hparams)
     local = gaps_of(logps)
     everyone = local if gather is None else gather(local).detach()
     size, total = local.shape[0], everyone.shape[0]
@@ -125,36 +118,45 @@ def calibrated_step(
     keep = select(weights, kept_total).to("cpu").sort().values
     beta = dynamic_beta(hparams["beta"], alpha, everyone[keep.to(everyone.device)], M0)
 
-    local_keep = keep[(keep >= offset) & (keep < offset + size)] - offset
-    local_keep = local_keep.to(local.device)
-    # Scaled so that losses.mean(), and its average over processes, is sum_kept l_i / n_kept.
-    scale = total / keep.numel()
+    local_keep = (keep[(keep >= offset) & (keep < offset + size)] - offset).to(local.device)
     calibrated = {**hparams, "beta": beta}
-    if local_keep.numel() == size:
-        out = compute(name, logps, state=state, **calibrated)
-        losses, new_state, metrics = out.losses * scale, out.state, dict(out.metrics)
-    elif local_keep.numel() > 0:
-        out = compute(name, logps.select(local_keep), state=state, **calibrated)
-        losses = torch.zeros(size, dtype=out.losses.dtype, device=out.losses.device)
-        losses = losses.index_put((local_keep,), out.losses * scale)
-        new_state, metrics = out.state, dict(out.metrics)
-    else:  # nothing of this process was kept: a zero that still reaches the parameters
-        losses = 0.0 * (logps.policy_chosen_logps + logps.policy_rejected_logps)
-        new_state, metrics = state, {}
-
+    # scaled so that losses.mean(), and its average over processes, is sum_kept l_i / n_kept
+    losses, new_state, metrics = _kept_losses(
+        name, logps, local_keep, size, total / keep.numel(), state, calibrated
+    )
     with torch.no_grad():  # logged rewards: every pair, at beta0 (the state update is dropped)
         logged = compute(name, logps, state=state, **hparams)
-    metrics.update(
-        {
-            "beta": beta,
-            "filtered_fraction": 1 - keep.numel() / total,
-            "calibration/kept": keep.numel(),
-            "calibration/M0": M0,
-            "calibration/sigma": sigma,
-        }
-    )
+    kept = keep.numel()
+    metrics.update(beta=beta, filtered_fraction=1 - kept / total, **{"calibration/kept": kept})
+    metrics.update({"calibration/M0": M0, "calibration/sigma": sigma})
     output = LossOutput(losses, logged.chosen_rewards, logged.rejected_rewards, metrics, new_state)
     return output, M0, sigma
+
+
+def _checked(name: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """`hparams` validated for `name`, which must be a paired loss with a beta."""
+    spec = get_spec(name)
+    if not spec.has_beta or spec.unpaired:
+        raise ValueError(
+            f"β-DPO calibration needs a paired loss with a 'beta'; loss {name!r} "
+            + ("is unpaired." if spec.unpaired else "has none.")
+            + f" Losses it applies to: {', '.join(calibratable())}."
+        )
+    return validate_hparams(name, hparams)
+
+
+def _kept_losses(name, logps, local_keep, size: int, scale: float, state, hparams):
+    """(per-pair losses of this process, new loss state, metrics): the kept pairs' losses times
+    `scale`, zeros for the dropped ones; a zero that still reaches the parameters when nothing
+    of this process was kept."""
+    if local_keep.numel() == size:
+        out = compute(name, logps, state=state, **hparams)
+        return out.losses * scale, out.state, dict(out.metrics)
+    if local_keep.numel() > 0:
+        out = compute(name, logps.select(local_keep), state=state, **hparams)
+        losses = torch.zeros(size, dtype=out.losses.dtype, device=out.losses.device)
+        return losses.index_put((local_keep,), out.losses * scale), out.state, dict(out.metrics)
+    return 0.0 * (logps.policy_chosen_logps + logps.policy_rejected_logps), state, {}
 
 
 def _rank() -> int:

@@ -252,6 +252,20 @@ def build_shared_prompt_batch(
     the same for every completion (same context, same token), come from one position each —
     an edit pair such as "58 + 51 = 109" / "58 + 51 = 129" branches at the differing digit.
     """
+    n, K = len(prompts), _check_branches(prompts, branches)
+    L0 = shared_prefix_length(prompts) if share_prefix else 0
+    groups = [
+        _group(i, n, p, comps, L0, share_completion_prefix)
+        for i, (p, comps) in enumerate(zip(prompts, branches))
+    ]
+    rows = [list(range(n))] if packed else [[i] for i in range(n)]
+    batch = _assemble_groups(groups, rows, pad_id, num_seqs=n * K)
+    batch.prefix_ids = torch.tensor(prompts[0][:L0], dtype=torch.long) if L0 else None
+    return batch
+
+
+def _check_branches(prompts: list[list[int]], branches: list[list[list[int]]]) -> int:
+    """K, the number of completions of every prompt; a ValueError for a malformed batch."""
     n = len(prompts)
     if n == 0 or len(branches) != n:
         raise ValueError(f"need one list of completions per prompt, got {len(branches)} for {n}")
@@ -262,27 +276,33 @@ def build_shared_prompt_batch(
         raise ValueError(
             "every sequence needs at least one prompt token (a BOS or chat header) to condition on"
         )
-    # per group: token ids, position ids, branch id (-1 = prompt), (source offset, target, seq)
-    L0 = shared_prefix_length(prompts) if share_prefix else 0
-    groups = []
-    for i, (p, comps) in enumerate(zip(prompts, branches)):
-        own = p[L0:]
-        m = branch_point(comps) if share_completion_prefix else 0
-        trunk = own + comps[0][:m]
-        ids, pos, br, tg = list(trunk), list(range(L0, len(p) + m)), [-1] * len(trunk), []
-        for k, c in enumerate(comps):
-            off = len(ids)
-            for j, tok in enumerate(c):
-                # token j is predicted from token j - 1: in the trunk (the prompt's last token
-                # for j = 0), or in this branch
-                src = len(own) + j - 1 if j - 1 < m else off + j - 1 - m
-                tg.append((src, tok, k * n + i))
-            c = c[m:-1]  # a branch's last token is only a target (see `laid_out`)
-            ids += c
-            pos += range(len(p) + m, len(p) + m + len(c))
-            br += [k] * len(c)
-        groups.append((ids, pos, br, tg))
-    rows = [list(range(n))] if packed else [[i] for i in range(n)]
+    return K
+
+
+def _group(i: int, n: int, p: list[int], comps: list[list[int]], L0: int, share_comps: bool):
+    """Prompt i's group: (token ids, position ids, branch id per token (-1: the trunk),
+    [(source offset, target token, sequence index)]), its first L0 tokens left to the prefix."""
+    own = p[L0:]
+    m = branch_point(comps) if share_comps else 0
+    trunk = own + comps[0][:m]
+    ids, pos, br, tg = list(trunk), list(range(L0, len(p) + m)), [-1] * len(trunk), []
+    for k, c in enumerate(comps):
+        off = len(ids)
+        for j, tok in enumerate(c):
+            # token j is predicted from token j - 1: in the trunk (the prompt's last token
+            # for j = 0), or in this branch
+            src = len(own) + j - 1 if j - 1 < m else off + j - 1 - m
+            tg.append((src, tok, k * n + i))
+        c = c[m:-1]  # a branch's last token is only a target (see `laid_out`)
+        ids += c
+        pos += range(len(p) + m, len(p) + m + len(c))
+        br += [k] * len(c)
+    return ids, pos, br, tg
+
+
+def _assemble_groups(groups: list[tuple], rows: list[list[int]], pad_id: int, num_seqs: int):
+    """The groups laid out in `rows` (lists of group indices), with the mask that lets a token
+    see its own group's trunk and the earlier tokens of its own branch only."""
     width = max(sum(len(groups[g][0]) for g in row) for row in rows)
     R = len(rows)
     input_ids = torch.full((R, width), pad_id, dtype=torch.long)
@@ -318,6 +338,5 @@ def build_shared_prompt_batch(
         target_pos=torch.tensor(pos_t, dtype=torch.long),
         target_ids=torch.tensor(tgt, dtype=torch.long),
         seq_index=torch.tensor(sidx, dtype=torch.long),
-        num_seqs=n * K,
-        prefix_ids=torch.tensor(prompts[0][:L0], dtype=torch.long) if L0 else None,
+        num_seqs=num_seqs,
     )

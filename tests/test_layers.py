@@ -28,8 +28,6 @@ FILE_EXCEPTIONS: dict[str, str] = {
     "preftune.train.trainer": "being split: evaluation and state out of the Trainer (issue 19)",
 }
 FUNCTION_EXCEPTIONS: dict[str, str] = {
-    "preftune.layouts.build_shared_prompt_batch": "being split with logps.py",
-    "preftune.calibrate.calibrated_step": "to split",
     "preftune.validation._value_checks": "a table of one-line (holds, message) checks",
 }
 

@@ -145,7 +145,7 @@ def prefix_path(decoder, batch: TokenBatch, lay_out: bool) -> str:
     - "rows" again when the rows carry no padding under SDPA: laid-out rows need no mask and
       SDPA runs its causal kernel, which skips the upper triangle, while rows after a cache
       need an explicit mask and the full square (W2's model, 2 x 2,112 tokens, 63-token prefix:
-      12.2-14.2 s laid out vs 13.5-16.4 s cached per forward + backward; docs/benchmarks.md).
+      laid out was the faster of the two in docs/benchmarks.md).
     - "cache" otherwise (eager attention, padded rows, a prefix longer than all rows together).
     """
     if lay_out:
