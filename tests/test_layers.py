@@ -24,9 +24,7 @@ OPTIONAL = {
     "gguf": "read once, to convert the embedded default model; its absence gets an install hint",
 }
 
-FILE_EXCEPTIONS: dict[str, str] = {
-    "preftune.train.trainer": "being split: evaluation and state out of the Trainer (issue 19)",
-}
+FILE_EXCEPTIONS: dict[str, str] = {}
 FUNCTION_EXCEPTIONS: dict[str, str] = {
     "preftune.validation._value_checks": "a table of one-line (holds, message) checks",
 }

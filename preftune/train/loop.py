@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 from preftune.config import ConfigError
 from preftune.report import write_report
 from preftune.train import checkpoint as ckpt
+from preftune.train.base import BaseTrainer, write_json
 from preftune.train.batches import global_batches
 from preftune.train.guards import DivergedError, quarantine
 from preftune.train.rundir import check_same_training, save_config
-from preftune.train.trainer import Trainer, write_json
 
 
-def _log(trainer: Trainer, metrics: dict, step: int) -> None:
+def _log(trainer: BaseTrainer, metrics: dict, step: int) -> None:
     if not trainer.acc.is_main_process:
         return
     with open(trainer.run_dir / "metrics.jsonl", "a") as f:
@@ -36,7 +36,7 @@ def _log(trainer: Trainer, metrics: dict, step: int) -> None:
     trainer.acc.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
 
 
-def _apply_schedule(trainer: Trainer) -> None:
+def _apply_schedule(trainer: BaseTrainer) -> None:
     """After a resume, the optimizer's lr from this run's schedule at the checkpoint's step:
     the same value when nothing changed, the new one when `lr`, `max_steps` or `epochs` did
     (rundir.resume_config has said so)."""
@@ -48,14 +48,14 @@ def _apply_schedule(trainer: Trainer) -> None:
     sched._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
 
 
-def _from_main(trainer: Trainer, box: list):
+def _from_main(trainer: BaseTrainer, box: list):
     """The main process's `box[0]`, on every process."""
     if trainer.acc.num_processes > 1:
         broadcast_object_list(box, from_process=0)
     return box[0]
 
 
-def _resume(trainer: Trainer) -> None:
+def _resume(trainer: BaseTrainer) -> None:
     root = trainer.run_dir / "checkpoints"
     # the main process picks the checkpoint, so that every process resumes from the same one
     box = [ckpt.latest_checkpoint(root, log=trainer.warn) if trainer.acc.is_main_process else None]
@@ -91,7 +91,7 @@ def _resume(trainer: Trainer) -> None:
     trainer.log_line(f"resumed from {path} at step {trainer.step}" if path else "resume: step 0")
 
 
-def _warn_threads(trainer: Trainer, path, saved: int | None) -> None:
+def _warn_threads(trainer: BaseTrainer, path, saved: int | None) -> None:
     threads = torch.get_num_threads()
     if saved is not None and saved != threads:
         trainer.warn(
@@ -101,7 +101,7 @@ def _warn_threads(trainer: Trainer, path, saved: int | None) -> None:
         )
 
 
-def _truncate_metrics(trainer: Trainer, step: int) -> None:
+def _truncate_metrics(trainer: BaseTrainer, step: int) -> None:
     """Metrics logged after the checkpoint belong to the lost part of the run: drop them."""
     mpath = trainer.run_dir / "metrics.jsonl"
     if mpath.exists() and trainer.acc.is_main_process:
@@ -113,7 +113,7 @@ def _truncate_metrics(trainer: Trainer, step: int) -> None:
         mpath.write_text("".join(ln + "\n" for ln in kept))
 
 
-def _task_eval(trainer: Trainer, summary: dict, tag: str) -> None:
+def _task_eval(trainer: BaseTrainer, summary: dict, tag: str) -> None:
     trainer.write_samples(tag)  # greedy_{tag}.json for any data set (and segment references)
     acc, samples = trainer.task_accuracy(tag)
     if acc is None:
@@ -124,7 +124,7 @@ def _task_eval(trainer: Trainer, summary: dict, tag: str) -> None:
     trainer.log_line(f"held-out task accuracy {tag}: {acc:.1%} ({len(samples)} problems)")
 
 
-def _start(trainer: Trainer) -> dict:
+def _start(trainer: BaseTrainer) -> dict:
     """Resume (if asked), evaluate before, say what will run; returns the summary so far."""
     cfg, t = trainer.cfg, trainer.cfg.train
     trainer.acc.init_trackers("preftune", config={k: str(v) for k, v in cfg.flat().items()})
@@ -168,7 +168,7 @@ def _postfix(last: dict) -> dict:
     return shown
 
 
-def _train(trainer: Trainer) -> dict:
+def _train(trainer: BaseTrainer) -> dict:
     """The steps, from `trainer.step` to the end; returns the last step's metrics."""
     t = trainer.cfg.train
     guard = trainer.guard
@@ -204,14 +204,14 @@ def _train(trainer: Trainer) -> dict:
     return last
 
 
-def _late(trainer: Trainer, saved_at: float) -> bool:
+def _late(trainer: BaseTrainer, saved_at: float) -> bool:
     """Whether save_every_minutes have passed since the last checkpoint, as the main process's
     clock says: every process must take the same decision (a checkpoint gathers from all)."""
     minutes = trainer.cfg.train.save_every_minutes
     return _from_main(trainer, [bool(minutes) and time.monotonic() - saved_at >= 60 * minutes])
 
 
-def _stop_diverged(trainer: Trainer, summary: dict, err: DivergedError) -> None:
+def _stop_diverged(trainer: BaseTrainer, summary: dict, err: DivergedError) -> None:
     """Move the suspect checkpoints aside, write the summary and report, and stop."""
     box = [None]
     if trainer.acc.is_main_process:
@@ -237,14 +237,14 @@ class TrainResult:
     metrics: dict
 
 
-def run(trainer: Trainer) -> TrainResult:
+def run(trainer: BaseTrainer) -> TrainResult:
     try:
         return _run(trainer)
     finally:
         trainer.rundir.unlock()  # whatever happened; a kill leaves a lock the next run takes over
 
 
-def _run(trainer: Trainer) -> TrainResult:
+def _run(trainer: BaseTrainer) -> TrainResult:
     summary = _start(trainer)
     start = time.perf_counter()
     try:
@@ -279,14 +279,14 @@ def _run(trainer: Trainer) -> TrainResult:
     return TrainResult(trainer.run_dir, summary)
 
 
-def _end_trackers(trainer: Trainer) -> None:
+def _end_trackers(trainer: BaseTrainer) -> None:
     """Close the trackers. Not `Accelerator.end_training`, which also destroys the process
     group: a Python caller (a sweep under torchrun) may train again in the same processes."""
     for tracker in trainer.acc.trackers:
         tracker.finish()
 
 
-def _write_summary(trainer: Trainer, summary: dict, report: bool = True) -> None:
+def _write_summary(trainer: BaseTrainer, summary: dict, report: bool = True) -> None:
     if not trainer.acc.is_main_process:
         return
     write_json(trainer.run_dir / "summary.json", summary)
@@ -294,7 +294,7 @@ def _write_summary(trainer: Trainer, summary: dict, report: bool = True) -> None
         write_report(trainer.run_dir)
 
 
-def _save_final(trainer: Trainer) -> None:
+def _save_final(trainer: BaseTrainer) -> None:
     """final/: one Hugging Face model folder, written under a temporary name and renamed, so a
     kill leaves either the whole folder or none."""
     if not trainer.acc.is_main_process:
@@ -315,7 +315,7 @@ def _save_final(trainer: Trainer) -> None:
     ckpt.publish(tmp, final)
 
 
-def _print_summary(trainer: Trainer, s: dict) -> None:
+def _print_summary(trainer: BaseTrainer, s: dict) -> None:
     if trainer.quiet and not trainer.acc.is_main_process:
         return
     parts = [

@@ -35,8 +35,8 @@ from preftune.online.base import append_jsonl, split_even
 from preftune.online.labels import label_online_pairs
 from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
 from preftune.train.reference import ModelReference
-from preftune.train.setup import Datasets, load_policy, resolve_task
-from preftune.train.trainer import Trainer, prepare_trainer
+from preftune.train.setup import Datasets, resolve_task
+from preftune.train.trainer import Trainer
 
 
 def pair_example(chosen: Completion, rejected: Completion) -> dict:
@@ -54,9 +54,9 @@ class OnlineTrainer(Trainer):
     method = "online"
     pairwise = True  # trains a registry loss on pairs, so held-out pairs give eval/ metrics
 
-    def __init__(self, cfg: Config):  # Trainer.__init__ would load tokenized pairs, not prompts
+    def __init__(self, cfg: Config):
         judge = load_judge(cfg.online.judge, batch_size=max(1, cfg.eval.eval_batch_size))
-        prepare_trainer(self, cfg, lambda: load_policy(cfg), self._load_data)
+        super().__init__(cfg)  # prompts as data (`load_data`), then `_build_reference`
         if isinstance(judge, RewardModelJudge):
             judge.model.to(self.acc.device)
         self.judge = judge
@@ -69,13 +69,12 @@ class OnlineTrainer(Trainer):
         self.sampling = SamplingConfig(
             temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, max_new_tokens=o.max_new_tokens
         )
-        self.reference = self._build_reference()
         self.sample_rng = torch.Generator().manual_seed(cfg.train.seed)  # RSO's uniforms
         self.samples_path = self.run_dir / "samples.jsonl"
         self.log_line(f"{self.method}: judge {o.judge}, {len(self.data.train)} prompts")
 
     # ---- setup -----------------------------------------------------------------------------
-    def _load_data(self, tokenizer) -> Datasets:
+    def load_data(self, tokenizer) -> Datasets:
         cfg, d = self.cfg, self.cfg.data
         ps = load_prompts(cfg, tokenizer)
         evald: list[dict] = []

@@ -22,8 +22,8 @@ from preftune.losses import LossOutput
 from preftune.models import load_tokenizer, progress_bars, resolve_model_path
 from preftune.reward.loss import bradley_terry_loss
 from preftune.reward.model import load_reward_model, pad_right, sequence_rewards
-from preftune.train.setup import load_datasets, prepare_model
-from preftune.train.trainer import Trainer, prepare_trainer
+from preftune.train.base import BaseTrainer
+from preftune.train.setup import Datasets, load_datasets, prepare_model
 
 
 def _load_model(cfg: Config):
@@ -38,22 +38,23 @@ def _load_model(cfg: Config):
     return model, tokenizer, resolve_model_path(m.model, m.trust_remote_code)
 
 
-class RewardTrainer(Trainer):
-    """Bradley–Terry reward-model training; every step, eval and checkpoint is `Trainer`'s."""
+class RewardTrainer(BaseTrainer):
+    """Bradley–Terry reward-model training; every step, eval and checkpoint is `BaseTrainer`'s."""
 
     method = "reward"
+    reference_mode = "none"
 
-    def __init__(self, cfg: Config):  # Trainer.__init__ would load a causal LM
-        prepare_trainer(
-            self,
-            cfg,
-            lambda: _load_model(cfg),
-            lambda tok: load_datasets(cfg, tok, unpaired=False),
-        )
-        self.reference, self.reference_mode = None, "none"
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
         self.log_line("reward model: one score read at the last real token (no reference)")
 
-    def _loss(self, examples, idx, reference, train: bool, kl=None):
+    def load_model(self) -> tuple:
+        return _load_model(self.cfg)
+
+    def load_data(self, tokenizer) -> Datasets:
+        return load_datasets(self.cfg, tokenizer, unpaired=False)
+
+    def _loss(self, examples, idx, reference, train: bool, context=None):
         """Per-pair Bradley–Terry losses of examples[idx]: one forward over [chosen; rejected]."""
         exs = [examples[i] for i in idx]
         rows = [e["prompt_ids"] + e["chosen_ids"] for e in exs]

@@ -69,11 +69,11 @@ def check_before_loading(cfg: Config) -> None:
 
 
 def resolve_task(cfg: Config) -> str | None:
+    """The verifiable task of the run (`task`, checked in preftune/validation.py): auto is the
+    arithmetic task on the bundled sets, none elsewhere."""
     task = cfg.data.task
     if task == "auto":
         return "arithmetic" if cfg.data.data in BUNDLED else None
-    if task not in (None, "arithmetic"):
-        raise ConfigError(f"task must be 'arithmetic', 'auto' or null, got {task!r}")
     return task
 
 
@@ -179,11 +179,9 @@ def build_optimizer(cfg: Config, model, total_steps: int):
         # the fused kernel (one pass over each tensor, CPU and CUDA) is torch's fastest AdamW;
         # same update rule as the default loop, rounding may differ in the last bit
         opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=True)
-    elif t.optimizer in ("sgd", "rmsprop"):
+    else:  # sgd or rmsprop (preftune/validation.py checked the name)
         cls = torch.optim.SGD if t.optimizer == "sgd" else torch.optim.RMSprop
         opt = cls(params, lr=t.lr, weight_decay=t.weight_decay)
-    else:
-        raise ConfigError(f"optimizer must be adamw, rmsprop or sgd, got {t.optimizer!r}")
     warmup = int(round(t.warmup_ratio * total_steps))
 
     def factor(step: int) -> float:

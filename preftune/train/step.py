@@ -22,10 +22,11 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import DistributedType, gather_object
 
 from preftune.logps import hidden_at_targets, sequence_logps, sequence_logps_and_kl, token_logps
 from preftune.train.guards import DivergedError
+from preftune.train.setup import TrainingError
 
 # engine functions that take `fast_grads`
 _ENGINE_FNS = (sequence_logps, token_logps, sequence_logps_and_kl, hidden_at_targets)
@@ -129,3 +130,31 @@ class StepEngine:
         if max_norm and max_norm / (float(norm) + 1e-6) < 1.0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return float(norm)
+
+
+# what prepare may wrap the engine in: nothing, or DDP (CPU processes over gloo, GPUs over NCCL)
+SUPPORTED_ENGINES = {
+    DistributedType.NO,
+    DistributedType.MULTI_CPU,
+    DistributedType.MULTI_GPU,
+    DistributedType.MULTI_XPU,
+    DistributedType.MULTI_NPU,
+    DistributedType.MULTI_MLU,
+}
+
+
+def place_for_training(acc, policy, optimizer):
+    """(policy on the accelerator's device, the prepared `EngineModule` around it, the prepared
+    optimizer). Under several processes accelerate wraps the module (DDP), whose reducer
+    averages the gradients; the engine then keeps every gradient inside autograd. The policy
+    itself is never wrapped: `trainer.policy` is the bare model everywhere (saving, generation,
+    the reference), no unwrap needed."""
+    if acc.distributed_type not in SUPPORTED_ENGINES:
+        raise TrainingError(
+            f"accelerate is configured for {acc.distributed_type.value}; preftune runs one "
+            f"process or DDP today (FSDP2 and DeepSpeed ZeRO are not supported yet). Launch with "
+            f"a DDP config such as examples/accelerate/ddp.yaml"
+        )
+    policy.to(acc.device)
+    engine, optimizer = acc.prepare(EngineModule(policy, fast_grads=not wrapped(acc)), optimizer)
+    return policy, engine, optimizer

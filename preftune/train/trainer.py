@@ -4,57 +4,33 @@ The loop never branches on a loss's name; it reads what the loss declares (refer
 TDPO's sequential KL, unpaired data, state). It runs under Hugging Face accelerate from the
 start, so nothing assumes one process: a global batch of pairs is split across processes and
 then into micro-batches, each micro-batch's summed loss is divided by the global number of
-examples, and metrics are gathered before they are averaged.
+examples, and metrics are gathered before they are averaged (train/base.py).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import sys
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import (
-    DistributedDataParallelKwargs,
-    DistributedType,
-    broadcast_object_list,
-    gather_object,
-)
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from preftune.allocator import keep_freed_memory
-from preftune.calibrate import BetaCalibration
 from preftune.config import Config
-from preftune.diagnostics import pair_diagnostics, segment_changes, summarise_segments
-from preftune.evaluate import (
-    SEGMENTS_FILE,
-    greedy_samples,
-    has_shared_prefixes,
-    pair_segment_sums,
-    read_segment_table,
-    segment_table,
-    task_accuracy,
-)
+from preftune.evaluate import SEGMENTS_FILE, greedy_samples, has_shared_prefixes, segment_table
 from preftune.logprob.plan import LayoutSettings, layout_settings
 from preftune.logps import sequence_logps, sequence_logps_and_kl
-from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
+from preftune.losses import PreferenceLogps, UnpairedLogps, compute
 from preftune.models import cache_dir
-from preftune.train import checkpoint as ckpt
+from preftune.train.base import BaseTrainer, write_json
 from preftune.train.batches import (
     example_lengths,
     kl_batch,
     length_sorted_batches,
-    micro_batches,
     mismatched_pairs,
     pair_batch,
     unpaired_batch,
 )
-from preftune.train.guards import DivergenceGuard
-from preftune.train.in_backward import StepInBackward
 from preftune.train.reference import (
     CachedReference,
     ModelReference,
@@ -63,174 +39,23 @@ from preftune.train.reference import (
     load_or_compute_cache,
     write_cache,
 )
-from preftune.train.rundir import claim_once, training_keys
-from preftune.train.setup import (
-    Datasets,
-    TrainingError,
-    build_optimizer,
-    check_before_loading,
-    create_optimizer_state,
-    load_datasets,
-    load_policy,
-    trackers,
-)
-from preftune.train.step import EngineModule, StepEngine, wrapped
-
-# what prepare may wrap the engine in: nothing, or DDP (CPU processes over gloo, GPUs over NCCL)
-SUPPORTED_ENGINES = {
-    DistributedType.NO,
-    DistributedType.MULTI_CPU,
-    DistributedType.MULTI_GPU,
-    DistributedType.MULTI_XPU,
-    DistributedType.MULTI_NPU,
-    DistributedType.MULTI_MLU,
-}
+from preftune.train.setup import Datasets, load_datasets, load_policy
 
 
-def place_for_training(acc, policy, optimizer):
-    """(policy on the accelerator's device, the prepared `EngineModule` around it, the prepared
-    optimizer). Under several processes accelerate wraps the module (DDP), whose reducer
-    averages the gradients; the engine then keeps every gradient inside autograd. The policy
-    itself is never wrapped: `trainer.policy` is the bare model everywhere (saving, generation,
-    the reference), no unwrap needed."""
-    if acc.distributed_type not in SUPPORTED_ENGINES:
-        raise TrainingError(
-            f"accelerate is configured for {acc.distributed_type.value}; preftune runs one "
-            f"process or DDP today (FSDP2 and DeepSpeed ZeRO are not supported yet). Launch with "
-            f"a DDP config such as examples/accelerate/ddp.yaml"
-        )
-    policy.to(acc.device)
-    engine, optimizer = acc.prepare(EngineModule(policy, fast_grads=not wrapped(acc)), optimizer)
-    return policy, engine, optimizer
-
-
-def _mean(values: list) -> float:
-    return (
-        float(torch.cat([v.reshape(-1).float() for v in values]).mean()) if values else float("nan")
-    )
-
-
-def prepare_trainer(
-    trainer,
-    cfg: Config,
-    load_model: Callable[[], tuple],
-    load_data: Callable[[object], Datasets],
-) -> None:
-    """Set the attributes `Trainer` methods and `loop.run` read: `Trainer.__init__` is this plus
-    the reference; the online and reward trainers bring their own model and data loaders.
-
-    load_model() -> (model, tokenizer, model_path); load_data(tokenizer) -> Datasets whose
-    `train` list is what `loop.run` batches over (pairs, or prompts for the online methods).
-    """
-    trainer.cfg = cfg
-    trainer.spec = LOSSES[cfg.loss.loss]
-    if not cfg.train.resume:  # a resumed run's own config.yaml was checked when it started
-        check_before_loading(cfg)
-    trainer.rundir = claim_once(cfg, trainer.method or cfg.loss.loss)
-    trainer.run_dir = trainer.rundir.path
-    try:
-        _prepare(trainer, cfg, load_model, load_data)
-    except BaseException:
-        trainer.rundir.release()  # a run that never started leaves the folder as it found it
-        raise
-
-
-def _prepare(trainer, cfg: Config, load_model, load_data) -> None:
-    trainer.acc = Accelerator(
-        log_with=trackers(cfg) or None,
-        project_dir=str(trainer.run_dir),
-        mixed_precision="bf16" if cfg.train.bf16 else "no",
-        # buffers (rotary tables) are equal everywhere: no broadcast, which would also make
-        # every forward a collective
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-    )
-    torch.manual_seed(cfg.train.seed)
-    trainer.quiet = cfg.train.quiet or not trainer.acc.is_main_process
-    if cfg.train.keep_freed_memory and (done := keep_freed_memory()):
-        trainer.log_line(f"allocator: {done}")
-    trainer.policy, trainer.tokenizer, trainer.model_path = load_model()
-    trainer.data = load_data(trainer.tokenizer)
-    for note in trainer.data.notes:
-        trainer.log_line(f"note: {note}")
-    t = cfg.train
-    trainer.per_epoch = len(trainer.data.train) // t.batch_size
-    if trainer.per_epoch == 0:
-        raise TrainingError(
-            f"{len(trainer.data.train)} training examples are fewer than batch_size={t.batch_size}"
-        )
-    trainer.total_steps = t.max_steps or trainer.per_epoch * t.epochs
-    trainer.lengths = example_lengths(trainer.data.train) if t.group_by_length else None
-    if t.batch_size % (trainer.acc.num_processes * t.grad_accum):
-        raise TrainingError(
-            f"batch_size={t.batch_size} must split evenly over {trainer.acc.num_processes} "
-            f"processes x grad_accum={t.grad_accum}"
-        )
-    _prepare_step(trainer, cfg)
-    trainer.calibration = (
-        BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
-    )
-    trainer.loss_state = trainer.spec.init_state() if trainer.spec.stateful else None
-    trainer.guard = DivergenceGuard(t.divergence_factor)
-    trainer.step = 0
-
-
-def _prepare_step(trainer, cfg: Config) -> None:
-    """Optimizer, schedule, the prepared engine module and the step engine."""
-    t = cfg.train
-    trainer.optimizer, trainer.scheduler = build_optimizer(cfg, trainer.policy, trainer.total_steps)
-    trainer.policy, trainer.engine, trainer.optimizer = place_for_training(
-        trainer.acc, trainer.policy, trainer.optimizer
-    )
-    if wrapped(trainer.acc):
-        trainer.log_line(
-            f"{trainer.acc.distributed_type.value}: gradients averaged by the wrapper; the "
-            f"engine's gradient fast paths (embedding and LM-head gradients written into .grad) "
-            f"are off, since the wrapper would not see them"
-        )
-    create_optimizer_state(trainer.optimizer)  # before the precompute and the first step
-    trainer.in_backward = None
-    if t.optimizer_in_backward:
-        if trainer.acc.num_processes > 1:
-            raise TrainingError(
-                f"optimizer_in_backward needs one process (this run has "
-                f"{trainer.acc.num_processes}): each update must see the gradient averaged over "
-                f"all of them. Run one process, or set optimizer_in_backward=false."
-            )
-        trainer.in_backward = StepInBackward(
-            trainer.policy, trainer.optimizer, step=lambda: trainer.step + 1
-        )
-    trainer.stepper = StepEngine(
-        trainer.acc,
-        trainer.engine,
-        trainer.optimizer,
-        trainer.scheduler,
-        t.max_grad_norm,
-        trainer.in_backward,
-    )
-
-
-class Trainer:
-    method: str | None = None  # names default run directories (the loss's name when None)
+class Trainer(BaseTrainer):
+    """Preference pairs (or KTO's unpaired examples) against a reference, any registry loss."""
 
     def __init__(self, cfg: Config):
-        prepare_trainer(
-            self,
-            cfg,
-            lambda: load_policy(cfg),
-            lambda tok: load_datasets(cfg, tok, unpaired=LOSSES[cfg.loss.loss].unpaired),
-        )
+        super().__init__(cfg)
         self.reference = self._build_reference()
 
-    # ---- setup -------------------------------------------------------------------------------
-    def log_line(self, text: str) -> None:
-        if not self.quiet:
-            tqdm.write(f"[preftune] {text}")
+    def load_model(self) -> tuple:
+        return load_policy(self.cfg)
 
-    def warn(self, text: str) -> None:
-        """What the user must see whatever `quiet` says: to stderr, from the main process."""
-        if self.acc.is_main_process:
-            tqdm.write(f"[preftune] warning: {text}", file=sys.stderr)
+    def load_data(self, tokenizer) -> Datasets:
+        return load_datasets(self.cfg, tokenizer, unpaired=self.spec.unpaired)
 
+    # ---- the reference -----------------------------------------------------------------------
     def _build_reference(self):
         mode, why = choose_mode(
             self.cfg.train.reference,
@@ -337,17 +162,6 @@ class Trainer:
         )
 
     # ---- one micro-batch -----------------------------------------------------------------------
-    def run_policy(self, fn, *args):
-        """`fn(policy, *args)`, one of the engine's functions. A forward with gradients goes
-        through the prepared module, so a wrapper (DDP) sees it; one without (evaluation, the
-        reference precompute, KTO's KL estimate) calls the bare model: no wrapper collective,
-        which processes with unequal shares of the eval set would wait on for ever. So every
-        forward with gradients must be followed by its backward in the same step (DDP expects
-        the gradients of each forward it saw)."""
-        if torch.is_grad_enabled():
-            return self.engine(fn, *args)
-        return fn(self.policy, *args)
-
     def _paired_logps(self, examples, idx, reference) -> tuple[PreferenceLogps, int]:
         b = self._pair_batch(examples, idx)
         tokens = b.tokens.to(self.acc.device)
@@ -405,6 +219,10 @@ class Trainer:
         with self.acc.autocast():
             return self.run_policy(sequence_logps, tokens, t.chunk_size), reference.logps(tokens)
 
+    def step_context(self, batch_idx: list[int]):
+        """KTO's KL pairs of the step (`step_kl`); nothing for the paired losses."""
+        return self.step_kl(batch_idx) if self.spec.unpaired else None
+
     def step_kl(self, batch_idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """KTO's KL pairs of a whole step, each process scoring its share in micro-batch-sized
         pieces, gathered: z0 is the step's whatever the processes and micro-batches (HALOs
@@ -419,7 +237,9 @@ class Trainer:
         pol, ref = (torch.cat([p[i].double() for p in parts]) for i in (0, 1))
         return self.acc.gather(pol), self.acc.gather(ref)
 
-    def _loss(self, examples, idx, reference, train: bool, kl=None):
+    def _loss(self, examples, idx, reference, train: bool, context=None):
+        """`context`: KTO's step-wide KL log-probs (`step_context`), None in evaluation."""
+        kl = context
         with self.acc.autocast():
             if self.spec.unpaired:
                 logps, ntok = self._unpaired_logps(examples, idx, reference, kl)
@@ -435,129 +255,6 @@ class Trainer:
         if train and out.state is not None:
             self.loss_state = out.state  # eval reads the state but never moves it
         return out, logps, ntok
-
-    # ---- one optimizer step ----------------------------------------------------------------------
-    def train_step(self, batch_idx: list[int]) -> dict:
-        t, P = self.cfg.train, self.acc.num_processes
-        micro = micro_batches(batch_idx, self.acc.process_index, P, t.grad_accum)
-        rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
-        extra: dict[str, list] = {}
-        kl = self.step_kl(batch_idx) if self.spec.unpaired else None
-
-        def micro_loss(idx):
-            out, logps, n = self._loss(self.data.train, idx, self.reference, True, kl)
-            self._record(rec, extra, out, logps)
-            return out.losses.sum(), n
-
-        step = self.stepper.run(self.step + 1, micro, micro_loss, len(batch_idx))
-        metrics = self._summarise(self._gather_rec(rec), self._gather_rec(extra))
-        metrics.update(step)
-        return metrics
-
-    def _record(self, rec, extra, out, logps) -> None:
-        """This process's per-example values of a micro-batch; `_gather_rec` collects them
-        from every process once per step (their sizes may differ: KTO's chosen / rejected)."""
-        rec["loss"].append(out.losses.detach())
-        rec["chosen"].append(out.chosen_rewards.detach())
-        rec["rejected"].append(out.rejected_rewards.detach())
-        if isinstance(logps, PreferenceLogps):
-            rec["lp_c"].append(logps.policy_chosen_logps.detach())
-            rec["lp_r"].append(logps.policy_rejected_logps.detach())
-            if logps.ref_chosen_logps is not None:  # per pair, averaged over all pairs of the step
-                for k, v in pair_diagnostics(
-                    logps.policy_chosen_logps, logps.policy_rejected_logps,
-                    logps.ref_chosen_logps, logps.ref_rejected_logps,
-                    logps.chosen_lengths, logps.rejected_lengths,
-                ).items():  # fmt: skip
-                    rec.setdefault(k, []).append(v.detach())
-        for k, v in out.metrics.items():
-            extra.setdefault(k, []).append(
-                torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1)
-            )
-
-    # ---- metrics that hold under several processes with different batch sizes ---------------
-    def _gather_list(self, values: list) -> list:
-        if self.acc.num_processes == 1:
-            return list(values)
-        return gather_object(list(values))
-
-    def _gather_rec(self, rec: dict[str, list]) -> dict[str, list]:
-        """Each key's values from every process, as one CPU tensor (or none), in one collective
-        whatever keys each process has (an idle online process has none)."""
-        local = {
-            k: torch.cat([p.reshape(-1).float().cpu() for p in parts]).tolist()
-            for k, parts in rec.items()
-            if parts
-        }
-        merged: dict[str, list] = {k: [] for k in rec}
-        for part in self._gather_list([local]):
-            for k, values in part.items():
-                merged.setdefault(k, []).extend(values)
-        return {k: [torch.tensor(v)] if v else [] for k, v in merged.items()}
-
-    def _gmean(self, values: torch.Tensor | list) -> float:
-        local = values.reshape(-1).float().tolist() if torch.is_tensor(values) else list(values)
-        values = self._gather_list(local)
-        return sum(values) / len(values) if values else float("nan")
-
-    @staticmethod
-    def _summarise(rec, extra, prefix: str = "") -> dict:
-        m = {
-            "loss": _mean(rec["loss"]),
-            "rewards/chosen": _mean(rec["chosen"]),
-            "rewards/rejected": _mean(rec["rejected"]),
-        }
-        if (
-            rec["chosen"]
-            and rec["rejected"]
-            and len(torch.cat(rec["chosen"])) == len(torch.cat(rec["rejected"]))
-        ):
-            c, r = torch.cat(rec["chosen"]), torch.cat(rec["rejected"])
-            m["rewards/margins"] = float((c - r).mean())
-            m["rewards/accuracies"] = float((c > r).float().mean())
-        if rec["lp_c"]:
-            m["logps/chosen"], m["logps/rejected"] = _mean(rec["lp_c"]), _mean(rec["lp_r"])
-        for k, v in rec.items():
-            if "/" in k:  # diagnostics.pair_diagnostics: already per pair, named as logged
-                m[k] = _mean(v)
-        for k, v in extra.items():
-            m[k] = _mean(v)
-        return {prefix + k: v for k, v in m.items()}
-
-    # ---- evaluation --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate_pairs(self) -> dict:
-        if not self.data.eval:
-            return {}
-        reference = getattr(self, "eval_reference", self.reference)
-        rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
-        extra: dict[str, list] = {}
-        size = max(2, self.cfg.train.batch_size // self.cfg.train.grad_accum)
-        was = self.policy.training
-        self.policy.eval()
-        mine = list(range(self.acc.process_index, len(self.data.eval), self.acc.num_processes))
-        ref_segments = read_segment_table(self.run_dir / SEGMENTS_FILE, len(self.data.eval))
-        changes: dict[str, list] = {}
-        for s in range(0, len(mine), size):
-            idx = mine[s : s + size]
-            if self.spec.unpaired and len(idx) < 2:
-                continue
-            out, logps, _ = self._loss(self.data.eval, idx, reference, train=False)
-            self._record(rec, extra, out, logps)
-            if ref_segments is not None:  # one extra no-grad forward of the batch (evaluate.py)
-                pol, shared = pair_segment_sums(
-                    self.policy, self.data.eval, idx, self._pair_batch, self.cfg.train.chunk_size
-                )
-                ref = ref_segments[idx].transpose(0, 1).reshape(-1, 3)  # [chosen; rejected]
-                for k, v in segment_changes(pol, ref, shared).items():
-                    changes.setdefault(k, []).append(v)
-        self.policy.train(was)
-        metrics = self._summarise(self._gather_rec(rec), self._gather_rec(extra), prefix="eval/")
-        # gathered once, whatever number of eval batches each process had
-        cat = {k: v[0] for k, v in self._gather_rec(changes).items() if v}
-        if cat:
-            metrics.update({f"eval/{k}": v for k, v in summarise_segments(cat).items()})
-        return metrics
 
     # ---- samples and the reference's segment sums, written before training and after ---------
     @torch.no_grad()
@@ -580,64 +277,3 @@ class Trainer:
                 write_json(self.run_dir / SEGMENTS_FILE, table.tolist())
             self.policy.train(was)
         self.acc.wait_for_everyone()  # the others read the segment file in evaluate_pairs
-
-    def task_accuracy(self, tag: str) -> tuple[float | None, list]:
-        if not self.data.task_problems:
-            return None, []
-        e = self.cfg.eval
-        acc, samples = task_accuracy(
-            self.policy,
-            self.tokenizer,
-            self.data.task_problems,
-            self.data.verify,
-            e.eval_max_new_tokens,
-            e.eval_batch_size,
-            desc=f"task accuracy ({tag})",
-            quiet=self.quiet,
-        )
-        return acc, samples
-
-    # ---- state ------------------------------------------------------------------------------------
-    def state(self) -> dict:
-        tensors = {"loss_state": self.loss_state}
-        if self.calibration is not None:
-            tensors["calibration"] = self.calibration.state_dict()
-        # the thread count is part of what makes a resumed run bit-equal: other counts sum in
-        # another order on some CPUs (loop._resume warns when it differs)
-        return {
-            "step": self.step,
-            "loss": self.cfg.loss.loss,
-            "torch_threads": torch.get_num_threads(),
-            "guard": self.guard.state_dict(),
-            "config": training_keys(self.cfg),  # rundir.check_same_training reads it
-            "tensors": tensors,
-        }
-
-    def load_state(self, state: dict) -> None:
-        self.step = state["step"]
-        self.guard.load_state_dict(state.get("guard", {}))
-        self.loss_state = state["tensors"].get("loss_state")
-        if self.calibration is not None and "calibration" in state["tensors"]:
-            self.calibration.load_state_dict(state["tensors"]["calibration"])
-
-    def save(self) -> Path | None:
-        """A checkpoint of the run (every process calls this: each one's generators go in)."""
-        rngs = [ckpt.rng_state()]
-        if self.acc.num_processes > 1:
-            rngs = gather_object(rngs)
-        if not self.acc.is_main_process:
-            return None
-        return ckpt.save_checkpoint(
-            self.run_dir / "checkpoints",
-            self.step,
-            self.policy,
-            self.optimizer,
-            self.scheduler,
-            self.state(),
-            self.cfg.train.keep_checkpoints,
-            rngs,
-        )
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, default=str))

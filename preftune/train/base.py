@@ -1,0 +1,374 @@
+"""What every trainer shares: the run's setup (run directory, accelerate, model, data, optimizer,
+the step engine), one optimizer step over micro-batches, metrics gathered across processes,
+held-out evaluation, checkpoints.
+
+A trainer says how to load its model and data (`load_model`, `load_data`) and how to score one
+micro-batch (`_loss`): the offline preference `Trainer` (train/trainer.py), the online trainers
+(train/online_dpo.py, train/remax.py) and the reward-model trainer (train/reward.py). The one
+loop (train/loop.py) drives them all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object
+from tqdm.auto import tqdm
+
+from preftune.allocator import keep_freed_memory
+from preftune.calibrate import BetaCalibration
+from preftune.config import Config
+from preftune.diagnostics import pair_diagnostics, segment_changes, summarise_segments
+from preftune.evaluate import SEGMENTS_FILE, pair_segment_sums, read_segment_table, task_accuracy
+from preftune.losses import LOSSES, PreferenceLogps
+from preftune.train import checkpoint as ckpt
+from preftune.train.batches import example_lengths, micro_batches
+from preftune.train.guards import DivergenceGuard
+from preftune.train.in_backward import StepInBackward
+from preftune.train.rundir import claim_once, training_keys
+from preftune.train.setup import (
+    Datasets,
+    TrainingError,
+    build_optimizer,
+    check_before_loading,
+    create_optimizer_state,
+    trackers,
+)
+from preftune.train.step import StepEngine, place_for_training, wrapped
+
+
+def _mean(values: list) -> float:
+    return (
+        float(torch.cat([v.reshape(-1).float() for v in values]).mean()) if values else float("nan")
+    )
+
+
+def _mean(values: list) -> float:
+    return (
+        float(torch.cat([v.reshape(-1).float() for v in values]).mean()) if values else float("nan")
+    )
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, default=str))
+
+
+class BaseTrainer:
+    """The run's plumbing; subclasses implement `load_model`, `load_data` and `_loss`."""
+
+    method: str | None = None  # names default run directories (the loss's name when None)
+    reference = None  # what `_loss` compares the policy with (None: nothing)
+    eval_reference = None  # the held-out pairs' reference, where it differs from `reference`
+
+    def __init__(self, cfg: Config):
+        """Check, claim the run directory, then set everything up; a run that fails before it
+        starts leaves its folder as it found it."""
+        self.cfg = cfg
+        self.spec = LOSSES[cfg.loss.loss]
+        if not cfg.train.resume:  # a resumed run's own config.yaml was checked when it started
+            check_before_loading(cfg)
+        self.rundir = claim_once(cfg, self.method or cfg.loss.loss)
+        self.run_dir = self.rundir.path
+        try:
+            self._setup(cfg)
+        except BaseException:
+            self.rundir.release()
+            raise
+
+    def load_model(self) -> tuple:
+        """(model, tokenizer, model path)."""
+        raise NotImplementedError
+
+    def load_data(self, tokenizer) -> Datasets:
+        """The data; its `train` list is what `loop.run` batches over."""
+        raise NotImplementedError
+
+    def _loss(self, examples, idx, reference, train: bool, context=None):
+        """(LossOutput, log-probs or None, real tokens) of examples[idx]."""
+        raise NotImplementedError
+
+    def step_context(self, batch_idx: list[int]):
+        """What every micro-batch of a step needs from the whole step (KTO's KL pairs)."""
+        return None
+
+    def _setup(self, cfg: Config) -> None:
+        self.acc = Accelerator(
+            log_with=trackers(cfg) or None,
+            project_dir=str(self.run_dir),
+            mixed_precision="bf16" if cfg.train.bf16 else "no",
+            # buffers (rotary tables) are equal everywhere: no broadcast, which would also make
+            # every forward a collective
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
+        torch.manual_seed(cfg.train.seed)
+        self.quiet = cfg.train.quiet or not self.acc.is_main_process
+        if cfg.train.keep_freed_memory and (done := keep_freed_memory()):
+            self.log_line(f"allocator: {done}")
+        self.policy, self.tokenizer, self.model_path = self.load_model()
+        self.data = self.load_data(self.tokenizer)
+        for note in self.data.notes:
+            self.log_line(f"note: {note}")
+        t = cfg.train
+        self.per_epoch = len(self.data.train) // t.batch_size
+        if self.per_epoch == 0:
+            raise TrainingError(
+                f"{len(self.data.train)} training examples are fewer than batch_size={t.batch_size}"
+            )
+        self.total_steps = t.max_steps or self.per_epoch * t.epochs
+        self.lengths = example_lengths(self.data.train) if t.group_by_length else None
+        if t.batch_size % (self.acc.num_processes * t.grad_accum):
+            raise TrainingError(
+                f"batch_size={t.batch_size} must split evenly over {self.acc.num_processes} "
+                f"processes x grad_accum={t.grad_accum}"
+            )
+        self._setup_step(cfg)
+        self.calibration = (
+            BetaCalibration(**cfg.loss.beta_calibration) if cfg.loss.beta_calibration else None
+        )
+        self.loss_state = self.spec.init_state() if self.spec.stateful else None
+        self.guard = DivergenceGuard(t.divergence_factor)
+        self.step = 0
+
+    def _setup_step(self, cfg: Config) -> None:
+        """Optimizer, schedule, the prepared engine module and the step engine."""
+        """Optimizer, schedule, the prepared engine module and the step engine."""
+        t = cfg.train
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.policy, self.total_steps)
+        self.policy, self.engine, self.optimizer = place_for_training(
+            self.acc, self.policy, self.optimizer
+        )
+        if wrapped(self.acc):
+            self.log_line(
+                f"{self.acc.distributed_type.value}: gradients averaged by the wrapper; the "
+                f"engine's gradient fast paths (embedding and LM-head gradients written into .grad) "
+                f"are off, since the wrapper would not see them"
+            )
+        create_optimizer_state(self.optimizer)  # before the precompute and the first step
+        self.in_backward = None
+        if t.optimizer_in_backward:
+            if self.acc.num_processes > 1:
+                raise TrainingError(
+                    f"optimizer_in_backward needs one process (this run has "
+                    f"{self.acc.num_processes}): each update must see the gradient averaged over "
+                    f"all of them. Run one process, or set optimizer_in_backward=false."
+                )
+            self.in_backward = StepInBackward(
+                self.policy, self.optimizer, step=lambda: self.step + 1
+            )
+        self.stepper = StepEngine(
+            self.acc,
+            self.engine,
+            self.optimizer,
+            self.scheduler,
+            t.max_grad_norm,
+            self.in_backward,
+        )
+
+    # ---- output ------------------------------------------------------------------------------
+    def log_line(self, text: str) -> None:
+        if not self.quiet:
+            tqdm.write(f"[preftune] {text}")
+
+    def warn(self, text: str) -> None:
+        """What the user must see whatever `quiet` says: to stderr, from the main process."""
+        if self.acc.is_main_process:
+            tqdm.write(f"[preftune] warning: {text}", file=sys.stderr)
+
+    # ---- one micro-batch -----------------------------------------------------------------------
+    def run_policy(self, fn, *args):
+        """`fn(policy, *args)`, one of the engine's functions. A forward with gradients goes
+        through the prepared module, so a wrapper (DDP) sees it; one without (evaluation, the
+        reference precompute, KTO's KL estimate) calls the bare model: no wrapper collective,
+        which processes with unequal shares of the eval set would wait on for ever. So every
+        forward with gradients must be followed by its backward in the same step (DDP expects
+        the gradients of each forward it saw)."""
+        if torch.is_grad_enabled():
+            return self.engine(fn, *args)
+        return fn(self.policy, *args)
+
+    # ---- one optimizer step ----------------------------------------------------------------------
+    def train_step(self, batch_idx: list[int]) -> dict:
+        t, P = self.cfg.train, self.acc.num_processes
+        micro = micro_batches(batch_idx, self.acc.process_index, P, t.grad_accum)
+        rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
+        extra: dict[str, list] = {}
+        context = self.step_context(batch_idx)
+
+        def micro_loss(idx):
+            out, logps, n = self._loss(self.data.train, idx, self.reference, True, context)
+            self._record(rec, extra, out, logps)
+            return out.losses.sum(), n
+
+        step = self.stepper.run(self.step + 1, micro, micro_loss, len(batch_idx))
+        metrics = self._summarise(self._gather_rec(rec), self._gather_rec(extra))
+        metrics.update(step)
+        return metrics
+
+    def _record(self, rec, extra, out, logps) -> None:
+        """This process's per-example values of a micro-batch; `_gather_rec` collects them
+        from every process once per step (their sizes may differ: KTO's chosen / rejected)."""
+        rec["loss"].append(out.losses.detach())
+        rec["chosen"].append(out.chosen_rewards.detach())
+        rec["rejected"].append(out.rejected_rewards.detach())
+        if isinstance(logps, PreferenceLogps):
+            rec["lp_c"].append(logps.policy_chosen_logps.detach())
+            rec["lp_r"].append(logps.policy_rejected_logps.detach())
+            if logps.ref_chosen_logps is not None:  # per pair, averaged over all pairs of the step
+                for k, v in pair_diagnostics(
+                    logps.policy_chosen_logps, logps.policy_rejected_logps,
+                    logps.ref_chosen_logps, logps.ref_rejected_logps,
+                    logps.chosen_lengths, logps.rejected_lengths,
+                ).items():  # fmt: skip
+                    rec.setdefault(k, []).append(v.detach())
+        for k, v in out.metrics.items():
+            extra.setdefault(k, []).append(
+                torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1)
+            )
+
+    # ---- metrics that hold under several processes with different batch sizes ---------------
+    def _gather_list(self, values: list) -> list:
+        if self.acc.num_processes == 1:
+            return list(values)
+        return gather_object(list(values))
+
+    def _gather_rec(self, rec: dict[str, list]) -> dict[str, list]:
+        """Each key's values from every process, as one CPU tensor (or none), in one collective
+        whatever keys each process has (an idle online process has none)."""
+        local = {
+            k: torch.cat([p.reshape(-1).float().cpu() for p in parts]).tolist()
+            for k, parts in rec.items()
+            if parts
+        }
+        merged: dict[str, list] = {k: [] for k in rec}
+        for part in self._gather_list([local]):
+            for k, values in part.items():
+                merged.setdefault(k, []).extend(values)
+        return {k: [torch.tensor(v)] if v else [] for k, v in merged.items()}
+
+    def _gmean(self, values: torch.Tensor | list) -> float:
+        local = values.reshape(-1).float().tolist() if torch.is_tensor(values) else list(values)
+        values = self._gather_list(local)
+        return sum(values) / len(values) if values else float("nan")
+
+    @staticmethod
+    def _summarise(rec, extra, prefix: str = "") -> dict:
+        m = {
+            "loss": _mean(rec["loss"]),
+            "rewards/chosen": _mean(rec["chosen"]),
+            "rewards/rejected": _mean(rec["rejected"]),
+        }
+        if (
+            rec["chosen"]
+            and rec["rejected"]
+            and len(torch.cat(rec["chosen"])) == len(torch.cat(rec["rejected"]))
+        ):
+            c, r = torch.cat(rec["chosen"]), torch.cat(rec["rejected"])
+            m["rewards/margins"] = float((c - r).mean())
+            m["rewards/accuracies"] = float((c > r).float().mean())
+        if rec["lp_c"]:
+            m["logps/chosen"], m["logps/rejected"] = _mean(rec["lp_c"]), _mean(rec["lp_r"])
+        for k, v in rec.items():
+            if "/" in k:  # diagnostics.pair_diagnostics: already per pair, named as logged
+                m[k] = _mean(v)
+        for k, v in extra.items():
+            m[k] = _mean(v)
+        return {prefix + k: v for k, v in m.items()}
+
+    # ---- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate_pairs(self) -> dict:
+        if not self.data.eval:
+            return {}
+        reference = self.eval_reference or self.reference
+        rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
+        extra: dict[str, list] = {}
+        size = max(2, self.cfg.train.batch_size // self.cfg.train.grad_accum)
+        was = self.policy.training
+        self.policy.eval()
+        mine = list(range(self.acc.process_index, len(self.data.eval), self.acc.num_processes))
+        ref_segments = read_segment_table(self.run_dir / SEGMENTS_FILE, len(self.data.eval))
+        changes: dict[str, list] = {}
+        for s in range(0, len(mine), size):
+            idx = mine[s : s + size]
+            if self.spec.unpaired and len(idx) < 2:
+                continue
+            out, logps, _ = self._loss(self.data.eval, idx, reference, train=False)
+            self._record(rec, extra, out, logps)
+            if ref_segments is not None:  # one extra no-grad forward of the batch (evaluate.py)
+                pol, shared = pair_segment_sums(
+                    self.policy, self.data.eval, idx, self._pair_batch, self.cfg.train.chunk_size
+                )
+                ref = ref_segments[idx].transpose(0, 1).reshape(-1, 3)  # [chosen; rejected]
+                for k, v in segment_changes(pol, ref, shared).items():
+                    changes.setdefault(k, []).append(v)
+        self.policy.train(was)
+        metrics = self._summarise(self._gather_rec(rec), self._gather_rec(extra), prefix="eval/")
+        # gathered once, whatever number of eval batches each process had
+        cat = {k: v[0] for k, v in self._gather_rec(changes).items() if v}
+        if cat:
+            metrics.update({f"eval/{k}": v for k, v in summarise_segments(cat).items()})
+        return metrics
+
+    def write_samples(self, tag: str) -> None:
+        """Samples of the model before and after training, where it generates (Trainer)."""
+
+    def task_accuracy(self, tag: str) -> tuple[float | None, list]:
+        if not self.data.task_problems:
+            return None, []
+        e = self.cfg.eval
+        acc, samples = task_accuracy(
+            self.policy,
+            self.tokenizer,
+            self.data.task_problems,
+            self.data.verify,
+            e.eval_max_new_tokens,
+            e.eval_batch_size,
+            desc=f"task accuracy ({tag})",
+            quiet=self.quiet,
+        )
+        return acc, samples
+
+    # ---- state ------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        tensors = {"loss_state": self.loss_state}
+        if self.calibration is not None:
+            tensors["calibration"] = self.calibration.state_dict()
+        # the thread count is part of what makes a resumed run bit-equal: other counts sum in
+        # another order on some CPUs (loop._resume warns when it differs)
+        return {
+            "step": self.step,
+            "loss": self.cfg.loss.loss,
+            "torch_threads": torch.get_num_threads(),
+            "guard": self.guard.state_dict(),
+            "config": training_keys(self.cfg),  # rundir.check_same_training reads it
+            "tensors": tensors,
+        }
+
+    def load_state(self, state: dict) -> None:
+        self.step = state["step"]
+        self.guard.load_state_dict(state.get("guard", {}))
+        self.loss_state = state["tensors"].get("loss_state")
+        if self.calibration is not None and "calibration" in state["tensors"]:
+            self.calibration.load_state_dict(state["tensors"]["calibration"])
+
+    def save(self) -> Path | None:
+        """A checkpoint of the run (every process calls this: each one's generators go in)."""
+        rngs = [ckpt.rng_state()]
+        if self.acc.num_processes > 1:
+            rngs = gather_object(rngs)
+        if not self.acc.is_main_process:
+            return None
+        return ckpt.save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.step,
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            self.state(),
+            self.cfg.train.keep_checkpoints,
+            rngs,
+        )
