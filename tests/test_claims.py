@@ -4,7 +4,7 @@ each claim runs end to end on the embedded model at reduced size."""
 import pytest
 
 from preftune.claims import CLAIMS, run_claim, run_settings
-from preftune.cli import main
+from preftune.cli import CLAIM_NAMES, main
 from preftune.losses import LOSSES
 
 # what a claim's runs may differ in: the method (and, for IPO's second run, the lr it is about)
@@ -52,10 +52,11 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     assert not _same_settings(run, run_settings(CLAIMS["dpop"], "dpo", {"beta": 0.1}, tmp_path))
 
 
-def test_cli_rejects_an_unknown_claim(capsys):
-    with pytest.raises(SystemExit):
-        main(["claim", "nonsense"])
-    assert "invalid choice" in capsys.readouterr().err
+def test_cli_rejects_an_unknown_claim_and_its_help_names_every_claim(capsys):
+    assert main(["claim", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("preftune: error: unknown claim 'nonsense'") and "dpop" in err
+    assert CLAIM_NAMES == tuple(CLAIMS)  # what `preftune claim --help` lists
 
 
 @pytest.mark.slow
