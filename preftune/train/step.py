@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from accelerate.utils import gather_object
+from torch.distributed.tensor import DTensor
 
 from preftune.logps import hidden_at_targets, sequence_logps, sequence_logps_and_kl, token_logps
 from preftune.train.guards import DivergedError
@@ -121,11 +122,13 @@ class StepEngine:
             return self.in_backward.finish()
         params = [p for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not torch.isfinite(norm):
-            raise DivergedError(step, f"non-finite gradient norm ({norm}), step refused")
+        # sharded (FSDP2) gradients give a DTensor norm: its value is a collective
+        total = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        if not torch.isfinite(total):
+            raise DivergedError(step, f"non-finite gradient norm ({total}), step refused")
         # clip_grad_norm_'s rule (scale by max_norm / (norm + 1e-6) where that is below 1),
         # without its pass over every gradient multiplying by exactly 1.0 when it is not
         max_norm = self.max_grad_norm
-        if max_norm and max_norm / (float(norm) + 1e-6) < 1.0:
+        if max_norm and max_norm / (float(total) + 1e-6) < 1.0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return float(norm)
+        return float(total)

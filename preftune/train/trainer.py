@@ -41,7 +41,7 @@ from preftune.evaluate import (
 )
 from preftune.logps import attention_only, sequence_logps, sequence_logps_and_kl
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
-from preftune.models import cache_dir
+from preftune.models import cache_dir, load_causal_lm
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import (
     example_lengths,
@@ -52,6 +52,7 @@ from preftune.train.batches import (
     pair_batch,
     unpaired_batch,
 )
+from preftune.train.dcp import save_sharded
 from preftune.train.guards import DivergenceGuard
 from preftune.train.in_backward import StepInBackward
 from preftune.train.reference import (
@@ -73,6 +74,7 @@ from preftune.train.setup import (
     load_policy,
     trackers,
 )
+from preftune.train.sharding import Sharding, fsdp_requested
 from preftune.train.step import EngineModule, StepEngine, wrapped
 
 
@@ -93,20 +95,26 @@ SUPPORTED_ENGINES = {
 }
 
 
-def place_for_training(acc, policy, optimizer):
+def place_for_training(acc, policy, sharding: Sharding, build_optimizer: Callable):
     """(policy on the accelerator's device, the prepared `EngineModule` around it, the prepared
-    optimizer). Under several processes accelerate wraps the module (DDP), whose reducer
-    averages the gradients; the engine then keeps every gradient inside autograd. The policy
-    itself is never wrapped: `trainer.policy` is the bare model everywhere (saving, generation,
-    the reference), no unwrap needed."""
-    if acc.distributed_type not in SUPPORTED_ENGINES:
+    optimizer, built by `build_optimizer()` once the parameters are final). Under several
+    processes accelerate wraps the module (DDP), whose reducer averages the gradients; the
+    engine then keeps every gradient inside autograd. Under FSDP2 the module is sharded with
+    `fully_shard` (train/sharding.py) and not given to `prepare`, which would shard it again
+    (GPUs) or wrap it in DDP (CPUs). The policy itself is never wrapped: `trainer.policy` is
+    the bare model everywhere (saving, generation, the reference), no unwrap needed."""
+    if acc.distributed_type not in SUPPORTED_ENGINES and not sharding.enabled:
         raise TrainingError(
             f"accelerate is configured for {acc.distributed_type.value}; preftune runs one "
-            f"process or DDP today (FSDP2 and DeepSpeed ZeRO are not supported yet). Launch with "
-            f"a DDP config such as examples/accelerate/ddp.yaml"
+            f"process, DDP or FSDP2 (DeepSpeed ZeRO is not supported yet). Launch with a config "
+            f"such as examples/accelerate/ddp.yaml or fsdp2.yaml"
         )
     policy.to(acc.device)
-    engine, optimizer = acc.prepare(EngineModule(policy, fast_grads=not wrapped(acc)), optimizer)
+    engine = EngineModule(policy, fast_grads=not wrapped(acc))
+    if sharding.enabled:
+        sharding.shard_engine(engine, policy)
+        return policy, engine, build_optimizer()
+    engine, optimizer = acc.prepare(engine, build_optimizer())
     return policy, engine, optimizer
 
 
@@ -183,11 +191,28 @@ def _prepare(trainer, cfg: Config, load_model, load_data) -> None:
 def _prepare_step(trainer, cfg: Config) -> None:
     """Optimizer, schedule, the prepared engine module and the step engine."""
     t = cfg.train
-    trainer.optimizer, trainer.scheduler = build_optimizer(cfg, trainer.policy, trainer.total_steps)
+    trainer.sharding = Sharding(fsdp_requested(trainer.acc))
+    if trainer.sharding.enabled and trainer.method not in (None, "reward"):
+        raise TrainingError(
+            f"{trainer.method} runs under one process or DDP; FSDP2 shards the offline methods "
+            f"and the reward model. Launch it with examples/accelerate/ddp.yaml"
+        )
+
+    def build():
+        trainer.optimizer, trainer.scheduler = build_optimizer(cfg, trainer.policy, trainer.total_steps)  # fmt: skip
+        return trainer.optimizer
+
     trainer.policy, trainer.engine, trainer.optimizer = place_for_training(
-        trainer.acc, trainer.policy, trainer.optimizer
+        trainer.acc, trainer.policy, trainer.sharding, build
     )
-    if wrapped(trainer.acc):
+    if trainer.sharding.enabled:
+        trainer.log_line(
+            "FSDP2: parameters, gradients and optimizer state sharded per decoder layer "
+            "(fully_shard), gradients reduce-scattered by FSDP; the engine's gradient fast paths "
+            "(embedding and LM-head gradients written into .grad) are off: they cannot write "
+            "into sharded gradients"
+        )
+    elif wrapped(trainer.acc):
         trainer.log_line(
             f"{trainer.acc.distributed_type.value}: gradients averaged by the wrapper; the "
             f"engine's gradient fast paths (embedding and LM-head gradients written into .grad) "
@@ -248,9 +273,20 @@ class Trainer:
         self.log_line(f"reference: {mode} — {why}")
         if mode == "none":
             return None
+        if mode == "frozen" and self.sharding.enabled:  # sharded too, never whole per process
+            frozen = self.sharding.shard_frozen(self._load_frozen())
+            return ModelReference(frozen, "same", self.cfg.train.chunk_size)
         if mode in ("frozen", "lora"):
             return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
-        return CachedReference(self._precompute())
+        with self.sharding.gathered():  # each process its share of the batches
+            return CachedReference(self._precompute())
+
+    def _load_frozen(self):
+        """The reference under FSDP2: the policy's starting weights, loaded again (a sharded
+        policy cannot be copied), frozen."""
+        m = self.cfg.model
+        model = load_causal_lm(m.model, dtype=getattr(torch, m.dtype), trust_remote_code=m.trust_remote_code)  # fmt: skip
+        return model.to(self.acc.device).eval().requires_grad_(False)
 
     def _precompute(self) -> dict[str, torch.Tensor]:
         d, t = self.cfg.data, self.cfg.train
@@ -455,7 +491,10 @@ class Trainer:
         micro = micro_batches(batch_idx, self.acc.process_index, P, t.grad_accum)
         rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
         extra: dict[str, list] = {}
-        kl = self.step_kl(batch_idx) if self.spec.unpaired else None
+        kl = None
+        if self.spec.unpaired:
+            with self.sharding.gathered():
+                kl = self.step_kl(batch_idx)
 
         def micro_loss(idx):
             out, logps, n = self._loss(self.data.train, idx, self.reference, True, kl)
@@ -637,6 +676,11 @@ class Trainer:
 
     def save(self) -> Path | None:
         """A checkpoint of the run (every process calls this: each one's generators go in)."""
+        if self.sharding.enabled:  # each process writes its shard
+            return save_sharded(
+                self.acc, self.run_dir / "checkpoints", self.step, self.engine, self.optimizer,
+                self.scheduler, self.state(), self.cfg.train.keep_checkpoints,
+            )  # fmt: skip
         rngs = [ckpt.rng_state()]
         if self.acc.num_processes > 1:
             rngs = gather_object(rngs)
