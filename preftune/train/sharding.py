@@ -35,6 +35,11 @@ from preftune.train.setup import TrainingError
 def fsdp_requested(acc) -> bool:
     """Whether the launch asked for FSDP: accelerate's state where it honours it (GPUs), else
     the variables `accelerate launch` sets from the config file (it drops them on CPU)."""
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):  # accelerate may run it as DDP on CPU
+        raise TrainingError(
+            "accelerate is configured for DeepSpeed; preftune runs one process, DDP or FSDP2 "
+            "(DeepSpeed ZeRO is not supported yet). Launch with examples/accelerate/fsdp2.yaml"
+        )
     asked = acc.distributed_type == DistributedType.FSDP or parse_flag_from_env(
         "ACCELERATE_USE_FSDP"
     )
@@ -114,6 +119,13 @@ class Sharding:
             for m in fsdp:
                 m.reshard()
                 m.set_reshard_after_forward(reshard, recurse=False)
+                # FSDP records each forward's order for the next backward's prefetch and clears
+                # it after that backward; these forwards have none, and processes with unequal
+                # shares would prefetch different all-gathers there (a hang). No public call.
+                state = m._get_fsdp_state()
+                state._comm_ctx.post_forward_order.clear()
+                for group in state._fsdp_param_groups:
+                    group._post_forward_indices.clear()
 
     def plain_copy(self, engine: torch.nn.Module, policy: torch.nn.Module):
         """On the main process, an unsharded model of `policy`'s class (LoRA: a peft model with
