@@ -134,6 +134,9 @@ def _hf_kwargs(cfg: SamplingConfig, eos: list[int], pad_id: int) -> dict:
         eos_token_id=eos,
         pad_token_id=pad_id,
         use_cache=True,
+        # transformers syncs every token over processes when it sees FSDP layers; preftune
+        # generates on whole (gathered) weights, on one process or each on its own prompts
+        synced_gpus=False,
     )  # KV cache: each step costs one token
     if cfg.do_sample:  # passed explicitly so the model's generation_config defaults don't leak in
         kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from run_helpers import nan_dpo_from_call
+from torch.distributed.tensor import DTensor
 
 from preftune.errors import UserError
 from preftune.losses import LOSSES
@@ -25,17 +26,44 @@ from preftune.train.entry import ONLINE_METHODS
 from preftune.train.loop import run
 from preftune.train.reward import RewardTrainer
 from preftune.train.rundir import resolve
+from preftune.train.sharding import local_numel
 from preftune.train.trainer import Trainer
 from preftune.validation import validate_online
 
 
 def digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the trainable weights; a sharded (FSDP2) weight is gathered first (every
+    process takes part, in the same order)."""
     h = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         if p.requires_grad:
+            w = p.detach().full_tensor() if isinstance(p, DTensor) else p.detach()
             h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+            h.update(w.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def count_grads(trainer) -> dict:
+    """Wrap the optimizer's step to note the gradient elements this process holds at it."""
+    seen = {}
+    opt = trainer.optimizer
+    step = opt.step
+
+    def counted(*args, **kwargs):
+        seen["grads"] = local_numel([p.grad for p in trainer.stepper.params if p.grad is not None])
+        return step(*args, **kwargs)
+
+    opt.step = counted
+    return seen
+
+
+def local_sizes(trainer, seen: dict) -> dict:
+    """Elements this process holds of the trainable parameters, their gradients at the last
+    step and the optimizer state."""
+    params = [p for p in trainer.policy.parameters() if p.requires_grad]
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    moments = [v for st in inner.state.values() for v in st.values() if v.dim() > 0]
+    return {"params": local_numel(params), "optimizer": local_numel(moments), **seen}
 
 
 def main(path: str) -> None:
@@ -43,6 +71,7 @@ def main(path: str) -> None:
     for job in json.loads(open(path).read()):
         if job.get("nan_on_rank") == rank:
             LOSSES["dpo"] = nan_dpo_from_call(job["nan_from_call"])
+        os.environ.update(job.get("env", {}))  # FSDP2: what `accelerate launch` would set
         try:
             run_job(job)
         except UserError as e:
@@ -53,6 +82,8 @@ def main(path: str) -> None:
                 else Path(args["output_dir"], args["run_name"])
             )
             Path(f"{where}.error-rank{rank}").write_text(str(e))
+        for key in job.get("env", {}):
+            del os.environ[key]
 
 
 def run_job(job: dict) -> None:
@@ -62,9 +93,12 @@ def run_job(job: dict) -> None:
         trainer = ONLINE_METHODS[cfg.online.method](cfg)
     else:
         trainer = (RewardTrainer if job["kind"] == "reward" else Trainer)(cfg)
+    seen = count_grads(trainer)
     run(trainer)
     rank = trainer.acc.process_index
     (trainer.run_dir / f"weights-rank{rank}.sha256").write_text(digest(trainer.policy))
+    sizes = json.dumps(local_sizes(trainer, seen))
+    (trainer.run_dir / f"sizes-rank{rank}.json").write_text(sizes)
     trainer.acc.wait_for_everyone()
 
 

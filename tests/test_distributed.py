@@ -1,7 +1,7 @@
-"""N processes equal one: DDP through accelerate (2 CPU processes over gloo), for the methods
-whose training step differs (a TDPO loss with its frozen reference, KTO with its step-wide
-KL estimate, the reward model, LoRA), plus online DPO, whose processes must stay in sync.
-One torchrun launch runs them all (tests/ddp_driver.py)."""
+"""N processes equal one: DDP and FSDP2 through accelerate (2 CPU processes over gloo), for
+the methods whose training step differs (a TDPO loss with its frozen reference, KTO with its
+step-wide KL estimate, the reward model, LoRA), plus online DPO (DDP), whose processes must
+stay in sync. One torchrun launch runs them all (tests/ddp_driver.py)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ JOBS = {
     "lora": ("train", {"lora": True, "lora_r": 4, "share_prefix": False}),
 }
 ENTRY = {"train": train, "reward": train_reward, "online": train_online}
+# FSDP2 (fully_shard per decoder layer), selected as `accelerate launch` does with fsdp2.yaml
+FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+FSDP_JOBS = {"dpo": ("train", {}), **JOBS}
 
 
 def _free_port() -> int:
@@ -99,6 +102,11 @@ def two_processes(tiny_dir, tmp_path_factory):
         {"kind": kind, "args": _args(tiny_dir, out, name, **extra)}
         for name, (kind, extra) in JOBS.items()
     ]
+    jobs += [
+        {"kind": kind, "env": FSDP, "args": _args(tiny_dir, out, f"fsdp-{name}", **extra)}
+        for name, (kind, extra) in FSDP_JOBS.items()
+    ]
+    jobs.append({"kind": "train", "env": FSDP, "args": _args(tiny_dir, out, "fsdp-full", **RESUMED)})  # fmt: skip
     online = _args(tiny_dir, out, "online", method="online_dpo", num_eval=0, max_new_tokens=6)
     online["judge"] = "online_helpers:length_score"
     jobs.append({"kind": "online", "args": online})
@@ -133,19 +141,54 @@ def _launch(out: Path, name: str, jobs: list) -> list[str]:
             str(HERE / "ddp_driver.py"), str(out / f"{name}.json")]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(JOBS))
-def test_two_processes_equal_one(two_processes, tiny_dir, tmp_path, name):
-    kind, extra = JOBS[name]
-    one = ENTRY[kind](_args(tiny_dir, tmp_path, name, **extra)).run_dir
-    two = two_processes / name
+@pytest.fixture(scope="module")
+def one_process(tiny_dir, tmp_path_factory):
+    """The 1-process run of FSDP_JOBS[name], run once for the DDP and the FSDP2 comparison."""
+    out, done = tmp_path_factory.mktemp("one"), {}
+
+    def run(name: str) -> Path:
+        if name not in done:
+            kind, extra = FSDP_JOBS[name]
+            done[name] = ENTRY[kind](_args(tiny_dir, out, name, **extra)).run_dir
+        return done[name]
+
+    return run
+
+
+def _assert_equal_runs(one: Path, two: Path, rel: float) -> None:
     assert json.loads((two / "summary.json").read_text())["num_processes"] == 2
     for key in ("loss", "grad_norm"):  # grad_norm: float64, and exact in the gradient's scale
         a, b = _losses(one, key), _losses(two, key)
         assert len(a) == len(b) == 3
         for x, y in zip(a, b):
-            assert math.isclose(x, y, rel_tol=1e-7), (key, a, b)
+            assert math.isclose(x, y, rel_tol=rel), (key, a, b)
     digests = {p.read_text() for p in two.glob("weights-rank*.sha256")}
     assert len(digests) == 1, "the two processes' weights differ"
+
+
+@pytest.mark.parametrize("name", list(JOBS))
+def test_two_processes_equal_one(two_processes, one_process, name):
+    _assert_equal_runs(one_process(name), two_processes / name, rel=1e-7)
+
+
+@pytest.mark.parametrize("name", list(FSDP_JOBS))
+def test_fsdp2_two_processes_equal_one(two_processes, one_process, name):
+    """FSDP2: the same losses and gradient norms as one process (measured: within 1e-7 in
+    float64; the issue's bound is 1e-5), and both processes end with the same weights."""
+    _assert_equal_runs(one_process(name), two_processes / f"fsdp-{name}", rel=1e-5)
+
+
+def test_fsdp2_each_process_holds_half(two_processes, tiny_dir):
+    """Each process holds half of the parameters, of the gradients at the optimizer step and of
+    the optimizer's moments (measured on the tiny model: 1,613,984 of 3,227,968 parameters)."""
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
+    for r in (0, 1):
+        sizes = json.loads((two_processes / "fsdp-dpo" / f"sizes-rank{r}.json").read_text())
+        assert 0.45 < sizes["params"] / total < 0.55, sizes
+        assert sizes["grads"] == sizes["params"], sizes
+        assert sizes["optimizer"] == 2 * sizes["params"], sizes  # AdamW's two moments
+    ddp = json.loads((two_processes / "tdpo" / "sizes-rank0.json").read_text())
+    assert ddp["params"] == total  # DDP: every process holds the whole model
 
 
 def test_online_dpo_processes_stay_in_sync(two_processes):
@@ -157,29 +200,35 @@ def test_online_dpo_processes_stay_in_sync(two_processes):
     assert len({p.read_text() for p in run.glob("weights-rank*.sha256")}) == 1
 
 
-def test_two_processes_killed_and_resumed_equal_uninterrupted(two_processes, tiny_dir):
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_two_processes_killed_and_resumed_equal_uninterrupted(two_processes, tiny_dir, engine):
     """SIGKILL to both processes after checkpoint 2, then a resume in 2 processes: the same
-    weights as the uninterrupted 2-process run, and final/ loads with plain transformers."""
-    out = two_processes
-    job = [{"kind": "train", "args": _args(tiny_dir, out, "killed", **RESUMED)}]
-    proc = subprocess.Popen(_launch(out, "killed", job), env=ENV, start_new_session=True,
+    weights as the uninterrupted 2-process run, and final/ loads with plain transformers.
+    FSDP2: each process wrote its shard (safetensors through DCP), final/ is gathered."""
+    out, env = two_processes, FSDP if engine == "fsdp2" else {}
+    name, full = ("fsdp-killed", "fsdp-full") if env else ("killed", "full")
+    job = [{"kind": "train", "env": env, "args": _args(tiny_dir, out, name, **RESUMED)}]
+    proc = subprocess.Popen(_launch(out, name, job), env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    ckpts = out / "killed" / "checkpoints"
+    ckpts = out / name / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not (ckpts / "step-2").exists() and proc.poll() is None:
         time.sleep(0.05)
     _kill_launch(proc)
-    assert not (out / "killed" / "final").exists(), "the kill came too late to test anything"
-    resume = [{"kind": "train", "args": {"resume": str(out / "killed")}}]
-    done = subprocess.run(_launch(out, "resume", resume), env=ENV, capture_output=True,
+    assert not (out / name / "final").exists(), "the kill came too late to test anything"
+    if env:
+        shards = sorted(p.name for p in (ckpts / "step-2" / "shards").iterdir())
+        assert len(shards) == 2 and all(s.endswith(".safetensors") for s in shards), shards
+    resume = [{"kind": "train", "env": env, "args": {"resume": str(out / name)}}]
+    done = subprocess.run(_launch(out, f"{name}-resume", resume), env=ENV, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    a = load_file(out / "full" / "final" / "model.safetensors")
-    b = load_file(out / "killed" / "final" / "model.safetensors")
+    a = load_file(out / full / "final" / "model.safetensors")
+    b = load_file(out / name / "final" / "model.safetensors")
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
-    assert _losses(out / "killed") == _losses(out / "full")
-    model = AutoModelForCausalLM.from_pretrained(out / "killed" / "final")
+    assert _losses(out / name) == _losses(out / full)
+    model = AutoModelForCausalLM.from_pretrained(out / name / "final")
     assert model.config.num_hidden_layers >= 1
 
 

@@ -27,6 +27,7 @@ from preftune.evaluate import SEGMENTS_FILE, pair_segment_sums, read_segment_tab
 from preftune.losses import LOSSES, PreferenceLogps
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import example_lengths, micro_batches
+from preftune.train.dcp import save_sharded
 from preftune.train.guards import DivergenceGuard
 from preftune.train.in_backward import StepInBackward
 from preftune.train.rundir import claim_once, training_keys
@@ -38,6 +39,7 @@ from preftune.train.setup import (
     create_optimizer_state,
     trackers,
 )
+from preftune.train.sharding import Sharding, fsdp_requested
 from preftune.train.step import StepEngine, place_for_training, wrapped
 
 
@@ -137,11 +139,28 @@ class BaseTrainer:
         """Optimizer, schedule, the prepared engine module and the step engine."""
         """Optimizer, schedule, the prepared engine module and the step engine."""
         t = cfg.train
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.policy, self.total_steps)
+        self.sharding = Sharding(fsdp_requested(self.acc))
+        if self.sharding.enabled and self.method not in (None, "reward"):
+            raise TrainingError(
+                f"{self.method} runs under one process or DDP; FSDP2 shards the offline methods "
+                f"and the reward model. Launch it with examples/accelerate/ddp.yaml"
+            )
+
+        def build():
+            self.optimizer, self.scheduler = build_optimizer(cfg, self.policy, self.total_steps)
+            return self.optimizer
+
         self.policy, self.engine, self.optimizer = place_for_training(
-            self.acc, self.policy, self.optimizer
+            self.acc, self.policy, self.sharding, build
         )
-        if wrapped(self.acc):
+        if self.sharding.enabled:
+            self.log_line(
+                "FSDP2: parameters, gradients and optimizer state sharded per decoder layer "
+                "(fully_shard), gradients reduce-scattered by FSDP; the engine's gradient fast "
+                "paths (embedding and LM-head gradients written into .grad) are off: they cannot "
+                "write into sharded gradients"
+            )
+        elif wrapped(self.acc):
             self.log_line(
                 f"{self.acc.distributed_type.value}: gradients averaged by the wrapper; the "
                 f"engine's gradient fast paths (embedding and LM-head gradients written into .grad) "
@@ -357,6 +376,11 @@ class BaseTrainer:
 
     def save(self) -> Path | None:
         """A checkpoint of the run (every process calls this: each one's generators go in)."""
+        if self.sharding.enabled:  # each process writes its shard
+            return save_sharded(
+                self.acc, self.run_dir / "checkpoints", self.step, self.engine, self.optimizer,
+                self.scheduler, self.state(), self.cfg.train.keep_checkpoints,
+            )  # fmt: skip
         rngs = [ckpt.rng_state()]
         if self.acc.num_processes > 1:
             rngs = gather_object(rngs)

@@ -114,7 +114,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 # ---- writing ------------------------------------------------------------------------------------
-def _digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(1 << 24):
@@ -177,7 +177,9 @@ def save_checkpoint(
     doc = encode(payload, tensors)
     save_file(tensors, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(doc))
-    manifest = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _digest(tmp / f)} for f in FILES}
+    manifest = {
+        f: {"bytes": (tmp / f).stat().st_size, "sha256": file_digest(tmp / f)} for f in FILES
+    }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     fsync_tree(tmp)
     publish(tmp, final)
@@ -215,14 +217,17 @@ def verify(path: Path) -> str | None:
         manifest = json.loads((path / "manifest.json").read_text())
     except (OSError, ValueError):
         return "manifest.json is missing or unreadable"
-    for name in FILES:
+    # a sharded checkpoint (train/dcp.py) lists its state files and each process's shard
+    sharded = manifest.get("sharded")
+    names = FILES if sharded is None else (*FILES[1:], *sharded.get("files", ["shards/"]))
+    for name in names:
         f = path / name
         want = manifest.get(name, {})
         if not f.exists():
             return f"{name} is missing"
         if f.stat().st_size != want.get("bytes"):
             return f"{name} has {f.stat().st_size} bytes, the manifest says {want.get('bytes')}"
-        if _digest(f) != want.get("sha256"):
+        if file_digest(f) != want.get("sha256"):
             return f"{name} does not match its checksum"
     return None
 

@@ -24,6 +24,7 @@ from preftune.report import write_report
 from preftune.train import checkpoint as ckpt
 from preftune.train.base import BaseTrainer, write_json
 from preftune.train.batches import global_batches
+from preftune.train.dcp import load_sharded
 from preftune.train.guards import DivergedError, quarantine
 from preftune.train.rundir import check_same_training, save_config
 
@@ -72,9 +73,10 @@ def _resume(trainer: BaseTrainer) -> None:
     if path is None:
         trainer.warn(f"resume: no complete checkpoint in {trainer.run_dir}; starting from step 0")
     else:
-        state = ckpt.load_checkpoint(
+        load = load_sharded if trainer.sharding.enabled else ckpt.load_checkpoint
+        state = load(
             path,
-            trainer.policy,
+            trainer.engine if trainer.sharding.enabled else trainer.policy,
             trainer.optimizer,
             trainer.scheduler,
             trainer.acc.process_index,
@@ -114,8 +116,9 @@ def _truncate_metrics(trainer: BaseTrainer, step: int) -> None:
 
 
 def _task_eval(trainer: BaseTrainer, summary: dict, tag: str) -> None:
-    trainer.write_samples(tag)  # greedy_{tag}.json for any data set (and segment references)
-    acc, samples = trainer.task_accuracy(tag)
+    with trainer.sharding.gathered():  # generation on the main process only
+        trainer.write_samples(tag)  # greedy_{tag}.json for any data set (and segment references)
+        acc, samples = trainer.task_accuracy(tag)
     if acc is None:
         return
     summary[f"task/accuracy_{tag}"] = acc
@@ -190,7 +193,8 @@ def _train(trainer: BaseTrainer) -> dict:
         trainer.step += 1
         last["epoch"] = trainer.step / trainer.per_epoch
         if t.eval_every and trainer.step % t.eval_every == 0 and trainer.step < trainer.total_steps:
-            last.update(trainer.evaluate_pairs())
+            with trainer.sharding.gathered():  # unequal shares of the held-out pairs
+                last.update(trainer.evaluate_pairs())
         if trainer.step % t.log_every == 0 or trainer.step == trainer.total_steps:
             _log(trainer, last, trainer.step)
         guard.check(trainer.step, last.get("loss", float("nan")), last["grad_norm"])
@@ -254,7 +258,8 @@ def _run(trainer: BaseTrainer) -> TrainResult:
     train_time = time.perf_counter() - start
     if trainer.in_backward is not None:  # a later backward on the model must not step it
         trainer.in_backward.remove()
-    final_eval = trainer.evaluate_pairs()
+    with trainer.sharding.gathered():
+        final_eval = trainer.evaluate_pairs()
     if final_eval:
         _log(trainer, final_eval, trainer.step)
     summary.update(last)
@@ -296,10 +301,13 @@ def _write_summary(trainer: BaseTrainer, summary: dict, report: bool = True) -> 
 
 def _save_final(trainer: BaseTrainer) -> None:
     """final/: one Hugging Face model folder, written under a temporary name and renamed, so a
-    kill leaves either the whole folder or none."""
+    kill leaves either the whole folder or none. Under FSDP2 every process sends its shards
+    and the main process saves an unsharded copy."""
+    model = trainer.policy
+    if trainer.sharding.enabled:
+        model = trainer.sharding.plain_copy(trainer.engine, trainer.policy)
     if not trainer.acc.is_main_process:
         return
-    model = trainer.policy
     final, tmp = trainer.run_dir / "final", trainer.run_dir / ".tmp-final"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -23,10 +23,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 from accelerate.utils import DistributedType, gather_object
+from torch.distributed.tensor import DTensor
 
 from preftune.logps import hidden_at_targets, sequence_logps, sequence_logps_and_kl, token_logps
 from preftune.train.guards import DivergedError
 from preftune.train.setup import TrainingError
+from preftune.train.sharding import Sharding
 
 # engine functions that take `fast_grads`
 _ENGINE_FNS = (sequence_logps, token_logps, sequence_logps_and_kl, hidden_at_targets)
@@ -122,17 +124,20 @@ class StepEngine:
             return self.in_backward.finish()
         params = [p for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not torch.isfinite(norm):
-            raise DivergedError(step, f"non-finite gradient norm ({norm}), step refused")
+        # sharded (FSDP2) gradients give a DTensor norm: its value is a collective
+        total = norm.full_tensor() if isinstance(norm, DTensor) else norm
+        if not torch.isfinite(total):
+            raise DivergedError(step, f"non-finite gradient norm ({total}), step refused")
         # clip_grad_norm_'s rule (scale by max_norm / (norm + 1e-6) where that is below 1),
         # without its pass over every gradient multiplying by exactly 1.0 when it is not
         max_norm = self.max_grad_norm
-        if max_norm and max_norm / (float(norm) + 1e-6) < 1.0:
+        if max_norm and max_norm / (float(total) + 1e-6) < 1.0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        return float(norm)
+        return float(total)
 
 
-# what prepare may wrap the engine in: nothing, or DDP (CPU processes over gloo, GPUs over NCCL)
+# what prepare may wrap the engine in: nothing, or DDP (CPU processes over gloo, GPUs over NCCL);
+# FSDP2 is applied by preftune itself (train/sharding.py)
 SUPPORTED_ENGINES = {
     DistributedType.NO,
     DistributedType.MULTI_CPU,
@@ -143,18 +148,24 @@ SUPPORTED_ENGINES = {
 }
 
 
-def place_for_training(acc, policy, optimizer):
+def place_for_training(acc, policy, sharding: Sharding, build_optimizer: Callable):
     """(policy on the accelerator's device, the prepared `EngineModule` around it, the prepared
-    optimizer). Under several processes accelerate wraps the module (DDP), whose reducer
-    averages the gradients; the engine then keeps every gradient inside autograd. The policy
-    itself is never wrapped: `trainer.policy` is the bare model everywhere (saving, generation,
-    the reference), no unwrap needed."""
-    if acc.distributed_type not in SUPPORTED_ENGINES:
+    optimizer, built by `build_optimizer()` once the parameters are final). Under several
+    processes accelerate wraps the module (DDP), whose reducer averages the gradients; the
+    engine then keeps every gradient inside autograd. Under FSDP2 the module is sharded with
+    `fully_shard` (train/sharding.py) and not given to `prepare`, which would shard it again
+    (GPUs) or wrap it in DDP (CPUs). The policy itself is never wrapped: `trainer.policy` is
+    the bare model everywhere (saving, generation, the reference), no unwrap needed."""
+    if acc.distributed_type not in SUPPORTED_ENGINES and not sharding.enabled:
         raise TrainingError(
             f"accelerate is configured for {acc.distributed_type.value}; preftune runs one "
-            f"process or DDP today (FSDP2 and DeepSpeed ZeRO are not supported yet). Launch with "
-            f"a DDP config such as examples/accelerate/ddp.yaml"
+            f"process, DDP or FSDP2 (DeepSpeed ZeRO is not supported yet). Launch with a config "
+            f"such as examples/accelerate/ddp.yaml or fsdp2.yaml"
         )
     policy.to(acc.device)
-    engine, optimizer = acc.prepare(EngineModule(policy, fast_grads=not wrapped(acc)), optimizer)
+    engine = EngineModule(policy, fast_grads=not wrapped(acc))
+    if sharding.enabled:
+        sharding.shard_engine(engine, policy)
+        return policy, engine, build_optimizer()
+    engine, optimizer = acc.prepare(engine, build_optimizer())
     return policy, engine, optimizer

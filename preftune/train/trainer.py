@@ -21,7 +21,7 @@ from preftune.evaluate import SEGMENTS_FILE, greedy_samples, has_shared_prefixes
 from preftune.logprob.plan import LayoutSettings, layout_settings
 from preftune.logps import sequence_logps, sequence_logps_and_kl
 from preftune.losses import PreferenceLogps, UnpairedLogps, compute
-from preftune.models import cache_dir
+from preftune.models import cache_dir, load_causal_lm
 from preftune.train.base import BaseTrainer, write_json
 from preftune.train.batches import (
     example_lengths,
@@ -67,9 +67,20 @@ class Trainer(BaseTrainer):
         self.log_line(f"reference: {mode} — {why}")
         if mode == "none":
             return None
+        if mode == "frozen" and self.sharding.enabled:  # sharded too, never whole per process
+            frozen = self.sharding.shard_frozen(self._load_frozen())
+            return ModelReference(frozen, "same", self.cfg.train.chunk_size)
         if mode in ("frozen", "lora"):
             return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
-        return CachedReference(self._precompute())
+        with self.sharding.gathered():  # each process its share of the batches
+            return CachedReference(self._precompute())
+
+    def _load_frozen(self):
+        """The reference under FSDP2: the policy's starting weights, loaded again (a sharded
+        policy cannot be copied), frozen."""
+        m = self.cfg.model
+        model = load_causal_lm(m.model, getattr(torch, m.dtype), m.trust_remote_code)
+        return model.to(self.acc.device).eval().requires_grad_(False)
 
     def _precompute(self) -> dict[str, torch.Tensor]:
         d, t = self.cfg.data, self.cfg.train
@@ -221,7 +232,10 @@ class Trainer(BaseTrainer):
 
     def step_context(self, batch_idx: list[int]):
         """KTO's KL pairs of the step (`step_kl`); nothing for the paired losses."""
-        return self.step_kl(batch_idx) if self.spec.unpaired else None
+        if not self.spec.unpaired:
+            return None
+        with self.sharding.gathered():
+            return self.step_kl(batch_idx)
 
     def step_kl(self, batch_idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """KTO's KL pairs of a whole step, each process scoring its share in micro-batch-sized
