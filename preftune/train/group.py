@@ -25,8 +25,6 @@ import time
 
 import torch
 
-from preftune.layouts import build_token_batch
-from preftune.logps import token_logps
 from preftune.online.base import split_even
 from preftune.online.group import (
     aggregation_denominator,
@@ -37,7 +35,7 @@ from preftune.online.group import (
     sequence_values,
 )
 from preftune.online.rso_data import apply_eos_penalty
-from preftune.train.remax import ReMaxTrainer, per_token_rows
+from preftune.train.remax import ReMaxTrainer
 
 # what the papers do where `scale_rewards` / `loss_aggregation` are left null
 METHOD_DEFAULTS = {
@@ -124,19 +122,8 @@ class GroupTrainer(ReMaxTrainer):
 
         def micro_loss(idx):
             chosen = [samples[i] for i in idx]
-            batch = build_token_batch(
-                [list(s.prompt_token_ids) for s in chosen],
-                [list(s.token_ids) for s in chosen],
-                self.tokenizer.pad_token_id,
-                packed=t.packed,
-                share_prefix=t.share_prefix,
-            ).to(self.acc.device)
-            with self.acc.autocast():
-                tok = self.run_policy(token_logps, batch, None, t.chunk_size)
-                ref_tok = self._ref_token_logps(batch, tok)
-            logps, mask = per_token_rows(tok, batch)
-            ref_logps, _ = per_token_rows(ref_tok.to(tok.dtype), batch)
-            adv, kl = self._advantages(reward[idx].to(logps), logps, ref_logps.detach(), mask)
+            logps, ref_logps, mask = self._sample_token_logps(chosen)
+            adv, kl = self._advantages(reward[idx].to(logps), logps, ref_logps, mask)
             losses = group_token_losses(
                 logps, logps.detach(), ref_logps, adv, mask, o.clip_epsilon, beta_in_loss
             )
