@@ -92,14 +92,16 @@ def run_worker(
     timeout: float = 7200,
     omp_wait_policy: str | None = None,
     extra_env: dict | None = None,
+    script: str = "worker.py",
 ) -> dict:
-    """Run `worker.py` on `spec` in a fresh process (optionally under `launcher`, e.g. accelerate
-    launch) and return its result, with the sampled peak RSS of the process tree added."""
+    """Run `script` (`worker.py`, or W5's `online_worker.py`) on `spec` in a fresh process
+    (optionally under `launcher`, e.g. accelerate launch) and return its result, with the
+    sampled peak RSS of the process tree added."""
     work = Path(tempfile.mkdtemp(prefix="preftune-bench-"))
     spec = {**spec, "workdir": str(work)}
     spec_path, out_path = work / "spec.json", work / "result.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = [*(launcher or [sys.executable]), str(HERE / "worker.py"), str(spec_path), str(out_path)]
+    cmd = [*(launcher or [sys.executable]), str(HERE / script), str(spec_path), str(out_path)]
     env = {
         **os.environ,
         # a fresh cache per run: no reference log-probs reused from an earlier run, either tool

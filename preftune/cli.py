@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, entry, text in (
         ("reward", api.train_reward, "train a Bradley-Terry reward model"),
-        ("online", api.train_online, "online DPO / RSO / ReMax with a judge"),
+        ("online", api.train_online, "online DPO, IPO-MD, RSO, ReMax, RLOO, GRPO"),
     ):
         s = sub.add_parser(name, help=text)
         _add_run_arguments(s)

@@ -131,7 +131,7 @@ class EvalConfig:
 class OnlineConfig:
     """`preftune online`: generation, judging and the online method's own knobs."""
 
-    method: str = "online_dpo"  # online_dpo | rso | remax
+    method: str = "online_dpo"  # online_dpo | ipo_md | rso | remax | rloo | grpo
     judge: str = "verifier"  # verifier | a reward-model directory | module:function
     temperature: float = 0.9
     top_p: float = 1.0
@@ -145,6 +145,16 @@ class OnlineConfig:
     remax_kl_ctl: float = 0.1
     remax_gamma: float = 0.95
     remax_clip_reward: float = 5.0
+    # IPO-MD (Calandriello et al. 2024): pairs drawn from pi^(1-b) * pi_ref^b, b = mixture_beta
+    mixture_beta: float = 0.5
+    # RLOO / GRPO (docs/online.md): the group, the KL weight, the clip, the papers' switches
+    num_generations: int = 4  # samples per prompt (k)
+    kl_coef: float = 0.04  # RLOO: per-sequence KL in the reward; GRPO: k3 per token
+    clip_epsilon: float = 0.2  # GRPO's PPO clip of the token ratio
+    scale_rewards: bool | None = None  # divide by the group std; null: grpo true, rloo false
+    loss_aggregation: str | None = (
+        None  # sequence|token|constant|sum; null: grpo sequence, rloo sum
+    )
     log_samples: int = 4  # prompts whose completions (with scores) go to samples.jsonl per eval
     generation_batch_size: int | None = None  # prompts per generate call (None = all at once)
     rso_output: str | None = None  # `preftune data rso`: the preference JSONL to write

@@ -200,24 +200,44 @@ def _generate_rows(
 ) -> list[list[int]]:
     """New tokens of one `generate` call, `len(rows) * n` lists, prompt-major.
 
-    Chat prompts share a long head (system prompt, turn markers): when every row starts with
-    the same >= MIN_SHARED_PREFIX tokens (and one sample per prompt is asked), that prefix runs
-    once at batch size 1, its KV cache is repeated over the batch, and only the rest of each
-    prompt is prefilled — the same tokens a plain left-padded call would produce, for a
-    fraction of the prefill work."""
+    The prompts' KV cache is built before `generate` and handed to it, so that
+    - chat prompts sharing a long head (system prompt, turn markers: every row starts with the
+      same >= MIN_SHARED_PREFIX tokens) run that head once at batch size 1, its cache repeated
+      over the batch;
+    - the n = `num_return_sequences` samples of a prompt share one prefill: the cache of the
+      prompts (all but their last token) is repeated n times, where `generate` alone would
+      prefill n copies of every prompt.
+    The tokens are those of a plain left-padded call under the same seed (tested)."""
     device = next(model.parameters()).device
     prefix = shared_prefix_length(rows)  # the training engine's rule: >= 2 rows, >= MIN tokens
+    n = cfg.num_return_sequences
     kwargs = _hf_kwargs(cfg, eos, pad_id)
-    if prefix and cfg.num_return_sequences == 1:
-        ids, mask = _mid_pad(rows, prefix, pad_id)
-        out = model(input_ids=ids[:1, :prefix].to(device), use_cache=True)
-        name = cache_argument(model)  # generate takes the name its model's forward takes
-        cache = getattr(out, name)
+    ids, mask = _mid_pad(rows, prefix, pad_id) if prefix else _left_pad(rows, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    name = cache_argument(model)  # generate takes the name its model's forward takes
+    cache, done = None, 0
+    if prefix:
+        cache = getattr(model(input_ids=ids[:1, :prefix], use_cache=True), name)
         cache.batch_repeat_interleave(len(rows))
+        done = prefix
+    if n > 1 and ids.shape[1] - 1 > done:  # prefill the rest once (generate feeds the last token)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        more = {name: cache} if cache is not None else {}
+        out = model(
+            input_ids=ids[:, done:-1],
+            attention_mask=mask[:, :-1],
+            position_ids=pos[:, done:-1],
+            use_cache=True,
+            **more,
+        )
+        cache = getattr(out, name)
+    if cache is not None and n > 1:
+        cache.batch_repeat_interleave(n)
+        ids, mask = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+        kwargs["num_return_sequences"] = 1
+    if cache is not None:
         kwargs[name] = cache
-    else:
-        ids, mask = _left_pad(rows, pad_id)
-    seqs = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+    seqs = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     return seqs[:, ids.shape[1] :].tolist()
 
 

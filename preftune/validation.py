@@ -9,9 +9,12 @@ import difflib
 
 from preftune.errors import ConfigError
 from preftune.losses import LOSSES, validate_hparams
+from preftune.online.group import AGGREGATIONS
 
 # the methods of `preftune online`; preftune/train/entry.py maps each to its trainer
-ONLINE_METHOD_NAMES = ("online_dpo", "rso", "remax")
+ONLINE_METHOD_NAMES = ("online_dpo", "ipo_md", "rso", "remax", "rloo", "grpo")
+# the policy-gradient methods: no registry loss, so any `loss` key is ignored
+POLICY_GRADIENT_METHODS = ("remax", "rloo", "grpo")
 
 
 def loss_hparam_names() -> set[str]:
@@ -164,7 +167,7 @@ def validate_online(cfg, method: str | None = None) -> None:
             f"unknown online method '{method}'; choose one of {', '.join(ONLINE_METHOD_NAMES)}"
         )
     spec = LOSSES[cfg.loss.loss]
-    if method != "remax" and spec.unpaired:
+    if method not in POLICY_GRADIENT_METHODS and spec.unpaired:
         raise ConfigError(
             f"{method} trains on generated pairs; loss '{cfg.loss.loss}' needs unpaired data. "
             f"Pick a pairwise loss such as dpo, ipo or hinge"
@@ -203,6 +206,10 @@ def validate_online(cfg, method: str | None = None) -> None:
             raise ConfigError(msg)
     if method == "remax":
         check_remax(cfg)
+    if method in ("rloo", "grpo"):
+        check_group(cfg)
+    if method == "ipo_md":
+        check_ipo_md(cfg)
     if cfg.train.reference == "precompute":
         raise ConfigError(
             "reference=precompute cannot serve an online run: its completions are new every "
@@ -218,3 +225,41 @@ def check_remax(cfg) -> None:
         raise ConfigError(f"remax_kl_ctl must be >= 0, got {o.remax_kl_ctl}")
     if o.remax_clip_reward <= 0:
         raise ConfigError(f"remax_clip_reward must be > 0, got {o.remax_clip_reward}")
+
+
+def check_ipo_md(cfg) -> None:
+    o = cfg.online
+    if cfg.loss.loss != "ipo":
+        raise ConfigError(
+            f"method=ipo_md trains the IPO loss on mixture samples (Calandriello et al. 2024), "
+            f"got loss={cfg.loss.loss}: add loss=ipo (beta is IPO's tau)"
+        )
+    if not 0 <= o.mixture_beta <= 1:
+        raise ConfigError(
+            f"mixture_beta must be in [0, 1] (0: sample the policy, online IPO; 1: the "
+            f"reference), got {o.mixture_beta}"
+        )
+    if cfg.train.reference == "none":
+        raise ConfigError("method=ipo_md samples from the reference too: use reference=auto")
+
+
+def check_group(cfg) -> None:
+    o = cfg.online
+    if o.num_generations < 2:
+        raise ConfigError(
+            f"num_generations must be >= 2 (the group baseline needs other samples of the "
+            f"same prompt), got {o.num_generations}"
+        )
+    if o.kl_coef < 0:
+        raise ConfigError(f"kl_coef must be >= 0, got {o.kl_coef}")
+    if not 0 < o.clip_epsilon < 1:
+        raise ConfigError(f"clip_epsilon must be in (0, 1), got {o.clip_epsilon}")
+    if o.loss_aggregation is not None and o.loss_aggregation not in AGGREGATIONS:
+        raise ConfigError(
+            f"loss_aggregation must be one of {', '.join(AGGREGATIONS)} (or null: the "
+            f"method's paper), got {o.loss_aggregation!r}"
+        )
+    if o.kl_coef > 0 and cfg.train.reference == "none":
+        raise ConfigError(
+            f"kl_coef={o.kl_coef} needs the reference: use reference=auto or kl_coef=0"
+        )

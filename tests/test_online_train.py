@@ -148,6 +148,17 @@ def test_cli_online_remax(tiny_dir, tmp_path):
     assert {s["role"] for s in samples} == {"sample", "greedy"}
 
 
+@pytest.mark.parametrize("method", ["grpo", "rloo", "ipo_md"])
+def test_cli_online_group_and_mixture_methods(tiny_dir, tmp_path, method):
+    extra = {"loss": "ipo", "mixture_beta": 0.5} if method == "ipo_md" else {"num_generations": 3}
+    args = online_args(tiny_dir, tmp_path, method, **extra)
+    assert main(["online", f"method={method}", *cli(args)]) == 0
+    keys = {"pairs/trained"} if method == "ipo_md" else {"groups/all_equal", "reward/advantage_abs"}
+    check_run(tmp_path / method, method, COMMON_KEYS | keys, tiny_dir)
+    summary = json.loads((tmp_path / method / "summary.json").read_text())
+    assert summary["loss_name"] == ("ipo" if method == "ipo_md" else method)
+
+
 def test_online_errors_are_reported_before_the_model_loads(tmp_path, capsys):
     bad = [
         ["method=ppo"],
@@ -155,16 +166,20 @@ def test_online_errors_are_reported_before_the_model_loads(tmp_path, capsys):
         ["method=rso", "rso_num_samples=3"],
         ["method=remax", "remax_gamma=0"],
         ["method=online_dpo", "reference=precompute"],
+        ["method=ipo_md", "loss=dpo"],
+        ["method=grpo", "num_generations=1"],
+        ["method=rloo", "loss_aggregation=mean"],
     ]
     for extra in bad:
         assert main(["online", "model=/nonexistent", f"output_dir={tmp_path}", *extra]) == 2
     err = capsys.readouterr().err
-    for word in ("unknown online method", "unpaired", "even", "remax_gamma", "precompute"):
+    words = ("unknown online method", "unpaired", "even", "remax_gamma", "precompute")
+    for word in (*words, "loss=ipo", "num_generations", "loss_aggregation"):
         assert word in err
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("method", ["online_dpo", "remax"])
+@pytest.mark.parametrize("method", ["online_dpo", "remax", "grpo", "rloo"])
 def test_accumulation_equals_full_batch(tiny_dir, tmp_path, method):
     """The same generated samples (same seed) give the same update whether the step runs as
     one micro-batch or several: each micro-batch is normalised by the whole step's count."""
@@ -210,6 +225,22 @@ def test_resumed_rso_run_equals_uninterrupted(tiny_dir, tmp_path):
     want = [x for x in metric_lines(full.run_dir) if "reward/mean" in x]
     got = [x for x in metric_lines(resumed.run_dir) if "reward/mean" in x]
     for k in ("loss", "reward/mean", "reward/accepted", "pairs/ties", "kl"):
+        assert got[1][k] == pytest.approx(want[1][k], rel=1e-9, abs=1e-12), k
+
+
+@pytest.mark.parametrize("method", ["grpo", "ipo_md"])
+def test_resumed_group_and_mixture_runs_equal_uninterrupted(tiny_dir, tmp_path, method):
+    """Resume after step 1 of 2: the second step's samples (torch's RNG in the checkpoint),
+    advantages and loss are those of the uninterrupted run."""
+    common = dict(method=method, scheduler="constant", warmup_ratio=0.0, dtype="float64")
+    common.update({"loss": "ipo"} if method == "ipo_md" else {"num_generations": 3})
+    full = train_online(online_args(tiny_dir, tmp_path, "full", **common))
+    train_online(online_args(tiny_dir, tmp_path, "cut", max_steps=1, save_every=1, **common))
+    resumed = train_online({"resume": str(tmp_path / "cut"), "max_steps": 2})
+    want = [x for x in metric_lines(full.run_dir) if "reward/mean" in x]
+    got = [x for x in metric_lines(resumed.run_dir) if "reward/mean" in x]
+    assert len(got) == 2
+    for k in ("loss", "reward/mean", "kl", "completion_length", "pairs/ties"):
         assert got[1][k] == pytest.approx(want[1][k], rel=1e-9, abs=1e-12), k
 
 

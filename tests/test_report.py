@@ -7,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-from types import SimpleNamespace
 
 import matplotlib
 import pytest
@@ -18,11 +17,9 @@ from preftune.calibrate import BetaCalibration
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
 from preftune.report import PANELS, compare_runs, load_run, write_report
 from preftune.report.panels import run_colors
-from preftune.train.trainer import Trainer
+from preftune.train.metrics import record, summarise
 
 matplotlib.use("Agg")
-
-FAKE_TRAINER = SimpleNamespace(acc=SimpleNamespace(gather=lambda t: t))
 
 
 def _logps(loss: str, step: int, g: torch.Generator):
@@ -59,8 +56,8 @@ def _metrics(loss: str, step: int, g, calibration, prefix: str = "") -> dict:
         out = compute(loss, logps, state=state)
     rec = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
     extra: dict = {}
-    Trainer._record(FAKE_TRAINER, rec, extra, out, logps)
-    return Trainer._summarise(rec, extra, prefix=prefix)
+    record(rec, extra, out, logps)
+    return summarise(rec, extra, prefix=prefix)
 
 
 def fake_run(path, loss: str, calibrated: bool = False, spike: bool = False, seed: int = 0):

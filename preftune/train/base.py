@@ -22,14 +22,15 @@ from tqdm.auto import tqdm
 from preftune.allocator import keep_freed_memory
 from preftune.calibrate import BetaCalibration
 from preftune.config import Config
-from preftune.diagnostics import pair_diagnostics, segment_changes, summarise_segments
+from preftune.diagnostics import segment_changes, summarise_segments
 from preftune.evaluate import SEGMENTS_FILE, pair_segment_sums, read_segment_table, task_accuracy
-from preftune.losses import LOSSES, PreferenceLogps
+from preftune.losses import LOSSES
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import example_lengths, micro_batches
 from preftune.train.dcp import save_sharded
 from preftune.train.guards import DivergenceGuard
 from preftune.train.in_backward import StepInBackward
+from preftune.train.metrics import record, summarise
 from preftune.train.rundir import claim_once, training_keys
 from preftune.train.setup import (
     Datasets,
@@ -41,18 +42,6 @@ from preftune.train.setup import (
 )
 from preftune.train.sharding import Sharding, fsdp_requested
 from preftune.train.step import StepEngine, place_for_training, wrapped
-
-
-def _mean(values: list) -> float:
-    return (
-        float(torch.cat([v.reshape(-1).float() for v in values]).mean()) if values else float("nan")
-    )
-
-
-def _mean(values: list) -> float:
-    return (
-        float(torch.cat([v.reshape(-1).float() for v in values]).mean()) if values else float("nan")
-    )
 
 
 def write_json(path: Path, obj) -> None:
@@ -80,6 +69,11 @@ class BaseTrainer:
         except BaseException:
             self.rundir.release()
             raise
+
+    @property
+    def label(self) -> str:
+        """What the run trains, as its log lines name it."""
+        return self.method or self.cfg.loss.loss
 
     def load_model(self) -> tuple:
         """(model, tokenizer, model path)."""
@@ -219,34 +213,13 @@ class BaseTrainer:
 
         def micro_loss(idx):
             out, logps, n = self._loss(self.data.train, idx, self.reference, True, context)
-            self._record(rec, extra, out, logps)
+            record(rec, extra, out, logps)
             return out.losses.sum(), n
 
         step = self.stepper.run(self.step + 1, micro, micro_loss, len(batch_idx))
-        metrics = self._summarise(self._gather_rec(rec), self._gather_rec(extra))
+        metrics = summarise(self._gather_rec(rec), self._gather_rec(extra))
         metrics.update(step)
         return metrics
-
-    def _record(self, rec, extra, out, logps) -> None:
-        """This process's per-example values of a micro-batch; `_gather_rec` collects them
-        from every process once per step (their sizes may differ: KTO's chosen / rejected)."""
-        rec["loss"].append(out.losses.detach())
-        rec["chosen"].append(out.chosen_rewards.detach())
-        rec["rejected"].append(out.rejected_rewards.detach())
-        if isinstance(logps, PreferenceLogps):
-            rec["lp_c"].append(logps.policy_chosen_logps.detach())
-            rec["lp_r"].append(logps.policy_rejected_logps.detach())
-            if logps.ref_chosen_logps is not None:  # per pair, averaged over all pairs of the step
-                for k, v in pair_diagnostics(
-                    logps.policy_chosen_logps, logps.policy_rejected_logps,
-                    logps.ref_chosen_logps, logps.ref_rejected_logps,
-                    logps.chosen_lengths, logps.rejected_lengths,
-                ).items():  # fmt: skip
-                    rec.setdefault(k, []).append(v.detach())
-        for k, v in out.metrics.items():
-            extra.setdefault(k, []).append(
-                torch.as_tensor(v, dtype=torch.float32).detach().reshape(-1)
-            )
 
     # ---- metrics that hold under several processes with different batch sizes ---------------
     def _gather_list(self, values: list) -> list:
@@ -273,30 +246,6 @@ class BaseTrainer:
         values = self._gather_list(local)
         return sum(values) / len(values) if values else float("nan")
 
-    @staticmethod
-    def _summarise(rec, extra, prefix: str = "") -> dict:
-        m = {
-            "loss": _mean(rec["loss"]),
-            "rewards/chosen": _mean(rec["chosen"]),
-            "rewards/rejected": _mean(rec["rejected"]),
-        }
-        if (
-            rec["chosen"]
-            and rec["rejected"]
-            and len(torch.cat(rec["chosen"])) == len(torch.cat(rec["rejected"]))
-        ):
-            c, r = torch.cat(rec["chosen"]), torch.cat(rec["rejected"])
-            m["rewards/margins"] = float((c - r).mean())
-            m["rewards/accuracies"] = float((c > r).float().mean())
-        if rec["lp_c"]:
-            m["logps/chosen"], m["logps/rejected"] = _mean(rec["lp_c"]), _mean(rec["lp_r"])
-        for k, v in rec.items():
-            if "/" in k:  # diagnostics.pair_diagnostics: already per pair, named as logged
-                m[k] = _mean(v)
-        for k, v in extra.items():
-            m[k] = _mean(v)
-        return {prefix + k: v for k, v in m.items()}
-
     # ---- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate_pairs(self) -> dict:
@@ -316,7 +265,7 @@ class BaseTrainer:
             if self.spec.unpaired and len(idx) < 2:
                 continue
             out, logps, _ = self._loss(self.data.eval, idx, reference, train=False)
-            self._record(rec, extra, out, logps)
+            record(rec, extra, out, logps)
             if ref_segments is not None:  # one extra no-grad forward of the batch (evaluate.py)
                 pol, shared = pair_segment_sums(
                     self.policy, self.data.eval, idx, self._pair_batch, self.cfg.train.chunk_size
@@ -325,7 +274,7 @@ class BaseTrainer:
                 for k, v in segment_changes(pol, ref, shared).items():
                     changes.setdefault(k, []).append(v)
         self.policy.train(was)
-        metrics = self._summarise(self._gather_rec(rec), self._gather_rec(extra), prefix="eval/")
+        metrics = summarise(self._gather_rec(rec), self._gather_rec(extra), prefix="eval/")
         # gathered once, whatever number of eval batches each process had
         cat = {k: v[0] for k, v in self._gather_rec(changes).items() if v}
         if cat:

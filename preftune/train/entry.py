@@ -6,6 +6,9 @@ one resume resolver), builds its trainer and hands it to the one loop (`loop.run
     preftune online method=online_dpo judge=verifier loss=dpo beta=0.1 max_steps=64
     preftune online method=rso loss=hinge beta=0.05 rso_num_candidates=8 rso_num_samples=4
     preftune online method=remax remax_kl_ctl=0.1 remax_gamma=0.95 temperature=1.0 top_p=0.9
+    preftune online method=ipo_md loss=ipo beta=0.1 mixture_beta=0.5
+    preftune online method=grpo num_generations=8 kl_coef=0.04 clip_epsilon=0.2
+    preftune online method=rloo num_generations=4 kl_coef=0.05
     preftune reward
 
 Online: `batch_size` is prompts per optimizer step; the prompts are the training records'
@@ -18,15 +21,24 @@ from __future__ import annotations
 
 import json
 
+from preftune.train.group import GroupTrainer
+from preftune.train.ipo_md import IPOMDTrainer
 from preftune.train.loop import TrainResult, run
 from preftune.train.online_dpo import OnlineDPOTrainer, RSOTrainer
 from preftune.train.remax import ReMaxTrainer
 from preftune.train.reward import RewardTrainer
 from preftune.train.rundir import resolve
 from preftune.train.trainer import Trainer
-from preftune.validation import ONLINE_METHOD_NAMES, validate_online
+from preftune.validation import ONLINE_METHOD_NAMES, POLICY_GRADIENT_METHODS, validate_online
 
-ONLINE_METHODS = {"online_dpo": OnlineDPOTrainer, "rso": RSOTrainer, "remax": ReMaxTrainer}
+ONLINE_METHODS = {
+    "online_dpo": OnlineDPOTrainer,
+    "ipo_md": IPOMDTrainer,
+    "rso": RSOTrainer,
+    "remax": ReMaxTrainer,
+    "rloo": GroupTrainer,
+    "grpo": GroupTrainer,
+}
 assert tuple(ONLINE_METHODS) == ONLINE_METHOD_NAMES, "validation.py names the same methods"
 
 
@@ -38,14 +50,16 @@ def train(config=None, overrides=None) -> TrainResult:
 
 
 def train_online(config=None, overrides=None) -> TrainResult:
-    """Run an online method (`method=` online_dpo, rso or remax; METHODS.md §13, §4, §14).
+    """Run an online method (`method=` online_dpo, ipo_md, rso, remax, rloo or grpo; METHODS.md
+    §13, §17, §4, §14, §17b).
     Returns the run directory and the final metrics (`task/accuracy_before`/`_after` on a
     verifiable task)."""
     cfg = resolve(config, overrides)
     validate_online(cfg)
     trainer = ONLINE_METHODS[cfg.online.method](cfg)
-    loss_name = "remax" if cfg.online.method == "remax" else cfg.loss.loss
-    return _relabel(trainer, run(trainer), cfg.online.method, loss_name)
+    method = cfg.online.method
+    loss_name = method if method in POLICY_GRADIENT_METHODS else cfg.loss.loss
+    return _relabel(trainer, run(trainer), method, loss_name)
 
 
 def train_reward(config=None, overrides=None) -> TrainResult:

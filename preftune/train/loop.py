@@ -150,7 +150,7 @@ def _start(trainer: BaseTrainer) -> dict:
         )
     procs = trainer.acc.num_processes
     trainer.log_line(
-        f"training {cfg.loss.loss} on {len(trainer.data.train)} examples: {trainer.total_steps} "
+        f"training {trainer.label} on {len(trainer.data.train)} examples: {trainer.total_steps} "
         f"steps of {t.batch_size} ({t.grad_accum} micro-batches"
         f"{f' in each of {procs} processes' if procs > 1 else ''}), run dir {trainer.run_dir}"
     )
@@ -327,7 +327,7 @@ def _print_summary(trainer: BaseTrainer, s: dict) -> None:
     if trainer.quiet and not trainer.acc.is_main_process:
         return
     parts = [
-        f"{trainer.cfg.loss.loss}: {s['steps']} steps in {s['train_seconds']:.0f}s",
+        f"{trainer.label}: {s['steps']} steps in {s['train_seconds']:.0f}s",
         f"loss {s.get('loss', float('nan')):.4f}",
     ]
     if "eval/rewards/accuracies" in s:

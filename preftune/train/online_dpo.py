@@ -34,6 +34,7 @@ from preftune.logps import sequence_logps
 from preftune.online.base import append_jsonl, split_even
 from preftune.online.labels import label_online_pairs
 from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
+from preftune.train.metrics import record, summarise
 from preftune.train.reference import ModelReference
 from preftune.train.setup import Datasets, resolve_task
 from preftune.train.trainer import Trainer
@@ -53,6 +54,10 @@ class OnlineTrainer(Trainer):
 
     method = "online"
     pairwise = True  # trains a registry loss on pairs, so held-out pairs give eval/ metrics
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} ({self.cfg.loss.loss})" if self.pairwise else self.method
 
     def __init__(self, cfg: Config):
         judge = load_judge(cfg.online.judge, batch_size=max(1, cfg.eval.eval_batch_size))
@@ -154,7 +159,7 @@ class OnlineTrainer(Trainer):
 
         def micro_loss(idx):
             out, logps, n = self._loss(pairs, idx, self.reference, train=True)
-            self._record(rec, extra, out, logps)
+            record(rec, extra, out, logps)
             if logps.ref_chosen_logps is not None:
                 log_ratios.extend(
                     [
@@ -166,7 +171,7 @@ class OnlineTrainer(Trainer):
 
         micro = split_even(list(range(len(pairs))), self.cfg.train.grad_accum)
         metrics = self.stepper.run(self.step + 1, micro, micro_loss, n_global, self._idle_loss)
-        summary = self._summarise(self._gather_rec(rec), self._gather_rec(extra))
+        summary = summarise(self._gather_rec(rec), self._gather_rec(extra))
         # a step without pairs (all ties) trains nothing: its loss is NaN, the rest is left out
         metrics.update({k: v for k, v in summary.items() if k == "loss" or v == v})
         # completions sampled from the policy: mean of log pi/pi_ref = KL estimate; every process

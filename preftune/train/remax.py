@@ -96,6 +96,24 @@ class ReMaxTrainer(OnlineTrainer):
                 self.reference.head_model(), batch, hidden, self.cfg.train.chunk_size
             )
 
+    def _sample_token_logps(self, chosen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(B, T)` per-token log-probs of completions under the policy (with grad) and the
+        reference (detached), and their 0/1 mask, through the one log-prob engine."""
+        t = self.cfg.train
+        batch = build_token_batch(
+            [list(s.prompt_token_ids) for s in chosen],
+            [list(s.token_ids) for s in chosen],
+            self.tokenizer.pad_token_id,
+            packed=t.packed,
+            share_prefix=t.share_prefix,
+        ).to(self.acc.device)
+        with self.acc.autocast():
+            tok = self.run_policy(token_logps, batch, None, t.chunk_size)
+            ref_tok = self._ref_token_logps(batch, tok)
+        logps, mask = per_token_rows(tok, batch)  # fp32 (fp64 models: fp64) from the engine
+        ref_logps, _ = per_token_rows(ref_tok.to(tok.dtype), batch)
+        return logps, ref_logps.detach(), mask
+
     def _policy_gradient_step(self, samples, reward: torch.Tensor, baseline: torch.Tensor) -> dict:
         """One step of the step engine whose loss is the token mean of the REINFORCE surrogate
         over the whole step (all processes): each micro-batch's summed token losses over the
@@ -106,18 +124,7 @@ class ReMaxTrainer(OnlineTrainer):
 
         def micro_loss(idx):
             chosen = [samples[i] for i in idx]
-            batch = build_token_batch(
-                [list(s.prompt_token_ids) for s in chosen],
-                [list(s.token_ids) for s in chosen],
-                self.tokenizer.pad_token_id,
-                packed=t.packed,
-                share_prefix=t.share_prefix,
-            ).to(self.acc.device)
-            with self.acc.autocast():
-                tok = self.run_policy(token_logps, batch, None, t.chunk_size)
-                ref_tok = self._ref_token_logps(batch, tok)
-            logps, mask = per_token_rows(tok, batch)  # fp32 (fp64 models: fp64) from the engine
-            ref_logps, _ = per_token_rows(ref_tok.to(tok.dtype), batch)
+            logps, ref_logps, mask = self._sample_token_logps(chosen)
             r, rb = reward[idx].to(logps), baseline[idx].to(logps)
             returns = remax_returns(
                 logps.detach(), ref_logps, mask, r, rb,

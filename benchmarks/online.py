@@ -1,0 +1,118 @@
+"""W5 (BENCHMARK.md): online DPO and GRPO, preftune against TRL 1.16, side by side.
+
+    python benchmarks/online.py                          # the embedded model, 8 steps each
+    python benchmarks/online.py --steps 2 --prompts 2 --k 2 --new-tokens 4 --tiny   # smoke test
+
+Same prompts (preftune's bundled arithmetic training prompts, in order), same samples per prompt
+(GRPO: `--k`; online DPO: 2), same new-token budget, temperature 0.9, top-p 1, the same judge
+(the last-integer verifier), AdamW at the same constant lr, clip 1.0, fp32, 2 torch threads, KL
+to a frozen reference in both GRPO runs (`--kl-coef`, TRL's `beta`), TRL GRPO with
+`loss_type="grpo"`, `scale_rewards="group"` (preftune's GRPO defaults). Each (tool, method) runs
+in a fresh process (`online_worker.py`); reported: generated tokens/s, optimizer steps/s and
+peak RSS, medians over `--repeats`, and preftune / TRL ratios. One JSON line per invocation goes
+to benchmarks/results.jsonl. The machine should be otherwise idle: the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+from pathlib import Path
+
+from common import (
+    append_result,
+    fmt_range,
+    git_commit,
+    machine,
+    print_table,
+    run_worker,
+    summary,
+)
+
+
+def _model(args) -> str:
+    if not args.tiny:
+        from workloads import default_model
+
+        return default_model()
+    from preftune.models import save_tiny_model_dir
+
+    return str(save_tiny_model_dir(Path(tempfile.mkdtemp(prefix="w5-tiny-")) / "model", seed=0))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default="online_dpo,grpo")
+    p.add_argument("--tools", default="preftune,trl")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step")
+    p.add_argument("--k", type=int, default=4, help="GRPO samples per prompt")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--kl-coef", type=float, default=0.04)
+    p.add_argument("--beta", type=float, default=0.1, help="online DPO's beta")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
+    args = p.parse_args(argv)
+    model = _model(args)
+    base = dict(model=model, steps=args.steps, prompts_per_step=args.prompts, k=args.k,
+                new_tokens=args.new_tokens, lr=args.lr, kl_coef=args.kl_coef, beta=args.beta,
+                temperature=0.9, threads=args.threads, seed=0)  # fmt: skip
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeats):
+        for method in args.methods.split(","):
+            for tool in args.tools.split(","):
+                spec = {**base, "tool": tool, "method": method}
+                r = run_worker(spec, script="online_worker.py")
+                if not r["ok"]:
+                    print(f"{tool} {method} failed: {r['error']}\n{r['log_tail']}", file=sys.stderr)
+                    continue
+                r["gen_tokens_per_s"] = r["gen_tokens"] / r["train_s"]
+                r["steps_per_s"] = args.steps / r["train_s"]
+                runs.setdefault((tool, method), []).append(r)
+    _report(args, runs)
+
+
+def _ratio(s: dict, peer: dict | None, f: str) -> str:
+    return f"x{s[f]['median'] / peer[f]['median']:.2f}" if peer and peer[f]["median"] else ""
+
+
+def _report(args, runs: dict) -> None:
+    stats = {
+        key: {
+            f: summary([r[f] for r in rs]) for f in ("gen_tokens_per_s", "steps_per_s", "peak_rss")
+        }
+        for key, rs in runs.items()
+    }
+    rows = []
+    for (tool, method), s in stats.items():
+        peer = stats.get(("trl", method)) if tool == "preftune" else None
+        rows.append([
+            method, tool,
+            fmt_range(s["gen_tokens_per_s"]), fmt_range(s["steps_per_s"], digits=3),
+            fmt_range(s["peak_rss"], 2**-30, 2),
+            _ratio(s, peer, "steps_per_s"), _ratio(s, peer, "peak_rss"),
+        ])  # fmt: skip
+    print_table(
+        ["method", "tool", "gen tok/s", "steps/s", "peak RSS GiB", "steps/s ratio", "RSS ratio"],
+        rows,
+    )
+    append_result(
+        {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "workload": "w5",
+            "command": "python benchmarks/online.py " + " ".join(sys.argv[1:]),
+            "commit": git_commit(),
+            "machine": machine(),
+            "args": vars(args),
+            "runs": {f"{t}/{m}": rs for (t, m), rs in runs.items()},
+            "stats": {f"{t}/{m}": s for (t, m), s in stats.items()},
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
