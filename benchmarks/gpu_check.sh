@@ -5,8 +5,7 @@
 # 1. the fast paths and layouts on CUDA: training on the GPU (accelerate places the model there)
 #    must give the CPU's per-step losses, fp32 and bf16 autocast, each layout on and off;
 # 2. W1 against TRL (benchmarks/run.py w1 appends its JSON line to benchmarks/results.jsonl).
-#    KNOWN GAP: benchmarks/worker.py gives TRL use_cpu=True; until the workers take a device,
-#    step 2 does not compare the tools on the GPU and its numbers must not be quoted as such.
+#    Both tools run on the GPU (the TRL worker sets use_cpu only where CUDA is absent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=benchmarks/gpu_results
@@ -19,7 +18,7 @@ timeout 300 python - <<'PY' | tee "$out/layouts.txt"
 import json, os, pathlib, tempfile
 import torch
 from preftune.models import save_tiny_model_dir
-from preftune.train.trainer import train
+from preftune import train
 
 tmp = pathlib.Path(tempfile.mkdtemp())
 tiny = save_tiny_model_dir(tmp / "model", seed=0)

@@ -609,8 +609,20 @@ def w4(args) -> None:
         omp_wait_policy=args.omp_wait_policy,
         extra_env={"ACCELERATE_USE_CPU": "true"},
     )
+    print(f"[bench] w4: 2 gloo processes under FSDP2 x {per_proc} thread(s) ...", flush=True)
+    # what `accelerate launch --config_file examples/accelerate/fsdp2_cpu.yaml` sets
+    fsdp = run_worker(
+        {**spec, "threads": per_proc, "num_processes": 2},
+        launcher=launcher,
+        omp_wait_policy=args.omp_wait_policy,
+        extra_env={
+            "ACCELERATE_USE_CPU": "true",
+            "ACCELERATE_USE_FSDP": "true",
+            "FSDP_VERSION": "2",
+        },
+    )
     rows = []
-    for name, r in (("1 process", one), ("2 processes", two)):
+    for name, r in (("1 process", one), ("2 processes", two), ("2 processes, FSDP2", fsdp)):
         if not r.get("ok"):
             errors[name] = {"error": r["error"], "log_tail": r["log_tail"]}
             print(f"[bench] {name} FAILED ({r['error']}):\n{r['log_tail']}")
@@ -630,9 +642,11 @@ def w4(args) -> None:
                 " ".join(f"{x:.6f}" for x in d["losses"]),
             ]
         )
-    agree = None
-    if len(runs) == 2:
-        agree = max_rel_diff(runs["2 processes"]["losses"], runs["1 process"]["losses"])
+    agree = {
+        name: max_rel_diff(runs[name]["losses"], runs["1 process"]["losses"])
+        for name in ("2 processes", "2 processes, FSDP2")
+        if name in runs and "1 process" in runs
+    }
     print(
         f"\nW4: preftune, SmolLM2-135M, global batch 8 pairs, {steps} steps, fp32, {args.threads} cores in all"
     )
@@ -648,8 +662,8 @@ def w4(args) -> None:
         ],
         rows,
     )
-    if agree is not None:
-        print(f"max relative loss difference, 2 processes vs 1: {agree:.1e}")
+    for name, diff in agree.items():
+        print(f"max relative loss difference, {name} vs 1: {diff:.1e}")
     rec.update(
         {
             "workload": "w4",

@@ -213,7 +213,7 @@ def run_trl(spec: dict) -> dict:
         disable_tqdm=True,
         seed=spec["seed"],
         bf16=spec["bf16"],
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),  # the GPU where there is one, as preftune
         gradient_checkpointing=spec.get("gradient_checkpointing", False),
         max_length=spec["max_length"],
         precompute_ref_log_probs=precompute,
