@@ -17,7 +17,8 @@ def train(config=None, overrides=None):
 
 
 def train_online(config=None, overrides=None):
-    """Online DPO, RSO or ReMax (`method=`); see preftune/train/entry.py."""
+    """An online method (`method=` online_dpo, ipo_md, rso, remax, rloo or grpo); see
+    preftune/train/entry.py."""
     from preftune.train import entry
 
     return entry.train_online(config, overrides)

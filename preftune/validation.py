@@ -5,6 +5,7 @@ a second, and leaves nothing behind; the loaders check only what needs the files
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 
 from preftune.errors import ConfigError
@@ -15,6 +16,22 @@ from preftune.online.group import AGGREGATIONS
 ONLINE_METHOD_NAMES = ("online_dpo", "ipo_md", "rso", "remax", "rloo", "grpo")
 # the policy-gradient methods: no registry loss, so any `loss` key is ignored
 POLICY_GRADIENT_METHODS = ("remax", "rloo", "grpo")
+# the online keys only some methods read: set to anything but its default for another method,
+# a key would do nothing, so it is refused (nothing a user sets is silently dropped)
+METHOD_KEYS = {
+    "rso_num_candidates": ("rso",),
+    "rso_num_samples": ("rso",),
+    "rso_beta": ("rso",),
+    "remax_kl_ctl": ("remax",),
+    "remax_gamma": ("remax",),
+    "remax_clip_reward": ("remax",),
+    "mixture_beta": ("ipo_md",),
+    "num_generations": ("rloo", "grpo"),
+    "kl_coef": ("rloo", "grpo"),
+    "clip_epsilon": ("grpo",),
+    "scale_rewards": ("rloo", "grpo"),
+    "loss_aggregation": ("rloo", "grpo"),
+}
 
 
 def loss_hparam_names() -> set[str]:
@@ -158,6 +175,32 @@ def _validate_combinations(cfg) -> None:
         )
 
 
+def set_online_keys(cfg) -> dict:
+    """The online keys whose value differs from the default."""
+    return {
+        f.name: getattr(cfg.online, f.name)
+        for f in dataclasses.fields(cfg.online)
+        if getattr(cfg.online, f.name) != f.default
+    }
+
+
+def check_unused_online_keys(cfg, method: str | None) -> None:
+    """Refuse an online key set for a method that does not read it; `method=None` is an offline
+    run (`preftune train`, `preftune reward`), which reads none of the online keys."""
+    for key, value in set_online_keys(cfg).items():
+        if method is None and key not in ("log_samples", "generation_batch_size"):
+            raise ConfigError(
+                f"{key}={value} is an online key, read by `preftune online` only; drop it from "
+                f"this run's config, or run `preftune online`"
+            )
+        users = METHOD_KEYS.get(key)
+        if method is not None and users is not None and method not in users:
+            raise ConfigError(
+                f"{key}={value} is read by method={' / '.join(users)} only, and this run's "
+                f"method is {method}; drop it, or pick that method"
+            )
+
+
 def validate_online(cfg, method: str | None = None) -> None:
     """Everything about the online keys that can be checked before a model loads."""
     o = cfg.online
@@ -166,6 +209,7 @@ def validate_online(cfg, method: str | None = None) -> None:
         raise ConfigError(
             f"unknown online method '{method}'; choose one of {', '.join(ONLINE_METHOD_NAMES)}"
         )
+    check_unused_online_keys(cfg, method)
     spec = LOSSES[cfg.loss.loss]
     if method not in POLICY_GRADIENT_METHODS and spec.unpaired:
         raise ConfigError(

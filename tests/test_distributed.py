@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from preftune.api import train, train_online, train_reward
+from preftune.cli import main
 
 HERE = Path(__file__).parent
 # float64 weights: the 2-process run keeps every gradient in autograd (the wrapper must see
@@ -40,7 +41,13 @@ JOBS = {
 ENTRY = {"train": train, "reward": train_reward, "online": train_online}
 # FSDP2 (fully_shard per decoder layer), selected as `accelerate launch` does with fsdp2.yaml
 FSDP = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
-FSDP_JOBS = {"dpo": ("train", {}), **JOBS}
+FSDP_JOBS = {
+    "dpo": ("train", {}),
+    **JOBS,
+    # KTO with LoRA: the reference is the adapter-off model, which FSDP2 cannot run outside the
+    # sharded module (preftune loads the base again and shards it)
+    "lora-kto": ("train", {**JOBS["lora"][1], "loss": "kto", "grad_accum": 2, "batch_size": 8}),
+}
 
 
 def _free_port() -> int:
@@ -250,3 +257,12 @@ def test_a_non_finite_loss_on_one_process_stops_every_process(two_processes):
         assert "resume from step-" in err or "no checkpoint before it" in err
     assert errors[0] == errors[1]
     assert json.loads((out / "nan" / "summary.json").read_text())["diverged"]
+
+
+def test_an_fsdp2_checkpoint_resumed_without_fsdp2_is_refused_in_one_line(two_processes, capsys):
+    """Its weights are in every process's shards: one process cannot read them, and the error
+    says how to resume (not to delete a good checkpoint)."""
+    run = two_processes / "fsdp-full"
+    assert main(["train", f"resume={run}", "max_steps=6", "--quiet"]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("preftune: error")]
+    assert len(errors) == 1 and "written by an FSDP2 run" in errors[0], errors

@@ -169,6 +169,7 @@ def test_online_errors_are_reported_before_the_model_loads(tmp_path, capsys):
         ["method=ipo_md", "loss=dpo"],
         ["method=grpo", "num_generations=1"],
         ["method=rloo", "loss_aggregation=mean"],
+        ["method=online_dpo", "num_generations=6"],  # a key the method does not read
     ]
     for extra in bad:
         assert main(["online", "model=/nonexistent", f"output_dir={tmp_path}", *extra]) == 2
@@ -176,6 +177,16 @@ def test_online_errors_are_reported_before_the_model_loads(tmp_path, capsys):
     words = ("unknown online method", "unpaired", "even", "remax_gamma", "precompute")
     for word in (*words, "loss=ipo", "num_generations", "loss_aggregation"):
         assert word in err
+    assert "num_generations=6 is read by method=rloo / grpo only" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_online_key_given_to_offline_training_is_refused(tmp_path, capsys):
+    """`preftune train method=grpo` would otherwise train offline DPO and say nothing."""
+    for extra in (["method=grpo"], ["temperature=0.5"]):
+        assert main(["train", "model=/nonexistent", f"output_dir={tmp_path}", *extra]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("read by `preftune online` only" in e for e in err), err
     assert not any(tmp_path.iterdir())
 
 

@@ -7,7 +7,7 @@ Optimisation" (arXiv 2403.08635): IPO-MD learns from pairs drawn from
 
 with b = `mixture_beta` (b = 0: the policy itself, i.e. online IPO; b = 1: the reference), the
 sampling distribution of Nash-MD's mirror-descent step (Munos et al. 2023). As in TRL's Nash-MD
-(`trl/experimental/nash_md`), the mixture is built per token, each step renormalised; the
+(`trl/trainer/nash_md_trainer.py` in TRL 0.x; TRL 1.16 no longer ships it), the mixture is built per token, each step renormalised; the
 sequence-level mixture of the paper would need a normaliser over all sequences.
 
 Order of operations (documented in docs/online.md): the mixture is taken of the two models'

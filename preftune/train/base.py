@@ -131,7 +131,6 @@ class BaseTrainer:
 
     def _setup_step(self, cfg: Config) -> None:
         """Optimizer, schedule, the prepared engine module and the step engine."""
-        """Optimizer, schedule, the prepared engine module and the step engine."""
         t = cfg.train
         self.sharding = Sharding(fsdp_requested(self.acc))
         if self.sharding.enabled and self.method not in (None, "reward"):

@@ -255,6 +255,11 @@ def load_checkpoint(
 ) -> dict:
     """Load weights, optimizer, scheduler and process `rank`'s RNG states (of a checkpoint
     written by `num_processes` processes); return the trainer's state."""
+    if (path / "shards").is_dir():  # train/dcp.py wrote it: every process its shard
+        raise CheckpointError(
+            f"checkpoint {path} was written by an FSDP2 run (each process its shard); resume "
+            f"it under FSDP2 with as many processes (examples/accelerate/fsdp2*.yaml)"
+        )
     try:
         state = read_state(path)
         weights = load_file(str(path / "weights.safetensors"))

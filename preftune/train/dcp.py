@@ -98,15 +98,14 @@ def load_sharded(path: Path, engine, optimizer, scheduler, rank: int, num_proces
             f"(FSDP2); resume it with the launch that wrote it (DDP or one process)"
         )
     state = ckpt.read_state(path)
-    params = dict(engine.named_parameters())
-    targets = {}
-    for key in state.pop("sharded_keys"):
-        kind, _, rest = key.partition("/")
-        if kind == "weights":
-            targets[key] = params[rest].detach()  # loaded in place
-        else:  # every optimizer moment has its parameter's shape and sharding
-            index = int(rest.split("/")[0])
-            targets[key] = torch.zeros_like(optimizer.param_groups[0]["params"][index])
+    rngs = state.pop("rng")
+    if len(rngs) != num_processes:  # checked before anything is loaded in place
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} was written by {len(rngs)} processes and this run has "
+            f"{num_processes}; resume with {len(rngs)} processes (each continues its own data "
+            f"share and random generators)"
+        )
+    targets = _targets(path, state.pop("sharded_keys"), engine, optimizer)
     dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)))
     optim = state.pop("optimizer")
     for key, t in targets.items():
@@ -115,13 +114,30 @@ def load_sharded(path: Path, engine, optimizer, scheduler, rank: int, num_proces
             optim["state"][int(index)][name] = t
     optimizer.load_state_dict(optim)
     scheduler.load_state_dict(state.pop("scheduler"))
-    rngs = state.pop("rng")
-    if len(rngs) != num_processes:
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} was written by {len(rngs)} processes and this run has "
-            f"{num_processes}; resume with {len(rngs)} processes (each continues its own data "
-            f"share and random generators)"
-        )
     ckpt.set_rng_state(rngs[rank])
     state.setdefault("tensors", {})
     return state
+
+
+def _targets(path: Path, keys: list[str], engine, optimizer) -> dict[str, torch.Tensor]:
+    """Where each stored shard goes: a trainable weight (loaded in place) or a zero tensor of its
+    optimizer moment's shape and sharding. The stored weights must be the trainable ones."""
+    params = {n: p for n, p in engine.named_parameters() if p.requires_grad}
+    stored = {k.partition("/")[2] for k in keys if k.startswith("weights/")}
+    if stored != set(params):
+        missing, extra = sorted(set(params) - stored), sorted(stored - set(params))
+        raise ckpt.CheckpointError(
+            f"checkpoint {path} holds other weights than this model trains (missing "
+            f"{missing[:3]}, unknown {extra[:3]}); was it written with other model or LoRA "
+            f"settings?"
+        )
+    # one parameter group (train/setup.py build_optimizer): moment i belongs to its param i
+    (group,) = optimizer.param_groups
+    targets = {}
+    for key in keys:
+        kind, _, rest = key.partition("/")
+        if kind == "weights":
+            targets[key] = params[rest].detach()
+        else:
+            targets[key] = torch.zeros_like(group["params"][int(rest.split("/")[0])])
+    return targets

@@ -29,7 +29,12 @@ from preftune.train.remax import ReMaxTrainer
 from preftune.train.reward import RewardTrainer
 from preftune.train.rundir import resolve
 from preftune.train.trainer import Trainer
-from preftune.validation import ONLINE_METHOD_NAMES, POLICY_GRADIENT_METHODS, validate_online
+from preftune.validation import (
+    ONLINE_METHOD_NAMES,
+    POLICY_GRADIENT_METHODS,
+    check_unused_online_keys,
+    validate_online,
+)
 
 ONLINE_METHODS = {
     "online_dpo": OnlineDPOTrainer,
@@ -46,7 +51,9 @@ def train(config=None, overrides=None) -> TrainResult:
     """Train offline with `config` (a Config, a dict, a YAML path or None for the embedded
     default job) plus `overrides` (['key=value', ...] or a dict). Returns the run directory and
     the final metrics. Call it as often as you like in one process."""
-    return run(Trainer(resolve(config, overrides)))
+    cfg = resolve(config, overrides)
+    check_unused_online_keys(cfg, None)
+    return run(Trainer(cfg))
 
 
 def train_online(config=None, overrides=None) -> TrainResult:
@@ -65,7 +72,9 @@ def train_online(config=None, overrides=None) -> TrainResult:
 def train_reward(config=None, overrides=None) -> TrainResult:
     """Train a Bradley–Terry reward model (METHODS.md §16). Returns the run directory and the
     final metrics."""
-    trainer = RewardTrainer(resolve(config, overrides))
+    cfg = resolve(config, overrides)
+    check_unused_online_keys(cfg, None)
+    trainer = RewardTrainer(cfg)
     return _relabel(trainer, run(trainer), "reward", "bradley_terry")
 
 

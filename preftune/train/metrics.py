@@ -16,12 +16,6 @@ def _mean(values: list) -> float:
     )
 
 
-def _mean(values: list) -> float:
-    return (
-        float(torch.cat([v.reshape(-1).float() for v in values]).mean()) if values else float("nan")
-    )
-
-
 def summarise(rec: dict[str, list], extra: dict[str, list], prefix: str = "") -> dict:
     """Means of the recorded values; margins and accuracies where chosen and rejected pair up."""
     m = {

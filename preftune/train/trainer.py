@@ -67,7 +67,12 @@ class Trainer(BaseTrainer):
         self.log_line(f"reference: {mode} — {why}")
         if mode == "none":
             return None
-        if mode == "frozen" and self.sharding.enabled:  # sharded too, never whole per process
+        if mode in ("frozen", "lora") and self.sharding.enabled:
+            # sharded too, never whole per process; LoRA's adapter-off forward would run outside
+            # the sharded module, so its reference is the base model loaded again (the same
+            # weights: the adapter starts at zero)
+            if mode == "lora":
+                self.log_line("reference: under FSDP2, the base model loaded again and sharded")
             frozen = self.sharding.shard_frozen(self._load_frozen())
             return ModelReference(frozen, "same", self.cfg.train.chunk_size)
         if mode in ("frozen", "lora"):
