@@ -61,6 +61,8 @@ VARIANTS = {
     "preftune-nocompletionprefix": {"tool": "preftune", "share_completion_prefix": False},
     "preftune-malloc": {"tool": "preftune", "keep_freed_memory": False},  # glibc's default
     "preftune-gc": {"tool": "preftune", "gradient_checkpointing": True},
+    # matmul outputs kept, the cheap ops recomputed (preftune/activations.py)
+    "preftune-sac": {"tool": "preftune", "gradient_checkpointing": "selective"},
     # the memory-lean setting: activations recomputed, each parameter updated and its gradient
     # freed inside backward, so no clipping; compared with TRL without clipping (same updates)
     "preftune-lean": {
