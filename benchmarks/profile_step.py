@@ -1,12 +1,13 @@
 """Where a W1 training step of preftune spends its time, by aten operator.
 
-    python benchmarks/profile_step.py [--steps 6] [--warmup 2]
+    python benchmarks/profile_step.py [--steps 6] [--warmup 2] [--workload w1|w6] [--bf16]
 
 Runs preftune's W1 setting (SmolLM2-135M, the bundled one-digit-edit pairs, batch 8, DPO,
-fp32, 2 threads, precomputed reference) for warm-up steps, then times every aten call of the
+fp32, 2 threads, precomputed reference), or W6's chat pairs with long answers, in fp32 or bf16
+autocast, for warm-up steps, then times every aten call of the
 profiled steps with a TorchDispatchMode. It prints the share of the step each operator takes,
 the FLOPs of the matmuls (2·M·K·N from their shapes) and the rate they ran at, against the
-2048³ fp32 matmul rate measured in the same process before and after. Figures are ratios
+2048³ matmul rate of the step's precision measured in the same process before and after. Figures are ratios
 within one run (BENCHMARK.md); the dispatch mode adds its own overhead to the step, so the
 step times it prints are not W1 figures.
 """
@@ -27,7 +28,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import matmul_rate  # noqa: E402
-from workloads import W1_DATA, batch_order, default_model, dpo_config  # noqa: E402
+from workloads import (  # noqa: E402
+    W1_DATA,
+    batch_order,
+    conversational_pairs,
+    default_model,
+    dpo_config,
+    write_jsonl,
+)
 
 MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
 
@@ -59,14 +67,25 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=6, help="profiled steps")
     ap.add_argument("--warmup", type=int, default=2, help="steps run first, not profiled")
     ap.add_argument("--top", type=int, default=15, help="operators listed")
+    ap.add_argument("--workload", default="w1", choices=["w1", "w6"])
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (default: fp32)")
+    ap.add_argument("--set", nargs="*", default=[], help="more preftune keys: key=value ...")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
+    from preftune.config import build_config
+    from preftune.models import load_tokenizer
     from preftune.train.trainer import Trainer
 
     n = args.steps + args.warmup
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     with tempfile.TemporaryDirectory() as work:
-        cfg = dpo_config(default_model(), W1_DATA, 8 * n, n, work, "profile")
-        rates = matmul_rate()
+        data = W1_DATA
+        if args.workload == "w6":
+            pairs = conversational_pairs(load_tokenizer(default_model()), 8 * n)
+            data = str(write_jsonl(pairs, Path(work) / "w6.jsonl"))
+        cfg = dpo_config(default_model(), data, 8 * n, n, work, "profile", bf16=args.bf16)
+        cfg = build_config(cfg, args.set)
+        rates = matmul_rate(dtype=dtype)
         trainer = Trainer(cfg)
         batches = batch_order(len(trainer.data.train), 8, 0, n)
         for b in batches[: args.warmup]:
@@ -77,7 +96,7 @@ def main(argv=None) -> None:
             with timer:
                 trainer.train_step(b)
             steps.append(time.perf_counter() - t)
-        rates += matmul_rate()
+        rates += matmul_rate(dtype=dtype)
     total, ops = sum(steps), sum(timer.time.values())
     mm = sum(v for k, v in timer.time.items() if k in MATMULS)
     rate = statistics.median(rates)
@@ -88,7 +107,7 @@ def main(argv=None) -> None:
     print(
         f"matmuls: {mm / total:.0%} of the step, {timer.mm_flops / args.steps / 1e9:.0f} GFLOP "
         f"per step at {timer.mm_flops / mm / 1e9:.0f} GFLOP/s = {timer.mm_flops / mm / 1e9 / rate:.0%}"
-        f" of the 2048³ fp32 rate measured in this run ({rate:.0f} GFLOP/s, min {min(rates):.0f}, "
+        f" of the 2048³ {'bf16' if args.bf16 else 'fp32'} rate measured in this run ({rate:.0f} GFLOP/s, min {min(rates):.0f}, "
         f"max {max(rates):.0f})"
     )
     print(f"{'share':>6} {'calls/step':>10}  operator")

@@ -4,6 +4,7 @@
     python benchmarks/run.py w2 [--steps 2] [--lengths 128,512,1024,2048]
     python benchmarks/run.py w3 [--steps 2] [--vocabs 32000,128000,256000]
     python benchmarks/run.py w4 [--steps 4]
+    python benchmarks/run.py w6 [--steps 16] [--precision both]   # chat pairs, long answers
     python benchmarks/run.py matmul
 
 Every tool run is its own subprocess (worker.py), so its peak resident set is its own; each
@@ -38,6 +39,7 @@ from workloads import (  # noqa: E402
     W1_DATA,
     W2_MODEL,
     W3_MODEL,
+    conversational_pairs,
     default_model,
     random_model_dir,
     synthetic_pairs,
@@ -59,6 +61,8 @@ VARIANTS = {
     "preftune-nocompletionprefix": {"tool": "preftune", "share_completion_prefix": False},
     "preftune-malloc": {"tool": "preftune", "keep_freed_memory": False},  # glibc's default
     "preftune-gc": {"tool": "preftune", "gradient_checkpointing": True},
+    # matmul outputs kept, the cheap ops recomputed (preftune/activations.py)
+    "preftune-sac": {"tool": "preftune", "gradient_checkpointing": "selective"},
     # the memory-lean setting: activations recomputed, each parameter updated and its gradient
     # freed inside backward, so no clipping; compared with TRL without clipping (same updates)
     "preftune-lean": {
@@ -214,6 +218,22 @@ def compare(d: dict, peer: dict, peer_key: str) -> dict:
 
 
 def w1(args) -> None:
+    pairs_workload(args, "w1", W1_DATA, f"SmolLM2-135M-Instruct, {W1_DATA}")
+
+
+def w6(args) -> None:
+    """W6: conversational records, a system + user prompt and two long answers (50-250 tokens)
+    that share nothing; seeded, written to a temporary file both tools read."""
+    from preftune.models import load_tokenizer
+
+    with tempfile.TemporaryDirectory() as work:
+        records = conversational_pairs(load_tokenizer(default_model()), args.steps * 8)
+        data = str(write_jsonl(records, Path(work) / "w6.jsonl"))
+        pairs_workload(args, "w6", data, "SmolLM2-135M-Instruct, W6 chat pairs (answers 50-250)")
+
+
+def pairs_workload(args, workload: str, data: str, title: str) -> None:
+    """W1 and W6: every variant in each precision on one pass over `data`, against TRL."""
     model = args.model or default_model()
     precisions = {"fp32": [False], "bf16": [True], "both": [False, True]}[args.precision]
     names = args.variants.split(",")
@@ -235,7 +255,7 @@ def w1(args) -> None:
                     **base_spec(args),
                     **{k: v for k, v in VARIANTS[n].items() if k != "peer"},
                     "model": model,
-                    "data": W1_DATA,
+                    "data": data,
                     "num_train": args.steps
                     * 8,  # one pass: the precompute covers what is trained on
                     "batch_size": 8,
@@ -247,9 +267,12 @@ def w1(args) -> None:
     rates.append(matmul(args, bf16=True in precisions))
     fp32_rates = [x for r in rates for x in r["fp32"]]
     bf16_rates = [x for r in rates for x in r.get("bf16", [])]
-    rate = summary(fp32_rates)["median"]
+    # MFU against the matmul rate of the run's own precision, measured in this invocation
+    rate = {"fp32": summary(fp32_rates)["median"]}
+    if bf16_rates:
+        rate["bf16"] = summary(bf16_rates)["median"]
     pinfo = next((r for r in raw.values() if r.get("ok") and r["tool"] == "preftune"), None)
-    runs = {k: derive(v, rate, pinfo) for k, v in raw.items() if v.get("ok")}
+    runs = {k: derive(v, rate[k.split("/")[1]], pinfo) for k, v in raw.items() if v.get("ok")}
     failed = {
         k: {"error": v["error"], "log_tail": v["log_tail"]}
         for k, v in raw.items()
@@ -301,7 +324,7 @@ def w1(args) -> None:
             ]
         )
     print(
-        f"\nW1: SmolLM2-135M-Instruct, {W1_DATA}, batch 8 pairs, max length 512, DPO sigmoid β 0.1, "
+        f"\n{workload.upper()}: {title}, batch 8 pairs, max length 512, DPO sigmoid β 0.1, "
         f"AdamW lr 5e-7, {args.threads} threads; 2048³ fp32 matmul "
         f"{fmt_range(summary(fp32_rates))} GFLOP/s"
         + (f", bf16 {fmt_range(summary(bf16_rates))} GFLOP/s" if bf16_rates else "")
@@ -330,7 +353,7 @@ def w1(args) -> None:
         )
     rec.update(
         {
-            "workload": "w1",
+            "workload": workload,
             "steps": args.steps,
             "matmul_fp32_gflops": summary(fp32_rates),
             "matmul_bf16_gflops": summary(bf16_rates) if bf16_rates else None,
@@ -766,7 +789,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("workload", choices=["w1", "w2", "w3", "w4", "micro", "matmul"])
+    p.add_argument("workload", choices=["w1", "w2", "w3", "w4", "w6", "micro", "matmul"])
     p.add_argument(
         "--steps",
         type=int,
@@ -817,10 +840,12 @@ def main(argv=None) -> None:
     )
     args = p.parse_args(argv)
     if args.steps is None:
-        args.steps = {"w1": 32, "w2": 2, "w3": 2, "w4": 4, "micro": 0, "matmul": 0}[args.workload]
-    {"w1": w1, "w2": w2, "w3": w3, "w4": w4, "micro": micro, "matmul": matmul_cmd}[args.workload](
-        args
-    )
+        args.steps = {"w1": 32, "w2": 2, "w3": 2, "w4": 4, "w6": 16, "micro": 0, "matmul": 0}[
+            args.workload
+        ]
+    {"w1": w1, "w2": w2, "w3": w3, "w4": w4, "w6": w6, "micro": micro, "matmul": matmul_cmd}[
+        args.workload
+    ](args)
 
 
 if __name__ == "__main__":

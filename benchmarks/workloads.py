@@ -1,7 +1,7 @@
 """Data and models for the workloads of BENCHMARK.md.
 
-W1 uses the bundled arithmetic set and the embedded default model. W2 and W3 use seeded
-synthetic pairs of exact token lengths (words that are one token each, so a completion of
+W1 uses the bundled arithmetic set and the embedded default model; W6 the same model on seeded
+conversational records with long, unrelated answers. W2 and W3 use seeded synthetic pairs of exact token lengths (words that are one token each, so a completion of
 n words is n tokens plus EOS) and small random Llamas written to a temporary directory.
 
 Both tools see the same token ids: the TRL worker tokenizes with preftune's own
@@ -51,6 +51,44 @@ def synthetic_pairs(
             "prompt": text(prompt_len),
             "chosen": text(completion_len - 1),
             "rejected": text(completion_len - 1),
+        }
+        for _ in range(n_pairs)
+    ]
+
+
+W6_SYSTEM = "You are a helpful assistant. Answer the question in full sentences."
+
+
+def conversational_pairs(
+    tokenizer, n_pairs: int, answer_tokens: tuple[int, int] = (50, 250), seed: int = 0
+) -> list[dict]:
+    """W6 records, the shape most users bring (UltraFeedback-like): a system + user chat prompt
+    and two long answers that share nothing, each of a length drawn uniformly from
+    `answer_tokens` (one-token words in sentences of 6-20 words; the chat template adds its
+    end-of-turn tokens). Seeded sampling from the tokenizer's own words: no download."""
+    words = one_token_words(tokenizer, len(tokenizer))
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        out, left = [], n
+        while left > 0:
+            k = min(left, rng.randint(6, 20))
+            sentence = [rng.choice(words) for _ in range(k)]
+            out.append(" ".join(sentence).capitalize() + ".")
+            left -= k
+        return " ".join(out)
+
+    def answer() -> list[dict]:
+        return [{"role": "assistant", "content": text(rng.randint(*answer_tokens))}]
+
+    return [
+        {
+            "prompt": [
+                {"role": "system", "content": W6_SYSTEM},
+                {"role": "user", "content": text(rng.randint(12, 48)).rstrip(".") + "?"},
+            ],
+            "chosen": answer(),
+            "rejected": answer(),
         }
         for _ in range(n_pairs)
     ]

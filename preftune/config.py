@@ -34,7 +34,9 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
-    gradient_checkpointing: bool = False
+    # activations recomputed in backward: false | true (whole decoder layers) | selective (only
+    # the cheap ops: norms, activations, rotary, casts; matmul outputs kept, preftune/activations.py)
+    gradient_checkpointing: bool | str = False
 
 
 @dataclass
@@ -99,7 +101,10 @@ class TrainConfig:
     # up to its first differing token) are laid out and scored once; same log-probs
     share_completion_prefix: bool = True
     group_by_length: bool = False  # batches of similar lengths (less padding), order still random
-    bf16: bool = False  # bf16 autocast (CPU with AVX-512 BF16 or a GPU)
+    # bf16 autocast over fp32 weights: true | false | auto (where the device has bf16 units: a
+    # CUDA GPU with bf16, a CPU with AMX or AVX-512-BF16; decided when the run starts and stored
+    # as true / false in its config.yaml, preftune/precision.py)
+    bf16: bool | str = "auto"
     # glibc: reuse freed memory instead of page-faulting it back each step (preftune/allocator.py)
     keep_freed_memory: bool = True
     # completion tokens per LM-head chunk; null = 2^25 logits // vocab (fixed logit memory)
@@ -242,6 +247,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         raise ConfigError(f"'{key}' cannot be null")
     if t.startswith("int | str") and value == "auto":  # num_train
         return value
+    if t.startswith("bool | str"):  # bf16, gradient_checkpointing: true / false stay booleans
+        return {"true": True, "false": False}.get(str(value).lower(), value)
     if t.startswith("str") and isinstance(value, dict | list):
         raise ConfigError(
             f"'{key}' must be a single value, got {value!r}; config keys are flat "

@@ -102,6 +102,15 @@ def _value_checks(cfg) -> list[tuple[bool, str]]:
             f"reference must be auto, frozen, lora, precompute or none, got {t.reference!r}",
         ),
         (
+            t.bf16 in ("auto", True, False),
+            f"bf16 must be auto, true or false, got {t.bf16!r}",
+        ),
+        (
+            cfg.model.gradient_checkpointing in (True, False, "selective"),
+            f"gradient_checkpointing must be true, false or selective, got "
+            f"{cfg.model.gradient_checkpointing!r}",
+        ),
+        (
             t.share_prompt in ("auto", "true", "false"),
             f"share_prompt must be auto, true or false, got {t.share_prompt!r}",
         ),

@@ -3,9 +3,15 @@ random-weight models with the same tokenizer, so most tests run in seconds."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
+# bf16=auto (the default) would train in bf16 on a machine with bf16 units and fp32 elsewhere;
+# the suite's expected values are fp32 ones, so every machine answers "no bf16 units" unless a
+# test says otherwise (tests/test_precision.py). Subprocesses (CLI, torchrun) inherit it.
+os.environ.setdefault("PREFTUNE_FAST_BF16", "0")
 # Tiny models gain nothing from a second thread and lose much when the machine is busy;
 # tests on the real model raise it for their own duration.
 torch.set_num_threads(1)

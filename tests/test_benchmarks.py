@@ -91,3 +91,20 @@ def test_memory_phases_sampler_sees_a_phase_s_peak_and_the_heap():
     assert sampler.peaks["hold 64 MB"] - sampler.peaks["idle"] > 0.06
     used, free, mapped = sampler.heap["hold 64 MB"]
     assert used + mapped > 0.06  # the tensor, in the heap or in its own mapping
+
+
+def test_w6_records_are_chat_pairs_with_long_unrelated_answers(tokenizer):
+    """W6's data: seeded (the same records twice), a system + user prompt, answers of 50-250
+    words that tokenize to about as many tokens and share no leading text."""
+    from workloads import conversational_pairs
+
+    from preftune.data.tokenize import tokenize_records
+
+    records = conversational_pairs(tokenizer, 6, seed=3)
+    assert records == conversational_pairs(tokenizer, 6, seed=3)
+    assert [m["role"] for m in records[0]["prompt"]] == ["system", "user"]
+    examples, _ = tokenize_records(records, tokenizer, 1024, 256)
+    for r, e in zip(records, examples):
+        assert r["chosen"][0]["content"][:20] != r["rejected"][0]["content"][:20]
+        for key in ("chosen_ids", "rejected_ids"):
+            assert 50 <= len(e[key]) <= 300, (key, len(e[key]))

@@ -57,17 +57,24 @@ class HeadLogpsIntoGrad(torch.autograd.Function):
     generic path (tests/test_logps.py: values, hidden and weight gradients, tied and untied,
     several chunks, accumulation). As for the embedding (`EmbeddingIntoGrad`), the weight's
     gradient lands in `.grad` only, not in `torch.autograd.grad`'s results.
+
+    Under bf16 autocast (`low`) its three matmuls take bf16 operands, as autograd's would (the
+    weight cast once per pass, not per chunk), and everything else stays fp32: the logits
+    buffer, logsumexp, softmax and the weight's gradient. Before, autocast took the generic path,
+    which kept bf16 and fp32 copies of a chunk's logits and their gradients, and cast the head's
+    weight again for each chunk it recomputed in backward.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, low):
         N = hidden.shape[0]
         out = hidden.new_empty(N)
         lse = hidden.new_empty(N)
         buf = hidden.new_empty(min(chunk, N), weight.shape[0])
+        w = weight if low is None else weight.to(low)  # autocast: cast once, not per chunk
         for s in range(0, N, chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
-            logits = torch.mm(h, weight.t(), out=buf[: h.shape[0]])
+            logits = _mm_into(h.to(w.dtype), w.t(), buf[: h.shape[0]])
             out[s : s + chunk] = logits.gather(1, t[:, None]).squeeze(1)
             # logsumexp in place (torch.logsumexp allocates a chunk x V temporary per call,
             # ~130 MB at a 256k vocabulary): buf then holds exp(logits - max)
@@ -76,7 +83,7 @@ class HeadLogpsIntoGrad(torch.autograd.Function):
             torch.add(total.log(), top.squeeze(1), out=lse[s : s + chunk])
             out[s : s + chunk] -= lse[s : s + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.low = chunk, low
         # the last chunk's exp(logits - max) stays in `buf` for backward, which starts with it
         # (softmax = buf / total): one chunk of logits alive, and a batch that fits one chunk
         # runs its head once
@@ -94,6 +101,7 @@ class HeadLogpsIntoGrad(torch.autograd.Function):
         kept = buf is not None  # a second backward (retain_graph) recomputes the last chunk too
         if not kept:
             buf = hidden.new_empty(min(chunk, N), weight.shape[0])
+        w = weight if ctx.low is None else weight.to(ctx.low)
         last = (N - 1) // chunk * chunk
         for s in range(last, -1, -chunk):
             h, t, g = hidden[s : s + chunk], targets[s : s + chunk], grad[s : s + chunk]
@@ -101,22 +109,33 @@ class HeadLogpsIntoGrad(torch.autograd.Function):
             if s == last and kept:  # exp(logits - max), left there by forward
                 d = buf[: h.shape[0]].mul_((-g / total)[:, None])  # -g softmax
             else:
-                d = torch.mm(h, weight.t(), out=buf[: h.shape[0]])
+                d = _mm_into(h.to(w.dtype), w.t(), buf[: h.shape[0]])
                 d.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])  # -g softmax
             d[rows, t] += g  # + g onehot
+            d, h = d.to(w.dtype), h.to(w.dtype)  # autocast: bf16 operands, as autograd's would be
             if want_h:
-                torch.mm(d, weight, out=dh[s : s + chunk])
+                _mm_into(d, w, dh[s : s + chunk])
             if want_w:
                 if weight.grad is None:
-                    weight.grad = torch.mm(d.t(), h)
-                else:
+                    weight.grad = torch.mm(d.t(), h).to(weight.dtype)
+                elif w is weight:
                     weight.grad.addmm_(d.t(), h)
-        return dh, None, None, None
+                else:  # no mixed-dtype addmm on CPU: a (V, H) bf16 temporary
+                    weight.grad.add_(torch.mm(d.t(), h))
+        return dh, None, None, None, None
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = a @ b; bf16 operands (autocast) are multiplied in bf16 and rounded up into `out`."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    return out.copy_(torch.mm(a, b))
 
 
 def fused_head(head, softcap, scale, hidden) -> bool:
     """Whether `HeadLogpsIntoGrad` computes what `chunk_token_logps` would: a plain bias-free
-    nn.Linear head in fp32 or fp64 (no autocast, no logit softcap or scaling)."""
+    nn.Linear head in fp32 or fp64 (under autocast its matmuls in the autocast dtype, as
+    autograd's would be; no logit softcap or scaling)."""
     return (
         type(head) is torch.nn.Linear
         and head.bias is None
@@ -124,8 +143,15 @@ def fused_head(head, softcap, scale, hidden) -> bool:
         and not scale
         and head.weight.dtype in (torch.float32, torch.float64)
         and hidden.dtype == head.weight.dtype
-        and not torch.is_autocast_enabled(hidden.device.type)
     )
+
+
+def _autocast_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would multiply `weight` in, or None (no autocast; fp64 stays fp64)."""
+    device = weight.device.type
+    if weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
 
 
 def head_token_logps(
@@ -134,7 +160,8 @@ def head_token_logps(
     if fast_grads and fused_head(head, softcap, scale, hidden):
         if hidden.shape[0] == 0:
             return hidden.new_zeros(0)
-        return HeadLogpsIntoGrad.apply(hidden, head.weight, targets, chunk_size)
+        low = _autocast_dtype(head.weight)
+        return HeadLogpsIntoGrad.apply(hidden, head.weight, targets, chunk_size, low)
     parts = []
     last = (hidden.shape[0] - 1) // chunk_size * chunk_size
     for s in range(0, hidden.shape[0], chunk_size):

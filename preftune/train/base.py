@@ -25,6 +25,7 @@ from preftune.config import Config
 from preftune.diagnostics import segment_changes, summarise_segments
 from preftune.evaluate import SEGMENTS_FILE, pair_segment_sums, read_segment_table, task_accuracy
 from preftune.losses import LOSSES
+from preftune.precision import settle_bf16
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import example_lengths, micro_batches
 from preftune.train.dcp import save_sharded
@@ -62,6 +63,7 @@ class BaseTrainer:
         self.spec = LOSSES[cfg.loss.loss]
         if not cfg.train.resume:  # a resumed run's own config.yaml was checked when it started
             check_before_loading(cfg)
+        self.precision = settle_bf16(cfg)  # bf16=auto decided before config.yaml is written
         self.rundir = claim_once(cfg, self.method or cfg.loss.loss)
         self.run_dir = self.rundir.path
         try:
@@ -102,6 +104,7 @@ class BaseTrainer:
         )
         torch.manual_seed(cfg.train.seed)
         self.quiet = cfg.train.quiet or not self.acc.is_main_process
+        self.log_line(self.precision.line)
         if cfg.train.keep_freed_memory and (done := keep_freed_memory()):
             self.log_line(f"allocator: {done}")
         self.policy, self.tokenizer, self.model_path = self.load_model()

@@ -128,6 +128,12 @@ def resume_config(run_dir: str | Path, config=None, overrides=None) -> tuple[Con
     for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
         ckpt.refuse_pickles(path)  # before any model loads
     given = _raw(config, overrides)
+    notes = []
+    if given.get("bf16") == "auto" and base.get("bf16") != "auto":
+        del given["bf16"]  # decided when the run started (preftune/precision.py)
+        notes.append(
+            f"resume: bf16=auto keeps the run's bf16={old['bf16']!r}, decided at its start"
+        )
     try:
         after = build_config({**base, **given, "resume": str(run_dir), "overwrite": False})
     except ConfigError:  # e.g. another loss, which the saved loss_args do not fit
@@ -143,7 +149,7 @@ def resume_config(run_dir: str | Path, config=None, overrides=None) -> tuple[Con
     changed = {k for k in new if new[k] != old.get(k)} - {"resume", "overwrite"}
     for k in sorted(changed - APPLIED_ON_RESUME):
         _refuse(run_dir, k, new[k], old.get(k))
-    return after, [f"resume: {k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(changed)]
+    return after, notes + [f"resume: {k} {old.get(k)!r} -> {new[k]!r}" for k in sorted(changed)]
 
 
 def absolute_paths(cfg: Config) -> None:

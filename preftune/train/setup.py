@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
+from preftune.activations import checkpointing_kwargs
 from preftune.config import Config, ConfigError
 from preftune.data import arithmetic
 from preftune.data.records import load_records, unpair
@@ -141,7 +142,8 @@ def prepare_model(cfg: Config, model, task_type: str):
     # train mode changes nothing else here (dropout is disabled)
     model.train()
     if m.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = checkpointing_kwargs(m.gradient_checkpointing)  # whole layers, or selective
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if not m.lora:
         return model
     target = m.lora_target_modules
