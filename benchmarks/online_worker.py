@@ -58,6 +58,7 @@ def run_preftune(spec: dict) -> dict:
             "scheduler": "constant",
             "warmup_ratio": 0.0,
             "max_grad_norm": 1.0,
+            "bf16": False,  # as the TRL side (bf16=False): the same precision, never auto
             "temperature": spec["temperature"],
             "top_p": 1.0,
             "max_new_tokens": spec["new_tokens"],

@@ -167,6 +167,7 @@ def dpo_config(model: str, data: str, num_train: int, steps: int, work, name: st
             "weight_decay": 0.0,
             "max_grad_norm": 1.0,
             "loss": "dpo",
+            "bf16": False,  # the benchmark's precision is explicit (BENCHMARK.md), never auto
             "quiet": True,
             "report_to": "none",
             "output_dir": str(work),

@@ -29,6 +29,7 @@ import yaml
 
 from preftune.config import ConfigError, build_config, parse_value
 from preftune.losses import LOSSES
+from preftune.precision import settle_bf16
 from preftune.report import compare_runs
 from preftune.report.runs import load_run
 from preftune.train.entry import train
@@ -292,6 +293,7 @@ def _same_settings(run_dir: Path, settings: dict) -> bool:
     """Whether the run in `run_dir` trained what `settings` asks for (its training keys)."""
     want = build_config(settings)
     absolute_paths(want)
+    settle_bf16(want)  # bf16=auto as the run stored it: true or false on this machine
     saved = build_config(yaml.safe_load((run_dir / "config.yaml").read_text()))
     return training_keys(saved) == training_keys(want)
 

@@ -93,6 +93,10 @@ def resolve_bf16(setting: bool | str, device: torch.device, resumed: bool = Fals
 def settle_bf16(cfg) -> Precision:
     """Decide `cfg.train.bf16` for the run about to start, in place ("auto" -> True / False),
     before its config.yaml is written. The device is the one accelerate will train on."""
+    if cfg.train.bf16 == "auto" and cfg.model.dtype != "float32":
+        cfg.train.bf16 = False  # bfloat16 weights compute in bf16 already; float64 is asked for
+        why = f"bf16=auto: autocast is for float32 weights, these are {cfg.model.dtype}"
+        return Precision(False, f"precision: {cfg.model.dtype} weights ({why})")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     precision = resolve_bf16(cfg.train.bf16, state.device, resumed=bool(cfg.train.resume))
     cfg.train.bf16 = precision.bf16

@@ -31,6 +31,8 @@ METHOD_KEYS = {
     "clip_epsilon": ("grpo",),
     "scale_rewards": ("rloo", "grpo"),
     "loss_aggregation": ("rloo", "grpo"),
+    "skip_ties": ("online_dpo", "ipo_md", "rso"),  # the pairwise methods drop tied pairs
+    "rso_output": (),  # `preftune data rso` only
 }
 
 
@@ -193,32 +195,39 @@ def set_online_keys(cfg) -> dict:
     }
 
 
-def check_unused_online_keys(cfg, method: str | None) -> None:
+def check_unused_online_keys(cfg, method: str | None, rso_data: bool = False) -> None:
     """Refuse an online key set for a method that does not read it; `method=None` is an offline
-    run (`preftune train`, `preftune reward`), which reads none of the online keys."""
+    run (`preftune train`, `preftune reward`), which reads none of the online keys, and
+    `rso_data` is `preftune data rso` (which reads `rso_output`)."""
     for key, value in set_online_keys(cfg).items():
-        if method is None and key not in ("log_samples", "generation_batch_size"):
-            raise ConfigError(
-                f"{key}={value} is an online key, read by `preftune online` only; drop it from "
-                f"this run's config, or run `preftune online`"
-            )
         users = METHOD_KEYS.get(key)
-        if method is not None and users is not None and method not in users:
+        if rso_data and key == "rso_output":
+            continue
+        if method is None or users == ():
+            readers = "`preftune data rso`" if users == () else "`preftune online`"
+            if key in ("rso_num_candidates", "rso_num_samples", "rso_beta", "judge"):
+                readers += " and `preftune data rso`"
+            raise ConfigError(
+                f"{key}={value} is read by {readers} only, not by this run; drop it from this "
+                f"run's config"
+            )
+        if users is not None and method not in users:
             raise ConfigError(
                 f"{key}={value} is read by method={' / '.join(users)} only, and this run's "
                 f"method is {method}; drop it, or pick that method"
             )
 
 
-def validate_online(cfg, method: str | None = None) -> None:
-    """Everything about the online keys that can be checked before a model loads."""
+def validate_online(cfg, method: str | None = None, rso_data: bool = False) -> None:
+    """Everything about the online keys that can be checked before a model loads; `rso_data`:
+    for `preftune data rso`, not `preftune online`."""
     o = cfg.online
     method = method or o.method
     if method not in ONLINE_METHOD_NAMES:
         raise ConfigError(
             f"unknown online method '{method}'; choose one of {', '.join(ONLINE_METHOD_NAMES)}"
         )
-    check_unused_online_keys(cfg, method)
+    check_unused_online_keys(cfg, method, rso_data)
     spec = LOSSES[cfg.loss.loss]
     if method not in POLICY_GRADIENT_METHODS and spec.unpaired:
         raise ConfigError(

@@ -43,11 +43,15 @@ def test_an_lr_override_keeps_the_high_lr_run_five_times_higher(tmp_path):
 def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
     from preftune.claims import _same_settings
     from preftune.config import build_config
+    from preftune.precision import settle_bf16
 
     settings = run_settings(CLAIMS["dpop"], "dpo", {}, tmp_path)
     run = tmp_path / "runs" / "dpo"
     run.mkdir(parents=True)
-    build_config(settings).save(run / "config.yaml")
+    cfg = build_config(settings)
+    settle_bf16(cfg)  # as a run stores it: bf16=auto decided, true or false
+    cfg.save(run / "config.yaml")
+    assert cfg.train.bf16 in (True, False)
     assert _same_settings(run, settings)
     assert not _same_settings(run, run_settings(CLAIMS["dpop"], "dpo", {"beta": 0.1}, tmp_path))
 

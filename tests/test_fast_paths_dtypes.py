@@ -37,6 +37,7 @@ from test_logps import (
 
 from preftune.layouts import build_shared_prompt_batch, build_token_batch
 from preftune.logprob import embedding, head
+from preftune.logprob import head as head_module
 from preftune.logps import plain_sequence_logps, sequence_logps
 from preftune.models import tiny_causal_lm
 
@@ -206,3 +207,32 @@ def test_tolerances_separate_wrong_tokens(dtype_name):
     with torch.no_grad():
         right_lp, wrong_lp = per_example(model, PROMPTS, COMPS), per_example(model, PROMPTS, wrong)
     assert ((right_lp - wrong_lp).abs() > 2 * dtype.logp_atol).all(), (right_lp, wrong_lp)
+
+
+def test_the_head_fast_path_equals_the_generic_one_under_bf16_autocast(monkeypatch):
+    """Under CPU bf16 autocast both heads multiply bf16 operands into bf16 products and take the
+    log-softmax in fp32: values to 1e-5, hidden and weight gradients to 1% of their largest
+    entry (bf16 products summed in another order), and the weight's gradient stays fp32."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(32, 300, bias=False)
+    hidden0 = torch.randn(50, 32)
+    targets = torch.randint(0, 300, (50,))
+    g = torch.randn(50)
+
+    def run(fused: bool):
+        monkeypatch.setattr(head_module, "fused_head", lambda *a: fused)
+        head.weight.grad = None
+        hidden = hidden0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = head_module.head_token_logps(head, None, None, hidden, targets, 16)
+        (out * g).sum().backward()
+        return out.detach(), hidden.grad, head.weight.grad
+
+    calls = _spy(monkeypatch, head_module.HeadLogpsIntoGrad)
+    fast = run(True)
+    assert calls == [1] and fast[0].dtype == torch.float32 and fast[2].dtype == torch.float32
+    generic = run(False)
+    assert calls == [1]  # the generic path did not take it
+    torch.testing.assert_close(fast[0], generic[0], rtol=0, atol=1e-5)
+    for a, b in zip(fast[1:], generic[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.01 * float(b.abs().max()))

@@ -186,7 +186,9 @@ def test_an_online_key_given_to_offline_training_is_refused(tmp_path, capsys):
     for extra in (["method=grpo"], ["temperature=0.5"]):
         assert main(["train", "model=/nonexistent", f"output_dir={tmp_path}", *extra]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and all("read by `preftune online` only" in e for e in err), err
+    assert len(err) == 2 and all(
+        "read by `preftune online`" in e and "not by this run" in e for e in err
+    ), err
     assert not any(tmp_path.iterdir())
 
 

@@ -50,6 +50,17 @@ def test_auto_is_fp32_without_bf16_units_and_bf16_with_them(cpu_with):
     assert not resolve_bf16("auto", torch.device("meta")).bf16  # unknown devices: fp32
 
 
+def test_auto_is_fp32_autocast_only_over_float32_weights(cpu_with):
+    """bfloat16 weights compute in bf16 already, float64 is asked for: auto leaves both alone."""
+    cpu_with("amx_bf16")
+    for dtype in ("bfloat16", "float64"):
+        cfg = build_config(None, [f"dtype={dtype}"])
+        p = precision.settle_bf16(cfg)
+        assert cfg.train.bf16 is False and not p.bf16 and f"these are {dtype}" in p.line
+    cfg = build_config(None)
+    assert precision.settle_bf16(cfg).bf16 and cfg.train.bf16 is True
+
+
 def test_bf16_key_takes_auto_true_false_and_old_booleans():
     assert build_config(None).train.bf16 == "auto"
     for given, want in ((["bf16=true"], True), (["bf16=False"], False), ({"bf16": True}, True)):

@@ -106,7 +106,7 @@ def main(overrides: list[str]) -> int:
     config, rest = split_argv(overrides)
     rest = [f"rso_output={a.split('=', 1)[1]}" if a.startswith("out=") else a for a in rest]
     cfg = build_config(config, rest)
-    validate_online(cfg, method="rso")
+    validate_online(cfg, method="rso", rso_data=True)
     out = Path(
         cfg.online.rso_output
         or Path(cfg.train.output_dir) / f"rso-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"

@@ -60,7 +60,9 @@ class HeadLogpsIntoGrad(torch.autograd.Function):
 
     Under bf16 autocast (`low`) its three matmuls take bf16 operands, as autograd's would (the
     weight cast once per pass, not per chunk), and everything else stays fp32: the logits
-    buffer, logsumexp, softmax and the weight's gradient. Before, autocast took the generic path,
+    buffer, logsumexp, softmax and the weight's gradient. The bf16 products land in scratch
+    buffers allocated once per pass (`_Scratch`), then are added into the fp32 ones (CPU has no
+    mixed-dtype matmul into an fp32 output). Before, autocast took the generic path,
     which kept bf16 and fp32 copies of a chunk's logits and their gradients, and cast the head's
     weight again for each chunk it recomputed in backward.
     """
@@ -72,9 +74,10 @@ class HeadLogpsIntoGrad(torch.autograd.Function):
         lse = hidden.new_empty(N)
         buf = hidden.new_empty(min(chunk, N), weight.shape[0])
         w = weight if low is None else weight.to(low)  # autocast: cast once, not per chunk
+        scratch = _Scratch()
         for s in range(0, N, chunk):
             h, t = hidden[s : s + chunk], targets[s : s + chunk]
-            logits = _mm_into(h.to(w.dtype), w.t(), buf[: h.shape[0]])
+            logits = scratch.mm_into("logits", h.to(w.dtype), w.t(), buf[: h.shape[0]])
             out[s : s + chunk] = logits.gather(1, t[:, None]).squeeze(1)
             # logsumexp in place (torch.logsumexp allocates a chunk x V temporary per call,
             # ~130 MB at a 256k vocabulary): buf then holds exp(logits - max)
@@ -102,6 +105,7 @@ class HeadLogpsIntoGrad(torch.autograd.Function):
         if not kept:
             buf = hidden.new_empty(min(chunk, N), weight.shape[0])
         w = weight if ctx.low is None else weight.to(ctx.low)
+        scratch = _Scratch()
         last = (N - 1) // chunk * chunk
         for s in range(last, -1, -chunk):
             h, t, g = hidden[s : s + chunk], targets[s : s + chunk], grad[s : s + chunk]
@@ -109,27 +113,41 @@ class HeadLogpsIntoGrad(torch.autograd.Function):
             if s == last and kept:  # exp(logits - max), left there by forward
                 d = buf[: h.shape[0]].mul_((-g / total)[:, None])  # -g softmax
             else:
-                d = _mm_into(h.to(w.dtype), w.t(), buf[: h.shape[0]])
+                d = scratch.mm_into("logits", h.to(w.dtype), w.t(), buf[: h.shape[0]])
                 d.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])  # -g softmax
             d[rows, t] += g  # + g onehot
             d, h = d.to(w.dtype), h.to(w.dtype)  # autocast: bf16 operands, as autograd's would be
             if want_h:
-                _mm_into(d, w, dh[s : s + chunk])
+                scratch.mm_into("dh", d, w, dh[s : s + chunk])
             if want_w:
                 if weight.grad is None:
                     weight.grad = torch.mm(d.t(), h).to(weight.dtype)
                 elif w is weight:
                     weight.grad.addmm_(d.t(), h)
-                else:  # no mixed-dtype addmm on CPU: a (V, H) bf16 temporary
-                    weight.grad.add_(torch.mm(d.t(), h))
+                else:  # no mixed-dtype addmm on CPU: through one (V, H) bf16 scratch
+                    weight.grad.add_(scratch.mm("dw", d.t(), h))
         return dh, None, None, None, None
 
 
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = a @ b; bf16 operands (autocast) are multiplied in bf16 and rounded up into `out`."""
-    if a.dtype == out.dtype:
-        return torch.mm(a, b, out=out)
-    return out.copy_(torch.mm(a, b))
+class _Scratch:
+    """Low-precision matmul outputs, one buffer per role, allocated on first use and reused for
+    every chunk of the pass (the last chunk may be shorter: a leading slice)."""
+
+    def __init__(self):
+        self.bufs: dict[str, torch.Tensor] = {}
+
+    def mm(self, role: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        buf = self.bufs.get(role)
+        if buf is None or buf.shape[1] != b.shape[1] or buf.shape[0] < a.shape[0]:
+            buf = self.bufs[role] = a.new_empty(a.shape[0], b.shape[1])
+        return torch.mm(a, b, out=buf[: a.shape[0]])
+
+    def mm_into(self, role: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor):
+        """out = a @ b; bf16 operands (autocast) are multiplied in bf16 and rounded up into
+        `out`."""
+        if a.dtype == out.dtype:
+            return torch.mm(a, b, out=out)
+        return out.copy_(self.mm(role, a, b))
 
 
 def fused_head(head, softcap, scale, hidden) -> bool:
