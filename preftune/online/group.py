@@ -61,10 +61,17 @@ def grpo_advantages(
     rewards are all equal gets A = 0.
     """
     g = _groups(rewards, k)
-    centred = g - g.mean(1, keepdim=True)
-    if scale_rewards:
-        centred = centred / (g.std(1, unbiased=True, keepdim=True) + eps)
-    return centred.reshape(-1)
+    centred = (g - g.mean(1, keepdim=True)).reshape(-1)
+    return scale_by_group_std(centred, rewards, k, eps) if scale_rewards else centred
+
+
+def scale_by_group_std(
+    advantages: torch.Tensor, rewards: torch.Tensor, k: int, eps: float = 1e-4
+) -> torch.Tensor:
+    """`advantages / (std(r) + eps)`, each by its group's sample std of `rewards` (k-1 in the
+    denominator, TRL `nanstd`; eps TRL's): GRPO's scaling, and RLOO's with scale_rewards."""
+    std = _groups(rewards, k).std(1, unbiased=True, keepdim=True) + eps
+    return (_groups(advantages, k) / std).reshape(-1)
 
 
 def all_equal_groups(rewards: torch.Tensor, k: int) -> int:

@@ -32,6 +32,7 @@ from preftune.online.group import (
     group_token_losses,
     grpo_advantages,
     rloo_advantages,
+    scale_by_group_std,
     sequence_values,
 )
 from preftune.online.rso_data import apply_eos_penalty
@@ -108,9 +109,7 @@ class GroupTrainer(ReMaxTrainer):
             return grpo_advantages(reward, k, self.scale_rewards), kl
         r = reward - o.kl_coef * kl
         a = rloo_advantages(r, k)
-        if self.scale_rewards:
-            a = a / (r.view(-1, k).std(1, keepdim=True) + 1e-4).expand(-1, k).reshape(-1)
-        return a, kl
+        return (scale_by_group_std(a, r, k) if self.scale_rewards else a), kl
 
     def _group_step(self, samples, reward: torch.Tensor, n_prompts: int) -> dict:
         t, o, k = self.cfg.train, self.cfg.online, self.cfg.online.num_generations
