@@ -93,6 +93,7 @@ def pairs(name: str, n: int):
 
 def text(name: str, content: str | bytes):
     def write(tmp: Path, tiny: Path) -> None:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).write_bytes(content if isinstance(content, bytes) else content.encode())
 
     return write
@@ -243,11 +244,20 @@ CASES = [
          ("runs/nope", "no such folder"), base=False),
     Case("resume-not-a-run", ["--resume", "{tmp}", "--quiet"], None, ("not a preftune run",), base=False),
     Case("resume-config-unreadable", ["--resume", "{tmp}/runs/old", "--quiet"], None,
-         ("runs/old", "config.yaml cannot be read"), base=False),
+         ("runs/old", "config.yaml cannot be read", "a mapping of config keys expected"), base=False),
     Case("resume-pickle-in-checkpoint", ["--resume", "{tmp}/saved/pk", "--quiet"],
          saved_run("pk", "checkpoints/step-1/trainer.pt"), ("trainer.pt", "pickle"), base=False),
     Case("resume-changes-beta", ["--resume", "{tmp}/saved/cb", "beta=0.5"], saved_run("cb"),
          ("beta=0.5", "differs from the run's beta=0.1"), base=False),
+    # ---- preftune compare ----
+    Case("compare-not-a-run", ["{tmp}/saved/nm"], saved_run("nm"),
+         ("saved/nm", "not a preftune run directory"), command="compare", base=False),
+    Case("compare-damaged-metrics", ["{tmp}/bad"],
+         text("bad/metrics.jsonl", '{"step": 1, "lo\n{"step": 2}\n'),
+         ("bad/metrics.jsonl:1", "not a JSON row"), command="compare", base=False),
+    Case("compare-same-names", ["{tmp}/a/r", "{tmp}/b/r"],
+         both(text("a/r/metrics.jsonl", '{"step": 1}\n'), text("b/r/metrics.jsonl", '{"step": 1}\n')),
+         ("share a folder name",), command="compare", base=False),
     Case("resume-run-in-use", ["--resume", "{tmp}/saved/lk", "--quiet"], saved_run("lk", lock=True),
          ("saved/lk", "being written by another preftune run"), base=False),
 ]
@@ -292,9 +302,14 @@ def check_one_line(err: str, case: Case, tmp: Path) -> None:
         assert word.format(tmp=tmp) in lines_[0], (word, lines_[0])
 
 
+def existing_runs(tmp: Path) -> dict[str, dict]:
+    """What the run folders a row starts with hold: runs/old and the rows' saved/ runs."""
+    return {str(p): snapshot(p) for p in [tmp / "runs" / "old", tmp / "saved"] if p.exists()}
+
+
 def check_runs_untouched(tmp: Path, before: dict) -> None:
     runs = tmp / "runs"
-    assert snapshot(runs / "old") == before, "the existing run directory changed"
+    assert existing_runs(tmp) == before, "an existing run directory changed"
     for run in runs.iterdir():  # nothing trained: no new run holds a checkpoint or a model
         assert run.name == "old" or not ({"checkpoints", "final"} & {p.name for p in run.iterdir()})
 
@@ -303,7 +318,7 @@ def check_runs_untouched(tmp: Path, before: dict) -> None:
 def test_bad_input_is_one_line_and_exit_2(case, workdir, tiny_dir, capsys):
     if case.setup:
         case.setup(workdir, tiny_dir)
-    before = snapshot(workdir / "runs" / "old")
+    before = existing_runs(workdir)
     capsys.readouterr()
     assert main(argv_of(case, workdir, tiny_dir)) == 2
     captured = capsys.readouterr()
@@ -321,7 +336,7 @@ def test_bad_input_through_a_real_process(case_id, workdir, tiny_dir):
     case = next(c for c in CASES if c.id == case_id)
     if case.setup:
         case.setup(workdir, tiny_dir)
-    before = snapshot(workdir / "runs" / "old")
+    before = existing_runs(workdir)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run(
         [sys.executable, "-m", "preftune.cli", *argv_of(case, workdir, tiny_dir)],

@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from preftune.calibrate import BetaCalibration
+from preftune.errors import UserError
 from preftune.losses import LOSSES, PreferenceLogps, UnpairedLogps, compute
-from preftune.report import PANELS, compare_runs, load_run, write_report
+from preftune.report import PANELS, compare_runs, load_run, read_metrics, write_report
 from preftune.report.panels import run_colors
 from preftune.train.metrics import record, summarise
 
@@ -210,8 +211,26 @@ def test_compare_puts_configs_side_by_side_with_one_colour_per_run(tmp_path):
 
 
 def test_missing_run_dir_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="preftune run directory"):
+    with pytest.raises(UserError, match="not a preftune run directory"):
         write_report(tmp_path / "nothing")
+
+
+def test_a_partial_last_metrics_line_is_left_out_and_a_damaged_one_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    good = json.dumps({"step": 1, "loss": 0.69})
+    (run / "metrics.jsonl").write_text(good + "\n" + '{"step": 2, "lo')
+    assert read_metrics(run) == [{"step": 1, "loss": 0.69}]
+    assert "metrics.jsonl:2 is a partial last line" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"step": 1, "lo\n' + good + "\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl:1: not a JSON row"):
+        read_metrics(run)
+    (run / "metrics.jsonl").write_text(good + "\n")
+    (run / "summary.json").write_text("")  # a kill before the atomic write existed
+    assert load_run(run).summary == {}
+    (run / "config.yaml").write_text("- a list\n")
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_run(run)
 
 
 CHECK_IMAGES = """<script>window.addEventListener('load', () => {

@@ -105,6 +105,28 @@ def test_resume_applies_lr_and_says_so(tiny_dir, tmp_path, capsys):
     assert "lr: 0.0001" in (run / "config.yaml").read_text()
 
 
+def test_a_finished_run_resumed_without_more_steps_is_refused_and_left_as_it_was(
+    tiny_dir, tmp_path
+):
+    run = _cut_run(tiny_dir, tmp_path, "done")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(ConfigError, match=r"finished at step 2 of 2.*max_steps=4"):
+        train(None, [f"resume={run}", "lr=1e-5"])
+    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before  # config.yaml does not claim an lr that trained nothing
+
+
+def test_resume_passes_over_a_partial_metrics_line_and_an_empty_summary(tiny_dir, tmp_path, capsys):
+    run = _cut_run(tiny_dir, tmp_path, "torn")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')  # killed mid-write
+    (run / "summary.json").write_text("")  # as a kill inside a non-atomic write left it
+    res = train(None, [f"resume={run}", "max_steps=3"])
+    assert "dropped 1 unreadable line" in capsys.readouterr().err
+    assert [r["step"] for r in metric_rows(res.run_dir)] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
 @pytest.mark.parametrize("override", ["beta=0.5", "loss=ipo", "batch_size=2", "seed=3"])
 def test_resume_refuses_a_changed_key_by_name(tiny_dir, tmp_path, override):
     run = _cut_run(tiny_dir, tmp_path, "refuse")

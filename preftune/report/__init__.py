@@ -13,6 +13,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from preftune.errors import UserError
 from preftune.report.page import page
 from preftune.report.panels import PANELS, Panel, run_colors
 from preftune.report.runs import Run, load_run, read_metrics
@@ -65,7 +66,10 @@ def compare_runs(run_dirs: list[str], out: str | Path = "compare.html") -> Path:
     out = Path(out)
     runs = [load_run(d) for d in run_dirs]
     if len({r.name for r in runs}) != len(runs):
-        raise ValueError("two runs share a folder name; give runs distinct names to compare them")
+        raise UserError(
+            f"compare {' '.join(map(str, run_dirs))}: two runs share a folder name; the page "
+            f"tells runs apart by it, so give them distinct names"
+        )
     plots = out.parent / f"{out.stem}_plots"
     figures = draw_panels(runs, plots, f"{plots.name}/")
     out.write_text(page("preftune: runs compared", runs, run_colors(runs), figures))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from preftune.errors import UserError
 
 
 @dataclass
@@ -28,10 +31,34 @@ class Run:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl. A partial last line (a run killed, or still writing) is left
+    out with a note on stderr; a damaged line anywhere else is an error naming it."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; is {run_dir} a preftune run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise UserError(
+            f"{run_dir} is not a preftune run directory (no metrics.jsonl); give the folder a run "
+            f"wrote, e.g. runs/<run_name>"
+        )
+    numbered = [(i, ln) for i, ln in enumerate(_text(path).splitlines(), 1) if ln.strip()]
+    rows = []
+    for i, line in numbered:
+        try:
+            rows.append(json.loads(line))
+        except ValueError as err:
+            if i != numbered[-1][0]:
+                raise UserError(
+                    f"{path}:{i}: not a JSON row ({err}); the file is damaged, remove that line "
+                    f"to read this run"
+                ) from None
+            print(f"[preftune] note: {path}:{i} is a partial last line; left out", file=sys.stderr)
+    return rows
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot be read ({err}); is the run directory intact?") from None
 
 
 def flat_config(raw: dict) -> dict:
@@ -47,13 +74,31 @@ def flat_config(raw: dict) -> dict:
 
 
 def _json(path: Path, default):
-    return json.loads(path.read_text()) if path.exists() else default
+    """A run's JSON file; `default` where it is missing, or empty (cut short by a kill)."""
+    text = _text(path) if path.exists() else ""
+    if not text.strip():
+        return default
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); is the run directory intact?") from None
+
+
+def _config(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        raw = yaml.safe_load(_text(path)) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of config keys, found {type(raw).__name__}")
+    return flat_config(raw)
 
 
 def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    config = flat_config(yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.exists() else {}
+    config = _config(run_dir / "config.yaml")
     samples = {}
     for tag in ("before", "after"):
         rows = _json(run_dir / f"greedy_{tag}.json", None)

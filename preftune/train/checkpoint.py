@@ -239,7 +239,7 @@ def latest_checkpoint(ckpt_root: Path, log: Callable[[str], None] = print) -> Pa
         problem = verify(path)
         if problem is None:
             return path
-        log(f"warning: checkpoint {path} is incomplete or corrupt ({problem}); trying an older one")
+        log(f"checkpoint {path} is incomplete or corrupt ({problem}); trying an older one")
     return None
 
 

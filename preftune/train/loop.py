@@ -85,12 +85,25 @@ def _resume(trainer: BaseTrainer) -> None:
         if "config" in state:
             check_same_training(trainer.run_dir, state["config"], trainer.cfg)
         trainer.load_state(state)
+        _refuse_finished(trainer)
         _apply_schedule(trainer)
         _warn_threads(trainer, path, state.get("torch_threads"))
     _truncate_metrics(trainer, trainer.step)
     if trainer.acc.is_main_process:  # the keys this resume applied, once it has succeeded
         save_config(trainer.cfg, trainer.run_dir)
     trainer.log_line(f"resumed from {path} at step {trainer.step}" if path else "resume: step 0")
+
+
+def _refuse_finished(trainer: BaseTrainer) -> None:
+    """A run that has finished is continued only with more steps: resuming it as it is would
+    train nothing and rewrite its summary, final/ and config.yaml with what no step used."""
+    done, total = trainer.step, trainer.total_steps
+    if done >= total and (trainer.run_dir / "final").exists():
+        raise ConfigError(
+            f"resume={trainer.run_dir}: the run finished at step {done} of {total}, so there is "
+            f"nothing to train; give more steps to continue it (e.g. max_steps={2 * total}) or "
+            f"start a new run from its final/ model"
+        )
 
 
 def _warn_threads(trainer: BaseTrainer, path, saved: int | None) -> None:
@@ -106,13 +119,26 @@ def _warn_threads(trainer: BaseTrainer, path, saved: int | None) -> None:
 def _truncate_metrics(trainer: BaseTrainer, step: int) -> None:
     """Metrics logged after the checkpoint belong to the lost part of the run: drop them."""
     mpath = trainer.run_dir / "metrics.jsonl"
-    if mpath.exists() and trainer.acc.is_main_process:
-        kept = [
-            ln
-            for ln in mpath.read_text().splitlines()
-            if ln and json.loads(ln).get("step", 0) <= step
-        ]
-        mpath.write_text("".join(ln + "\n" for ln in kept))
+    if not (mpath.exists() and trainer.acc.is_main_process):
+        return
+    kept, torn = [], 0
+    for ln in mpath.read_text(errors="replace").splitlines():
+        row = _json_or_none(ln)
+        if row is None:
+            torn += bool(ln.strip())
+        elif row.get("step", 0) <= step:
+            kept.append(ln)
+    if torn:  # a kill mid-write leaves a partial last line
+        trainer.warn(f"{mpath}: dropped {torn} unreadable line(s) (a write cut short by a kill)")
+    mpath.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _json_or_none(text: str):
+    try:
+        row = json.loads(text)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def _task_eval(trainer: BaseTrainer, summary: dict, tag: str) -> None:
@@ -135,10 +161,10 @@ def _start(trainer: BaseTrainer) -> dict:
     if t.resume:
         _resume(trainer)
         old = trainer.run_dir / "summary.json"
-        if old.exists():
-            summary.update(
-                {k: v for k, v in json.loads(old.read_text()).items() if k.endswith("_before")}
-            )
+        before = _json_or_none(old.read_text(errors="replace")) if old.exists() else {}
+        if before is None:
+            trainer.warn(f"{old} is unreadable (a write cut short?); it will be written anew")
+        summary.update({k: v for k, v in (before or {}).items() if k.endswith("_before")})
     if trainer.step == 0 and cfg.eval.eval_before:
         _task_eval(trainer, summary, "before")
         if trainer.acc.is_main_process:

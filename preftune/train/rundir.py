@@ -122,8 +122,10 @@ def resume_config(run_dir: str | Path, config=None, overrides=None) -> tuple[Con
         )
     try:
         base = yaml.safe_load(saved.read_text())
+        if not isinstance(base, dict):
+            raise TypeError(f"a mapping of config keys expected, found {type(base).__name__}")
         old = _flat_values(build_config(base))
-    except (yaml.YAMLError, ConfigError, TypeError) as e:
+    except (yaml.YAMLError, ConfigError, TypeError, UnicodeDecodeError) as e:
         raise ConfigError(f"resume={run_dir}: its config.yaml cannot be read ({e})") from None
     for path in ckpt.list_checkpoints(run_dir / "checkpoints"):
         ckpt.refuse_pickles(path)  # before any model loads
