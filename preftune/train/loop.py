@@ -20,6 +20,7 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from preftune.config import ConfigError
+from preftune.models import progress_bars
 from preftune.report import write_report
 from preftune.train import checkpoint as ckpt
 from preftune.train.base import BaseTrainer, write_json
@@ -337,13 +338,14 @@ def _save_final(trainer: BaseTrainer) -> None:
     final, tmp = trainer.run_dir / "final", trainer.run_dir / ".tmp-final"
     if tmp.exists():
         shutil.rmtree(tmp)
-    if trainer.cfg.model.lora:
-        model.save_pretrained(tmp / "adapter")
-        trainer.tokenizer.save_pretrained(tmp / "adapter")
-        merged = copy.deepcopy(model).merge_and_unload()
-        merged.save_pretrained(tmp)
-    else:
-        model.save_pretrained(tmp)
+    with progress_bars(not trainer.quiet):  # transformers' "Writing model shards" bar
+        if trainer.cfg.model.lora:
+            model.save_pretrained(tmp / "adapter")
+            trainer.tokenizer.save_pretrained(tmp / "adapter")
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
     trainer.tokenizer.save_pretrained(tmp)
     ckpt.fsync_tree(tmp)
     ckpt.publish(tmp, final)
