@@ -106,7 +106,15 @@ def start_processes() -> None:
     """Under a DeepSpeed launch on CPUs, accelerate's process state started with a gloo group.
     Must run before anything else builds that state (the run directory's claim, bf16=auto):
     without a backend accelerate would count 1 process each, and both would claim the run."""
-    if deepspeed_requested() and _cpu_only():
+    if not deepspeed_requested():
+        return
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        raise TrainingError(
+            "DeepSpeed: the launch sets use_cpu (ACCELERATE_USE_CPU), under which accelerate "
+            "drops DeepSpeed; set use_cpu: false, DeepSpeed runs on CPUs by itself "
+            "(examples/accelerate/zero2_cpu.yaml)"
+        )
+    if _cpu_only():
         PartialState(backend="gloo")
 
 
@@ -205,6 +213,7 @@ def local_optimizer_numel(optimizer) -> dict:
     partitions: its share of each flat group)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> ZeRO's
     base = inner.optimizer  # the torch AdamW over the flat partitions
-    masters = [p for g in base.param_groups for p in g["params"]]
+    masters = list(base.state)  # its state's keys: the flat fp32 partitions (ZeRO-3 keeps them
+    # out of param_groups)
     moments = [v for st in base.state.values() for v in st.values() if v.dim() > 0]
     return {"master": sum(p.numel() for p in masters), "optimizer": sum(m.numel() for m in moments)}
