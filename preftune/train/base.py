@@ -197,8 +197,9 @@ class BaseTrainer:
         """One line on what synchronises the gradients, and why the engine's fast paths are off."""
         if isinstance(self.sharding, ZeroSharding):
             self.log_line(
-                f"{self.sharding.name}: optimizer state and gradients"
-                f"{' and parameters' if self.sharding.stage == 3 else ''} partitioned over the "
+                f"{self.sharding.name}: optimizer state"
+                f"{', gradients and parameters' if self.sharding.stage == 3 else ' and gradients'} "
+                f"partitioned over the "
                 f"processes, reduced, clipped and stepped by the DeepSpeed engine; the engine's "
                 f"gradient fast paths (embedding and LM-head gradients written into .grad) are "
                 f"off: DeepSpeed would not see them"

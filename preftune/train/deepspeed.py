@@ -126,7 +126,14 @@ def accelerator_kwargs(cfg: Config) -> dict:
     _check_launch(cfg)
     stage = zero_stage()
     P = int(os.environ.get("WORLD_SIZE", "1"))
-    plugin = DeepSpeedPlugin(hf_ds_config=ds_config(cfg, stage, P), zero3_init_flag=False)
+    # `accelerate launch` lists the config file's DeepSpeed keys here, and the plugin refuses a
+    # config of its own beside them; preftune has read the one it uses (the stage) already
+    fields = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    try:
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config(cfg, stage, P), zero3_init_flag=False)
+    finally:
+        if fields is not None:
+            os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = fields
     handlers = []
     if _cpu_only():
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
