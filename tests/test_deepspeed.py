@@ -24,6 +24,8 @@ from safetensors.torch import load_file
 from test_distributed import ENTRY, ENV, _launch, _losses
 from transformers import AutoModelForCausalLM
 
+from preftune.cli import main
+
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="deepspeed is not installed (pip install 'preftune[deepspeed]')",
@@ -132,3 +134,17 @@ def test_zero_final_loads_with_plain_transformers(zero_runs, one_process, stage)
 def test_zero3_refuses_a_frozen_reference_in_one_line(zero_runs):
     errors = [(zero_runs / f"z3-tdpo.error-rank{r}").read_text() for r in (0, 1)]
     assert errors[0] == errors[1] and "ZeRO-3" in errors[0] and "\n" not in errors[0]
+
+
+def test_a_deepspeed_launch_with_use_cpu_is_refused_in_one_line(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """accelerate drops DeepSpeed under use_cpu (it would run DDP, or single runs): refused
+    before anything is set up, saying which setting to change."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    args = _args(tiny_dir, tmp_path, "cpu")
+    assert main(["train", *(f"{k}={v}" for k, v in args.items())]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("preftune: error")]
+    assert len(errors) == 1 and "use_cpu: false" in errors[0], errors
+    assert not (tmp_path / "cpu").exists()
