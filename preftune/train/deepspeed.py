@@ -158,8 +158,9 @@ class ZeroSharding(Sharding):
         if self.stage == 3:
             import deepspeed
 
-            head = engine.model.get_output_embeddings()
-            deepspeed.zero.register_external_parameter(engine, head.weight)
+            head = engine.model.get_output_embeddings()  # None: a reward model (its own forward)
+            if head is not None:
+                deepspeed.zero.register_external_parameter(engine, head.weight)
             # accelerate's rule for its `auto` values, from the model's hidden size (accelerate
             # reads it from the module it prepares, which here is the engine module)
             h = engine.model.config.hidden_size
