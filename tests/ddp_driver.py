@@ -5,7 +5,8 @@ jobs.json is a list of {"kind": "train" | "online" | "reward", "args": {config k
 "nan_on_rank": r and "nan_from_call": n to make DPO's loss NaN on process r from its n-th call
 on. After each job every process writes the SHA-256 of its trained weights to
 `<run_dir>/weights-rank<r>.sha256` (equal digests: the processes stayed in sync), or for a job
-that raised a preftune error, its message to `<output_dir>/<run_name>.error-rank<r>`.
+that raised a preftune error, its message to `<output_dir>/<run_name>.error-rank<r>`. A job's
+"env" is what `accelerate launch` would set from its config file (FSDP2, DeepSpeed).
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate.state import AcceleratorState
 from run_helpers import nan_dpo_from_call
 from torch.distributed.tensor import DTensor
 
 from preftune.errors import UserError
 from preftune.losses import LOSSES
+from preftune.train.deepspeed import ZeroSharding, local_optimizer_numel
 from preftune.train.entry import ONLINE_METHODS
 from preftune.train.loop import run
 from preftune.train.reward import RewardTrainer
@@ -84,6 +87,8 @@ def main(path: str) -> None:
             Path(f"{where}.error-rank{rank}").write_text(str(e))
         for key in job.get("env", {}):
             del os.environ[key]
+        # a DeepSpeed job's plugin (its config) lives in accelerate's state: the next job's own
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def run_job(job: dict) -> None:
@@ -97,7 +102,10 @@ def run_job(job: dict) -> None:
     run(trainer)
     rank = trainer.acc.process_index
     (trainer.run_dir / f"weights-rank{rank}.sha256").write_text(digest(trainer.policy))
-    sizes = json.dumps(local_sizes(trainer, seen))
+    sizes = local_sizes(trainer, seen)
+    if isinstance(trainer.sharding, ZeroSharding):  # its fp32 master weights and moments
+        sizes.update(local_optimizer_numel(trainer.optimizer))
+    sizes = json.dumps(sizes)
     (trainer.run_dir / f"sizes-rank{rank}.json").write_text(sizes)
     trainer.acc.wait_for_everyone()
 

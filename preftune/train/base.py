@@ -30,6 +30,13 @@ from preftune.precision import settle_bf16
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import example_lengths, micro_batches
 from preftune.train.dcp import save_sharded
+from preftune.train.deepspeed import (
+    ZeroSharding,
+    accelerator_kwargs,
+    deepspeed_requested,
+    start_processes,
+    zero_stage,
+)
 from preftune.train.guards import DivergenceGuard
 from preftune.train.in_backward import StepInBackward
 from preftune.train.metrics import record, summarise
@@ -65,6 +72,7 @@ class BaseTrainer:
         starts leaves its folder as it found it."""
         self.cfg = cfg
         self.spec = LOSSES[cfg.loss.loss]
+        start_processes()  # DeepSpeed on CPUs: the gloo group, before anything counts processes
         if not cfg.train.resume:  # a resumed run's own config.yaml was checked when it started
             check_before_loading(cfg)
         self.precision = settle_bf16(cfg)  # bf16=auto decided before config.yaml is written
@@ -98,13 +106,18 @@ class BaseTrainer:
         return None
 
     def _setup(self, cfg: Config) -> None:
+        ds = accelerator_kwargs(cfg)  # DeepSpeed's plugin, where the launch asks for it
         self.acc = Accelerator(
             log_with=trackers(cfg) or None,
             project_dir=str(self.run_dir),
             mixed_precision="bf16" if cfg.train.bf16 else "no",
             # buffers (rotary tables) are equal everywhere: no broadcast, which would also make
             # every forward a collective
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            kwargs_handlers=[
+                DistributedDataParallelKwargs(broadcast_buffers=False),
+                *ds.pop("kwargs_handlers", []),
+            ],
+            **ds,
         )
         torch.manual_seed(cfg.train.seed)
         self.quiet = cfg.train.quiet or not self.acc.is_main_process
@@ -139,11 +152,20 @@ class BaseTrainer:
     def _setup_step(self, cfg: Config) -> None:
         """Optimizer, schedule, the prepared engine module and the step engine."""
         t = cfg.train
-        self.sharding = Sharding(fsdp_requested(self.acc))
+        if deepspeed_requested():
+            self.sharding = ZeroSharding(zero_stage())
+        else:
+            self.sharding = Sharding(fsdp_requested(self.acc))
+        if isinstance(self.sharding, ZeroSharding) and cfg.train.resume:
+            raise TrainingError(
+                "resume is not supported under DeepSpeed yet (preftune writes no DeepSpeed "
+                "checkpoint: DeepSpeed's own pickles); continue from the run's final/ model, or "
+                "train under FSDP2 / DDP to resume"
+            )
         if self.sharding.enabled and self.method not in (None, "reward"):
             raise TrainingError(
-                f"{self.method} runs under one process or DDP; FSDP2 shards the offline methods "
-                f"and the reward model. Launch it with examples/accelerate/ddp.yaml"
+                f"{self.method} runs under one process or DDP; {self.sharding.name} shards the "
+                f"offline methods and the reward model. Launch it with examples/accelerate/ddp.yaml"
             )
 
         def build():
@@ -153,19 +175,7 @@ class BaseTrainer:
         self.policy, self.engine, self.optimizer = place_for_training(
             self.acc, self.policy, self.sharding, build
         )
-        if self.sharding.enabled:
-            self.log_line(
-                "FSDP2: parameters, gradients and optimizer state sharded per decoder layer "
-                "(fully_shard), gradients reduce-scattered by FSDP; the engine's gradient fast "
-                "paths (embedding and LM-head gradients written into .grad) are off: they cannot "
-                "write into sharded gradients"
-            )
-        elif wrapped(self.acc):
-            self.log_line(
-                f"{self.acc.distributed_type.value}: gradients averaged by the wrapper; the "
-                f"engine's gradient fast paths (embedding and LM-head gradients written into .grad) "
-                f"are off, since the wrapper would not see them"
-            )
+        self._say_engine()
         create_optimizer_state(self.optimizer)  # before the precompute and the first step
         self.in_backward = None
         if t.optimizer_in_backward:
@@ -186,6 +196,31 @@ class BaseTrainer:
             t.max_grad_norm,
             self.in_backward,
         )
+
+    def _say_engine(self) -> None:
+        """One line on what synchronises the gradients, and why the engine's fast paths are off."""
+        if isinstance(self.sharding, ZeroSharding):
+            self.log_line(
+                f"{self.sharding.name}: optimizer state"
+                f"{', gradients and parameters' if self.sharding.stage == 3 else ' and gradients'} "
+                f"partitioned over the "
+                f"processes, reduced, clipped and stepped by the DeepSpeed engine; the engine's "
+                f"gradient fast paths (embedding and LM-head gradients written into .grad) are "
+                f"off: DeepSpeed would not see them"
+            )
+        elif self.sharding.enabled:
+            self.log_line(
+                "FSDP2: parameters, gradients and optimizer state sharded per decoder layer "
+                "(fully_shard), gradients reduce-scattered by FSDP; the engine's gradient fast "
+                "paths (embedding and LM-head gradients written into .grad) are off: they cannot "
+                "write into sharded gradients"
+            )
+        elif wrapped(self.acc):
+            self.log_line(
+                f"{self.acc.distributed_type.value}: gradients averaged by the wrapper; the "
+                f"engine's gradient fast paths (embedding and LM-head gradients written into .grad) "
+                f"are off, since the wrapper would not see them"
+            )
 
     # ---- output ------------------------------------------------------------------------------
     def log_line(self, text: str) -> None:
@@ -331,6 +366,14 @@ class BaseTrainer:
 
     def save(self) -> Path | None:
         """A checkpoint of the run (every process calls this: each one's generators go in)."""
+        if isinstance(self.sharding, ZeroSharding):
+            if not getattr(self, "_said_no_checkpoints", False):
+                self.warn(
+                    f"step {self.step}: no checkpoint written: preftune does not checkpoint "
+                    f"DeepSpeed runs yet (DeepSpeed's own format pickles); final/ is written"
+                )
+                self._said_no_checkpoints = True
+            return None
         if self.sharding.enabled:  # each process writes its shard
             return save_sharded(
                 self.acc, self.run_dir / "checkpoints", self.step, self.engine, self.optimizer,

@@ -35,11 +35,6 @@ from preftune.train.setup import TrainingError
 def fsdp_requested(acc) -> bool:
     """Whether the launch asked for FSDP: accelerate's state where it honours it (GPUs), else
     the variables `accelerate launch` sets from the config file (it drops them on CPU)."""
-    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):  # accelerate may run it as DDP on CPU
-        raise TrainingError(
-            "accelerate is configured for DeepSpeed; preftune runs one process, DDP or FSDP2 "
-            "(DeepSpeed ZeRO is not supported yet). Launch with examples/accelerate/fsdp2.yaml"
-        )
     asked = acc.distributed_type == DistributedType.FSDP or parse_flag_from_env(
         "ACCELERATE_USE_FSDP"
     )
@@ -76,9 +71,17 @@ def _reshard_after_forward() -> bool:
 class Sharding:
     """What a run does differently under FSDP2; `enabled` False makes every method a no-op."""
 
+    name = "FSDP2"
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.modules: list[torch.nn.Module] = []  # each model sharded: the policy's engine, refs
+
+    def place(self, acc, engine: torch.nn.Module, build_optimizer):
+        """(sharded engine, optimizer built on its sharded parameters). Not given to accelerate's
+        `prepare`, which would shard it again (GPUs) or wrap it in DDP (CPUs)."""
+        self.shard_engine(engine, engine.model)
+        return engine, build_optimizer()
 
     def shard_engine(self, engine: torch.nn.Module, policy: torch.nn.Module) -> None:
         """fully_shard each decoder layer of `policy`, then `engine` as the root. Must run before
@@ -135,19 +138,26 @@ class Sharding:
         state = get_model_state_dict(engine, options=options)
         if not state:
             return None
-        state = {k.removeprefix("model."): v for k, v in state.items()}
-        base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        with torch.device("meta"):  # no memory: load_state_dict(assign=True) brings it
-            model = type(base)._from_config(base.config, torch_dtype=base.dtype)
-        if hasattr(policy, "peft_config"):
-            model = type(policy)(model, policy.peft_config["default"])  # peft's own class
-        model.load_state_dict(state, assign=True, strict=False)
-        if hasattr(base, "tie_weights"):
-            (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
-        missing = [n for n, p in model.named_parameters() if p.is_meta]
-        if missing:
-            raise TrainingError(f"FSDP2: the gathered weights lack {missing[:3]}")
-        return model
+        return model_from_state(policy, {k.removeprefix("model."): v for k, v in state.items()})
+
+
+def model_from_state(policy: torch.nn.Module, state: dict[str, torch.Tensor]):
+    """A new model of `policy`'s class (LoRA: a peft model with its adapter) holding the whole
+    weights `state` (named as `policy.named_parameters()`), built without allocating twice."""
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    # no memory: load_state_dict(assign=True) brings it. The class itself, not _from_config:
+    # under a ZeRO-3 launch that would enter deepspeed.zero.Init (a collective) on this process
+    with torch.device("meta"):
+        model = type(base)(base.config).to(base.dtype)
+    if hasattr(policy, "peft_config"):
+        model = type(policy)(model, policy.peft_config["default"])  # peft's own class
+    model.load_state_dict(state, assign=True, strict=False)
+    if hasattr(base, "tie_weights"):
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise TrainingError(f"the gathered weights lack {missing[:3]}")
+    return model
 
 
 def local_numel(params) -> int:

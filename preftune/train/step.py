@@ -18,6 +18,7 @@ none of them writes a step of its own.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -55,8 +56,9 @@ class EngineModule(torch.nn.Module):
 
 
 def wrapped(acc) -> bool:
-    """Whether accelerate wraps the prepared module (several processes: DDP)."""
-    return acc.num_processes > 1
+    """Whether an engine wraps the prepared module (several processes: DDP; DeepSpeed always),
+    so every gradient must stay inside autograd."""
+    return acc.num_processes > 1 or acc.distributed_type == DistributedType.DEEPSPEED
 
 
 class StepEngine:
@@ -67,6 +69,18 @@ class StepEngine:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.max_grad_norm, self.in_backward = max_grad_norm, in_backward
         self.params = [p for p in acc.unwrap_model(engine).parameters() if p.requires_grad]
+        # DeepSpeed's engine reduces, clips and steps the (partitioned) gradients itself
+        self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-batch; the gradients are synchronised after the `last` one.
+        DeepSpeed's `backward` would divide by its accumulation steps: the loss is already the
+        step's share, as for the other engines."""
+        if self.deepspeed:
+            self.engine.set_gradient_accumulation_boundary(last)
+            self.engine.backward(loss, scale_wrt_gas=False)
+        else:
+            self.acc.backward(loss)
 
     def run(
         self,
@@ -85,11 +99,12 @@ class StepEngine:
         P, start, ntok = self.acc.num_processes, time.perf_counter(), 0
         work = [mb for mb in micro if len(mb)]
         if not work and P > 1 and n_global > 0:  # (no pairs anywhere: no gradients, as 1 process)
-            self.acc.backward(idle_loss() * 0.0)
+            self.backward(idle_loss() * 0.0, last=True)
         bad = None
         for i, mb in enumerate(work):
             last = i == len(work) - 1
-            with contextlib.nullcontext() if last else self.acc.no_sync(self.engine):
+            quiet = last or self.deepspeed  # DeepSpeed: the boundary flag (backward)
+            with contextlib.nullcontext() if quiet else self.acc.no_sync(self.engine):
                 loss_sum, n = micro_loss(mb)
                 # x P: the wrapper averages gradients over processes, the loss is a global mean
                 loss = loss_sum * P / n_global
@@ -99,15 +114,18 @@ class StepEngine:
                         raise DivergedError(step, bad)
                 # with several processes every one must run its backward (the others wait in
                 # the gradient sync): the step is refused after it, on every process at once
-                self.acc.backward(loss)
+                self.backward(loss, last)
             ntok += n
         if P > 1 and (bad := next((b for b in gather_object([bad]) if b), None)):
             raise DivergedError(step, bad)
-        grad_norm = self.clip_and_check(step)
         lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses
-        self.optimizer.step()
+        if self.deepspeed:
+            grad_norm = self.deepspeed_step(step)
+        else:
+            grad_norm = self.clip_and_check(step)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         tokens = self.acc.reduce(torch.tensor(float(ntok), device=self.acc.device), "sum")
         return {
@@ -135,9 +153,21 @@ class StepEngine:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return float(total)
 
+    def deepspeed_step(self, step: int) -> float:
+        """DeepSpeed's step: it computes the gradient norm (before clipping), clips, updates and
+        frees the gradients; a non-finite norm makes ZeRO skip the update (its overflow check),
+        and the step is refused."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        if not math.isfinite(norm):
+            raise DivergedError(step, f"non-finite gradient norm ({norm}), step refused")
+        return norm
+
 
 # what prepare may wrap the engine in: nothing, or DDP (CPU processes over gloo, GPUs over NCCL);
-# FSDP2 is applied by preftune itself (train/sharding.py)
+# FSDP2 is applied by preftune itself (train/sharding.py), DeepSpeed through its plugin
+# (train/deepspeed.py)
 SUPPORTED_ENGINES = {
     DistributedType.NO,
     DistributedType.MULTI_CPU,
@@ -159,13 +189,13 @@ def place_for_training(acc, policy, sharding: Sharding, build_optimizer: Callabl
     if acc.distributed_type not in SUPPORTED_ENGINES and not sharding.enabled:
         raise TrainingError(
             f"accelerate is configured for {acc.distributed_type.value}; preftune runs one "
-            f"process, DDP or FSDP2 (DeepSpeed ZeRO is not supported yet). Launch with a config "
-            f"such as examples/accelerate/ddp.yaml or fsdp2.yaml"
+            f"process, DDP, FSDP2 or DeepSpeed ZeRO-2/3. Launch with a config such as "
+            f"examples/accelerate/ddp.yaml, fsdp2.yaml or zero2.yaml"
         )
     policy.to(acc.device)
     engine = EngineModule(policy, fast_grads=not wrapped(acc))
-    if sharding.enabled:
-        sharding.shard_engine(engine, policy)
-        return policy, engine, build_optimizer()
+    if sharding.enabled:  # FSDP2 (train/sharding.py) or DeepSpeed (train/deepspeed.py)
+        engine, optimizer = sharding.place(acc, engine, build_optimizer)
+        return policy, engine, optimizer
     engine, optimizer = acc.prepare(engine, build_optimizer())
     return policy, engine, optimizer

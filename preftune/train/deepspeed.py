@@ -1,0 +1,227 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 for the log-prob engine, selected the accelerate way
+(`accelerate launch --config_file examples/accelerate/zero2.yaml`, which sets
+ACCELERATE_USE_DEEPSPEED and ACCELERATE_DEEPSPEED_ZERO_STAGE).
+
+preftune writes the DeepSpeed config itself from its own settings (micro-batch size, gradient
+accumulation, `max_grad_norm` as DeepSpeed's clipping) and gives accelerate the plugin; the
+launch chooses the ZeRO stage. `Accelerator.prepare` then hands the engine module and preftune's
+torch AdamW to `deepspeed.initialize`: DeepSpeed partitions the optimizer state and the
+gradients (ZeRO-2) and the parameters too (ZeRO-3) over the processes, averages the gradients,
+clips them and steps the optimizer (train/step.py drives it: `engine.backward`, `engine.step`).
+preftune's scheduler stays outside the engine (LambdaLR sets the lr of the same torch optimizer
+that ZeRO wraps). On CPU processes the process group is gloo.
+
+ZeRO-3: the engine's direct reads of the LM head's weight (its shape, the chunked head) happen
+inside the engine module's forward, so that weight is registered with DeepSpeed as an external
+parameter of the module (gathered for its forward). Forwards outside the prepared module
+(evaluation, the reference precompute, KTO's KL estimate) run inside `ZeroSharding.gathered()`:
+every parameter gathered once on every process, DeepSpeed's per-module fetch hooks off until
+the phase ends (the memory of one whole model per process, for that phase only); processes with
+unequal shares of that work would otherwise wait on each other's all-gathers for ever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, parse_flag_from_env
+
+from preftune.config import Config
+from preftune.train.setup import TrainingError
+from preftune.train.sharding import Sharding, model_from_state
+
+STAGES = (2, 3)
+
+
+def deepspeed_requested() -> bool:
+    """Whether the launch asked for DeepSpeed (`accelerate launch` with a DeepSpeed config)."""
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+
+
+def zero_stage() -> int:
+    """The launch's ZeRO stage (accelerate's `deepspeed_config.zero_stage`), 2 or 3."""
+    raw = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    if raw not in {str(s) for s in STAGES}:
+        raise TrainingError(
+            f"accelerate is configured for DeepSpeed ZeRO stage {raw}; preftune runs ZeRO-2 and "
+            f"ZeRO-3 (zero_stage: 2 or 3, as examples/accelerate/zero2.yaml)"
+        )
+    return int(raw)
+
+
+def _check_launch(cfg: Config) -> None:
+    """One line for each DeepSpeed setting preftune does not run (yet)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise TrainingError(
+            "accelerate is configured for DeepSpeed but the deepspeed package is not installed: "
+            "pip install 'preftune[deepspeed]'"
+        )
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none").lower() != "none":
+        raise TrainingError(
+            "DeepSpeed: preftune writes the DeepSpeed config from its own settings (batch_size, "
+            "grad_accum, max_grad_norm, bf16); set zero_stage in the accelerate config instead "
+            "of deepspeed_config_file (examples/accelerate/zero2.yaml)"
+        )
+    for what in ("OPTIMIZER", "PARAM"):
+        device = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none").lower()
+        if device != "none":
+            raise TrainingError(
+                f"DeepSpeed: offload_{what.lower()}_device={device} is not supported by preftune "
+                f"yet (not tested); set it to none"
+            )
+    if cfg.train.optimizer_in_backward:
+        raise TrainingError(
+            "optimizer_in_backward cannot run under DeepSpeed: the engine reduces, clips and "
+            "steps the partitioned gradients itself. Set optimizer_in_backward=false."
+        )
+
+
+def ds_config(cfg: Config, stage: int, num_processes: int) -> dict:
+    """The DeepSpeed config of this run: what preftune decides, nothing left to `auto`
+    (ZeRO-3's sizes that depend on the model are set in `ZeroSharding.place`)."""
+    t = cfg.train
+    zero = {"stage": stage}
+    if stage == 3:  # final/: accelerate's get_state_dict gathers the parameters module by module
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_micro_batch_size_per_gpu": max(1, t.batch_size // (num_processes * t.grad_accum)),
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": float(t.max_grad_norm or 0.0),
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # preftune's torch AdamW
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _cpu_only() -> bool:
+    return torch.accelerator.current_accelerator() is None
+
+
+def start_processes() -> None:
+    """Under a DeepSpeed launch on CPUs, accelerate's process state started with a gloo group.
+    Must run before anything else builds that state (the run directory's claim, bf16=auto):
+    without a backend accelerate would count 1 process each, and both would claim the run."""
+    if not deepspeed_requested():
+        return
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        raise TrainingError(
+            "DeepSpeed: the launch sets use_cpu (ACCELERATE_USE_CPU), under which accelerate "
+            "drops DeepSpeed; set use_cpu: false, DeepSpeed runs on CPUs by itself "
+            "(examples/accelerate/zero2_cpu.yaml)"
+        )
+    if _cpu_only():
+        PartialState(backend="gloo")
+
+
+def accelerator_kwargs(cfg: Config) -> dict:
+    """What `Accelerator(...)` needs for a DeepSpeed launch ({} otherwise): the plugin with the
+    config above and, where there is no accelerator device, a gloo process group."""
+    if not deepspeed_requested():
+        return {}
+    _check_launch(cfg)
+    stage = zero_stage()
+    P = int(os.environ.get("WORLD_SIZE", "1"))
+    # `accelerate launch` lists the config file's DeepSpeed keys here, and the plugin refuses a
+    # config of its own beside them; preftune has read the one it uses (the stage) already
+    fields = os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+    try:
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config(cfg, stage, P), zero3_init_flag=False)
+    finally:
+        if fields is not None:
+            os.environ["ACCELERATE_CONFIG_DS_FIELDS"] = fields
+    handlers = []
+    if _cpu_only():
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return {"deepspeed_plugin": plugin, "kwargs_handlers": handlers}
+
+
+class ZeroSharding(Sharding):
+    """What a run does differently under DeepSpeed ZeRO (see the module docstring)."""
+
+    def __init__(self, stage: int):
+        super().__init__(True)
+        self.stage = stage
+        self.acc = self.engine = None  # the Accelerator and DeepSpeedEngine, once prepared
+
+    @property
+    def name(self) -> str:
+        return f"DeepSpeed ZeRO-{self.stage}"
+
+    def place(self, acc, engine: torch.nn.Module, build_optimizer):
+        """(prepared engine, prepared optimizer): accelerate's `prepare` runs
+        `deepspeed.initialize` on the engine module and preftune's optimizer."""
+        if self.stage == 3:
+            import deepspeed
+
+            head = engine.model.get_output_embeddings()  # None: a reward model (its own forward)
+            if head is not None:
+                deepspeed.zero.register_external_parameter(engine, head.weight)
+            # accelerate's rule for its `auto` values, from the model's hidden size (accelerate
+            # reads it from the module it prepares, which here is the engine module)
+            h = engine.model.config.hidden_size
+            zero = acc.state.deepspeed_plugin.deepspeed_config["zero_optimization"]
+            zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * h * h))
+            zero.setdefault("stage3_param_persistence_threshold", 10 * h)
+        prepared, optimizer = acc.prepare(engine, build_optimizer())
+        self.acc, self.engine = acc, prepared
+        return prepared, optimizer
+
+    def shard_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """ZeRO-2 keeps the policy's parameters whole on every process, so a frozen reference
+        is too. ZeRO-3 shards the policy, and a whole reference per process would undo that."""
+        if self.stage == 3:
+            raise TrainingError(
+                "DeepSpeed ZeRO-3 shards the policy and preftune cannot shard a frozen reference "
+                "model there yet (one whole copy per process would undo it); use a loss with a "
+                "precomputed reference (dpo, ipo, ...) or ZeRO-2 / FSDP2"
+            )
+        return model
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return list(self.engine.module.parameters()) if self.engine is not None else []
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """ZeRO-3: every parameter whole on every process until the block ends, DeepSpeed's
+        fetch hooks off meanwhile (a forward would otherwise release and re-gather each module's
+        parameters: a collective per module). Every process must enter it at the same point."""
+        if self.stage != 3 or self.engine is None:
+            yield
+            return
+        from deepspeed import zero
+
+        offload = self.engine.optimizer.parameter_offload
+        with zero.GatheredParameters(self._params()):
+            offload._remove_module_hooks()  # no public call turns them off
+            try:
+                yield
+            finally:
+                offload.setup_zero_stage3_hooks()
+
+    def plain_copy(self, engine, policy):
+        """On the main process, an unsharded model holding the trained weights (ZeRO-3:
+        gathered by accelerate's `get_state_dict`, module by module, onto the main process's
+        CPU); None on the others. Every process calls it."""
+        main = self.acc.is_main_process
+        if self.stage != 3:
+            return policy if main else None
+        state = self.acc.get_state_dict(engine)
+        if not main:
+            return None
+        return model_from_state(policy, {k.removeprefix("model."): v for k, v in state.items()})
+
+
+def local_optimizer_numel(optimizer) -> dict:
+    """Elements this process holds of the optimizer's fp32 master weights and moments (ZeRO
+    partitions: its share of each flat group)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> ZeRO's
+    base = inner.optimizer  # the torch AdamW over the flat partitions
+    masters = list(base.state)  # its state's keys: the flat fp32 partitions (ZeRO-3 keeps them
+    # out of param_groups)
+    moments = [v for st in base.state.values() for v in st.values() if v.dim() > 0]
+    return {"master": sum(p.numel() for p in masters), "optimizer": sum(m.numel() for m in moments)}

@@ -1,0 +1,150 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 through accelerate, 2 CPU processes over gloo: the same losses and
+gradient norms as one process on the same global batch, each process holding half of the
+optimizer state, final/ one model plain transformers loads. One torchrun launch per stage
+(tests/ddp_driver.py), the env what `accelerate launch` sets from examples/accelerate/zero*_cpu.yaml.
+
+float32 models: DeepSpeed keeps fp32 master weights whatever the model's dtype (a float64 model
+would be rounded to float32 at every step), so both sides run float32. Measured (relative, 3 steps): losses within
+1e-6 (the bound is the issue's 1e-5), gradient norms within 1.3e-5 (KTO with accumulation; bound
+1e-4: float32 sums in another order, the fast paths on in the 1-process run).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from run_helpers import tiny_run_args
+from safetensors.torch import load_file
+from test_distributed import ENTRY, ENV, _launch, _losses
+from transformers import AutoModelForCausalLM
+
+from preftune.cli import main
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (pip install 'preftune[deepspeed]')",
+)
+
+COMMON = {"dtype": "float32", "max_steps": 3}
+# ZeRO-2 keeps the parameters whole: the frozen reference (TDPO, KTO) is whole too
+JOBS = {
+    2: {
+        "dpo": ("train", {}),
+        "tdpo": ("train", {"loss": "tdpo1"}),
+        "kto": ("train", {"loss": "kto", "grad_accum": 2, "batch_size": 8}),
+        "reward": ("reward", {}),
+    },
+    3: {"dpo": ("train", {})},
+}
+
+
+# accelerate drops DeepSpeed under ACCELERATE_USE_CPU; DeepSpeed picks its CPU backend itself
+DS_ENV = {k: v for k, v in ENV.items() if k != "ACCELERATE_USE_CPU"}
+
+
+def zero_env(stage: int) -> dict:
+    """What `accelerate launch --config_file examples/accelerate/zero{stage}_cpu.yaml` sets."""
+    return {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
+
+
+def _args(tiny_dir, out, name, **extra) -> dict:
+    return tiny_run_args(tiny_dir, out, name, **{**COMMON, **extra})
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tiny_dir, tmp_path_factory):
+    """Every job of JOBS under 2 processes, one launch per stage (plus ZeRO-3's refusal of a
+    frozen reference); returns the output folder."""
+    out = tmp_path_factory.mktemp("zero")
+    for stage, jobs in JOBS.items():
+        env = zero_env(stage)
+        todo = [
+            {"kind": kind, "env": env, "args": _args(tiny_dir, out, f"z{stage}-{name}", **extra)}
+            for name, (kind, extra) in jobs.items()
+        ]
+        if stage == 3:
+            refused = _args(tiny_dir, out, "z3-tdpo", loss="tdpo1")
+            todo.append({"kind": "train", "env": env, "args": refused})
+        run = subprocess.run(_launch(out, f"zero{stage}", todo), env=DS_ENV, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_dir, tmp_path_factory):
+    out, done = tmp_path_factory.mktemp("one-f32"), {}
+
+    def run(name: str) -> Path:
+        if name not in done:
+            kind, extra = JOBS[2][name]
+            done[name] = ENTRY[kind](_args(tiny_dir, out, name, **extra)).run_dir
+        return done[name]
+
+    return run
+
+
+CASES = [(stage, name) for stage, jobs in JOBS.items() for name in jobs]
+
+
+@pytest.mark.parametrize(("stage", "name"), CASES)
+def test_zero_two_processes_equal_one(zero_runs, one_process, stage, name):
+    one, two = one_process(name), zero_runs / f"z{stage}-{name}"
+    assert json.loads((two / "summary.json").read_text())["num_processes"] == 2
+    for key, rel in (("loss", 1e-5), ("grad_norm", 1e-4)):
+        a, b = _losses(one, key), _losses(two, key)
+        assert len(a) == len(b) == 3
+        for x, y in zip(a, b):
+            assert math.isclose(x, y, rel_tol=rel), (key, a, b)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_each_process_holds_half_the_optimizer_state(zero_runs, tiny_dir, stage):
+    """AdamW's fp32 master weights and two moments: half of the model's parameters each per
+    process (measured on the tiny model: 1,613,984 of 3,227,968; ZeRO-3 also its parameters)."""
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
+    for r in (0, 1):
+        sizes = json.loads((zero_runs / f"z{stage}-dpo" / f"sizes-rank{r}.json").read_text())
+        assert sizes["master"] == total // 2, sizes
+        assert sizes["optimizer"] == 2 * sizes["master"], sizes
+        # ZeRO-2 keeps the parameters whole; ZeRO-3's module holds none outside a forward
+        assert sizes["params"] == (total if stage == 2 else 0), sizes
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_final_loads_with_plain_transformers(zero_runs, one_process, stage):
+    """final/ is one model, gathered from the partitions under ZeRO-3, with the weights of the
+    1-process run up to float32 rounding of the different summation order."""
+    final = zero_runs / f"z{stage}-dpo" / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.config.num_hidden_layers >= 1
+    a = load_file(one_process("dpo") / "final" / "model.safetensors")
+    b = load_file(final / "model.safetensors")
+    assert set(a) == set(b)
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_zero3_refuses_a_frozen_reference_in_one_line(zero_runs):
+    errors = [(zero_runs / f"z3-tdpo.error-rank{r}").read_text() for r in (0, 1)]
+    assert errors[0] == errors[1] and "ZeRO-3" in errors[0] and "\n" not in errors[0]
+
+
+def test_a_deepspeed_launch_with_use_cpu_is_refused_in_one_line(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """accelerate drops DeepSpeed under use_cpu (it would run DDP, or single runs): refused
+    before anything is set up, saying which setting to change."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    args = _args(tiny_dir, tmp_path, "cpu")
+    assert main(["train", *(f"{k}={v}" for k, v in args.items())]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("preftune: error")]
+    assert len(errors) == 1 and "use_cpu: false" in errors[0], errors
+    assert not (tmp_path / "cpu").exists()
