@@ -19,9 +19,10 @@ Pair metrics (train and eval; a few element-wise ops on (B,) tensors, no extra f
     logratio/margin_per_token  h with each log-ratio divided by its completion length (the
                                quantity length-normalised IPO drives to 1/(2 tau))
 
-Segment metrics (eval only, see `segment_sums`): where chosen and rejected share d >= 1
-leading completion tokens, the change (policy - reference, nats) of the shared prefix, of the
-first differing token of each, and of each suffix after it.
+Segment metrics (at each evaluation, see `segment_sums`; eval/ over the held-out pairs, train/
+over the training probe, evaluate.train_probe): where chosen and rejected share d >= 1 leading
+completion tokens, the change (policy - reference, nats) of the shared prefix, of the first
+differing token of each, and of each suffix after it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from preftune.data.tokenize import render_prompt
-from preftune.diagnostics import segment_sums, shared_lengths
+from preftune.diagnostics import segment_changes, segment_sums, shared_lengths
 from preftune.generation import SamplingConfig, generate
 from preftune.logps import token_logps
 
@@ -97,8 +97,9 @@ def pair_segment_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """((2B, 3) segment sums of [chosen; rejected] (prefix, first differing token, suffix),
     (B,) shared lengths) for examples[idx], scored by `model` under no_grad: one extra forward
-    of the batch `make_batch(examples, idx)` (a PairBatch) lays out. Eval only: a cached
-    reference holds sequence sums, so a training step has no reference segments to subtract."""
+    of the batch `make_batch(examples, idx)` (a PairBatch) lays out. At evaluations only: a
+    cached reference holds sequence sums, so a training step has no reference segments to
+    subtract; the reference's are taken once, before training (segment_table)."""
     exs = [examples[i] for i in idx]
     shared = shared_lengths([e["chosen_ids"] for e in exs], [e["rejected_ids"] for e in exs])
     device = next(model.parameters()).device
@@ -114,6 +115,31 @@ def has_shared_prefixes(examples: list[dict]) -> bool:
 
 
 SEGMENTS_FILE = "eval_reference_segments.json"  # in the run directory
+# the same for the first TRAIN_PROBE training pairs, logged at each evaluation as train/segments/*
+TRAIN_SEGMENTS_FILE = "train_reference_segments.json"
+TRAIN_PROBE = 64
+
+
+def train_probe(train: list[dict]) -> list[dict]:
+    """The training pairs whose segment split is followed through training (the first ones:
+    the same pairs at every evaluation, in the order the data file has them)."""
+    return train[:TRAIN_PROBE]
+
+
+def segment_changes_of(
+    model, examples: list[dict], table: torch.Tensor, mine: list[int], make_batch, size: int,
+    chunk_size: int | None,
+) -> dict[str, list[torch.Tensor]]:  # fmt: skip
+    """Per-pair segment changes (diagnostics.segment_changes) of examples[mine] against the
+    reference's `table` (segment_table's), in batches of `size`: one no-grad forward each."""
+    changes: dict[str, list] = {}
+    for s in range(0, len(mine), size):
+        idx = mine[s : s + size]
+        pol, shared = pair_segment_sums(model, examples, idx, make_batch, chunk_size)
+        ref = table[idx].transpose(0, 1).reshape(-1, 3)  # [chosen; rejected]
+        for k, v in segment_changes(pol, ref, shared).items():
+            changes.setdefault(k, []).append(v)
+    return changes
 
 
 def segment_table(

@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 from run_helpers import tiny_run_args
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from preftune.api import train
+from preftune.config import build_config
 from preftune.diagnostics import (
     pair_diagnostics,
     segment_changes,
@@ -16,8 +18,10 @@ from preftune.diagnostics import (
     summarise_segments,
     token_ordinals,
 )
+from preftune.evaluate import train_probe
 from preftune.layouts import build_shared_prompt_batch, build_token_batch
 from preftune.logps import sequence_logps, token_logps
+from preftune.train.setup import load_datasets
 
 
 def test_pair_diagnostics_match_a_plain_loop():
@@ -161,8 +165,35 @@ def test_a_run_logs_diagnostics_that_start_at_zero_and_move(tiny_dir, tmp_path):
     assert last["eval/logratio/margin"] == pytest.approx(
         last["eval/rewards/margins"] / beta, abs=1e-3
     )
+    # the training probe (the first training pairs, all 16 here): its three segments add up to
+    # chosen's log-ratio under final/ and the reference, scored here with plain transformers
+    assert last["train/segments/shared_fraction"] == 1.0
+    probe_total = sum(
+        last[f"train/segments/{k}"] for k in ("prefix", "chosen_edit", "chosen_suffix")
+    )
+    assert probe_total == pytest.approx(_plain_chosen_logratio(args, run), abs=1e-3)
+    assert all("train/segments/prefix" in r for r in rows if "eval/loss" in r)
     for tag in ("before", "after"):
         samples = json.loads((run / f"greedy_{tag}.json").read_text())
         assert len(samples) == 4 and {"prompt", "completion", "chosen", "rejected"} <= set(
             samples[0]
         )
+
+
+def _plain_chosen_logratio(args: dict, run) -> float:
+    """Mean over the training probe of log pi(y_w) - log pi_ref(y_w), from full logits."""
+    cfg = build_config(args)
+    tok = AutoTokenizer.from_pretrained(args["model"])
+    pairs = train_probe(load_datasets(cfg, tok, unpaired=False).train)
+    policy = AutoModelForCausalLM.from_pretrained(run / "final", dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
+
+    def logp(model, e) -> float:
+        ids = torch.tensor([e["prompt_ids"] + e["chosen_ids"]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1].float().log_softmax(-1)
+        targets = ids[0, 1:]
+        n = len(e["chosen_ids"])
+        return logits[-n:].gather(-1, targets[-n:, None]).sum().item()
+
+    return sum(logp(policy, e) - logp(ref, e) for e in pairs) / len(pairs)

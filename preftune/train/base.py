@@ -23,8 +23,15 @@ from tqdm.auto import tqdm
 from preftune.allocator import keep_freed_memory
 from preftune.calibrate import BetaCalibration
 from preftune.config import Config
-from preftune.diagnostics import segment_changes, summarise_segments
-from preftune.evaluate import SEGMENTS_FILE, pair_segment_sums, read_segment_table, task_accuracy
+from preftune.diagnostics import summarise_segments
+from preftune.evaluate import (
+    SEGMENTS_FILE,
+    TRAIN_SEGMENTS_FILE,
+    read_segment_table,
+    segment_changes_of,
+    task_accuracy,
+    train_probe,
+)
 from preftune.losses import LOSSES
 from preftune.precision import settle_bf16
 from preftune.train import checkpoint as ckpt
@@ -298,29 +305,31 @@ class BaseTrainer:
         size = max(2, self.cfg.train.batch_size // self.cfg.train.grad_accum)
         was = self.policy.training
         self.policy.eval()
-        mine = list(range(self.acc.process_index, len(self.data.eval), self.acc.num_processes))
-        ref_segments = read_segment_table(self.run_dir / SEGMENTS_FILE, len(self.data.eval))
-        changes: dict[str, list] = {}
+        mine = self._share(len(self.data.eval))
         for s in range(0, len(mine), size):
             idx = mine[s : s + size]
             if self.spec.unpaired and len(idx) < 2:
                 continue
             out, logps, _ = self._loss(self.data.eval, idx, reference, train=False)
             record(rec, extra, out, logps)
-            if ref_segments is not None:  # one extra no-grad forward of the batch (evaluate.py)
-                pol, shared = pair_segment_sums(
-                    self.policy, self.data.eval, idx, self._pair_batch, self.cfg.train.chunk_size
-                )
-                ref = ref_segments[idx].transpose(0, 1).reshape(-1, 3)  # [chosen; rejected]
-                for k, v in segment_changes(pol, ref, shared).items():
-                    changes.setdefault(k, []).append(v)
-        self.policy.train(was)
         metrics = summarise(self._gather_rec(rec), self._gather_rec(extra), prefix="eval/")
-        # gathered once, whatever number of eval batches each process had
-        cat = {k: v[0] for k, v in self._gather_rec(changes).items() if v}
-        if cat:
-            metrics.update({f"eval/{k}": v for k, v in summarise_segments(cat).items()})
+        probe = train_probe(self.data.train)
+        for tag, exs, name in (("eval", self.data.eval, SEGMENTS_FILE),
+                               ("train", probe, TRAIN_SEGMENTS_FILE)):  # fmt: skip
+            table, changes = read_segment_table(self.run_dir / name, len(exs)), {}
+            if table is not None:  # one extra no-grad forward per batch (evaluate.py)
+                changes = segment_changes_of(self.policy, exs, table, self._share(len(exs)),
+                                             self._pair_batch, size, self.cfg.train.chunk_size)  # fmt: skip
+            # gathered once, whatever number of batches each process had
+            cat = {k: v[0] for k, v in self._gather_rec(changes).items() if v}
+            if cat:
+                metrics.update({f"{tag}/{k}": v for k, v in summarise_segments(cat).items()})
+        self.policy.train(was)
         return metrics
+
+    def _share(self, n: int) -> list[int]:
+        """This process's indices of n examples evaluated over all processes."""
+        return list(range(self.acc.process_index, n, self.acc.num_processes))
 
     def write_samples(self, tag: str) -> None:
         """Samples of the model before and after training, where it generates (Trainer)."""

@@ -17,7 +17,14 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from preftune.config import Config
-from preftune.evaluate import SEGMENTS_FILE, greedy_samples, has_shared_prefixes, segment_table
+from preftune.evaluate import (
+    SEGMENTS_FILE,
+    TRAIN_SEGMENTS_FILE,
+    greedy_samples,
+    has_shared_prefixes,
+    segment_table,
+    train_probe,
+)
 from preftune.logprob.plan import LayoutSettings, layout_settings
 from preftune.logps import sequence_logps, sequence_logps_and_kl
 from preftune.losses import PreferenceLogps, UnpairedLogps, compute
@@ -279,8 +286,9 @@ class Trainer(BaseTrainer):
     @torch.no_grad()
     def write_samples(self, tag: str) -> None:
         """Greedy completions of a few held-out prompts (`greedy_{tag}.json`, any data set) and,
-        before training (policy == reference), the held-out pairs' reference segment sums that
-        evaluate_pairs subtracts; both on disk, so a resumed run keeps them."""
+        before training (policy == reference), the reference segment sums of the held-out pairs
+        and of the training probe that evaluate_pairs subtracts; on disk, so a resumed run keeps
+        them."""
         model = self.policy
         if self.acc.is_main_process and model.can_generate():
             was = self.policy.training
@@ -290,9 +298,12 @@ class Trainer(BaseTrainer):
                 model, self.tokenizer, exs or self.data.train, self.cfg.eval.eval_max_new_tokens
             )
             write_json(self.run_dir / f"greedy_{tag}.json", samples)
-            if tag == "before" and self.reference is not None and has_shared_prefixes(exs):
+            if tag == "before" and self.reference is not None:
                 size = max(2, t.batch_size // t.grad_accum)
-                table = segment_table(model, exs, self._pair_batch, size, t.chunk_size)
-                write_json(self.run_dir / SEGMENTS_FILE, table.tolist())
+                probe = train_probe(self.data.train)
+                for pairs, name in ((exs, SEGMENTS_FILE), (probe, TRAIN_SEGMENTS_FILE)):
+                    if has_shared_prefixes(pairs):
+                        table = segment_table(model, pairs, self._pair_batch, size, t.chunk_size)
+                        write_json(self.run_dir / name, table.tolist())
             self.policy.train(was)
         self.acc.wait_for_everyone()  # the others read the segment file in evaluate_pairs
