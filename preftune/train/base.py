@@ -10,8 +10,6 @@ loop (train/loop.py) drives them all.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -58,13 +56,6 @@ from preftune.train.setup import (
 )
 from preftune.train.sharding import Sharding, fsdp_requested
 from preftune.train.step import StepEngine, place_for_training, wrapped
-
-
-def write_json(path: Path, obj) -> None:
-    """Whole or not at all: a kill mid-write leaves the previous file, never an empty one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 class BaseTrainer:

@@ -44,6 +44,16 @@ class CheckpointError(UserError):
 
 
 # ---- state <-> (tensors, JSON) ------------------------------------------------------------------
+
+
+def write_json(path: Path, obj) -> None:
+    """A run's JSON file, whole or not at all: a kill mid-write leaves the previous file, never
+    an empty one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def encode(obj, tensors: dict[str, torch.Tensor]):
     """`obj` as JSON-able data; each tensor moved into `tensors` under a numbered key that
     replaces it. Tuples and dicts with non-string keys (an optimizer's parameter ids) are tagged

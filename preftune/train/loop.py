@@ -23,8 +23,9 @@ from preftune.config import ConfigError
 from preftune.models import progress_bars
 from preftune.report import write_report
 from preftune.train import checkpoint as ckpt
-from preftune.train.base import BaseTrainer, write_json
+from preftune.train.base import BaseTrainer
 from preftune.train.batches import global_batches
+from preftune.train.checkpoint import write_json
 from preftune.train.dcp import load_sharded
 from preftune.train.guards import DivergedError, quarantine
 from preftune.train.rundir import check_same_training, save_config

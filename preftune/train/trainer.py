@@ -29,7 +29,7 @@ from preftune.logprob.plan import LayoutSettings, layout_settings
 from preftune.logps import sequence_logps, sequence_logps_and_kl
 from preftune.losses import PreferenceLogps, UnpairedLogps, compute
 from preftune.models import cache_dir, load_causal_lm
-from preftune.train.base import BaseTrainer, write_json
+from preftune.train.base import BaseTrainer
 from preftune.train.batches import (
     example_lengths,
     kl_batch,
@@ -38,6 +38,7 @@ from preftune.train.batches import (
     pair_batch,
     unpaired_batch,
 )
+from preftune.train.checkpoint import write_json
 from preftune.train.reference import (
     CachedReference,
     ModelReference,
