@@ -121,7 +121,7 @@ class GroupTrainer(ReMaxTrainer):
 
         def micro_loss(idx):
             chosen = [samples[i] for i in idx]
-            logps, ref_logps, mask = self._sample_token_logps(chosen)
+            logps, ref_logps, mask = self._sample_token_logps(chosen, k)
             adv, kl = self._advantages(reward[idx].to(logps), logps, ref_logps, mask)
             losses = group_token_losses(
                 logps, logps.detach(), ref_logps, adv, mask, o.clip_epsilon, beta_in_loss
