@@ -81,8 +81,10 @@ def sample_batch(chosen, k: int, pad_id: int, lay) -> tuple[TokenBatch, torch.Te
     prompts = [list(s.prompt_token_ids) for s in chosen]
     comps = [list(s.token_ids) for s in chosen]
     n = len(chosen) // k
-    share = k > 1 and lay.share_prompt and all(
-        prompts[g * k + j] == prompts[g * k] for g in range(n) for j in range(k)
+    share = (
+        k > 1
+        and lay.share_prompt
+        and all(prompts[g * k + j] == prompts[g * k] for g in range(n) for j in range(k))
     )
     if share:
         heads, groups = prompts[::k], [comps[g * k : (g + 1) * k] for g in range(n)]
