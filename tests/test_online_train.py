@@ -6,6 +6,7 @@ the RSO sampler's statistics §4) are in test_online_pieces.py; here: the loops 
 Judges for tiny models: `online_helpers:length_score` (words in the completion) or a reward
 model trained by `preftune reward` — a random model is never right on arithmetic."""
 
+import importlib
 import json
 
 import pytest
@@ -172,6 +173,8 @@ def test_online_errors_are_reported_before_the_model_loads(tmp_path, capsys):
         ["method=grpo", "num_generations=1"],
         ["method=rloo", "loss_aggregation=mean"],
         ["method=online_dpo", "num_generations=6"],  # a key the method does not read
+        ["method=grpo", "num_iterations=0"],
+        ["method=rloo", "num_iterations=2"],
     ]
     for extra in bad:
         assert main(["online", "model=/nonexistent", f"output_dir={tmp_path}", *extra]) == 2
@@ -180,6 +183,7 @@ def test_online_errors_are_reported_before_the_model_loads(tmp_path, capsys):
     for word in (*words, "loss=ipo", "num_generations", "loss_aggregation"):
         assert word in err
     assert "num_generations=6 is read by method=rloo / grpo only" in err
+    assert "num_iterations must be >= 1" in err and "num_iterations=2 is read by method=grpo" in err
     assert not any(tmp_path.iterdir())
 
 
@@ -253,6 +257,37 @@ def test_group_samples_scored_with_their_prompt_shared_equal_the_separate_layout
         differ = max(differ, float((x - y).abs().max()))
     assert moved > 1e-4, "the step moved nothing: the comparison could not fail"
     assert differ <= 1e-5 * moved, (differ, moved)
+
+
+def test_grpo_num_iterations_clips_against_the_generation_time_log_probs(
+    tiny_dir, tmp_path, monkeypatch
+):
+    """num_iterations=2: per step two updates on one batch of samples; the first with
+    old = sg(logp) (ratio 1), the second with old = the first's log-probs exactly while the
+    policy has moved; the schedule advances once per step (the lr of a mu=1 run)."""
+    group = importlib.import_module("preftune.train.group")  # `preftune.train` is also a function
+    calls, real = [], group.group_token_losses
+
+    def recording(logps, old, ref, adv, mask, eps, beta):
+        calls.append((logps.detach().clone(), old.clone(), ref.clone(), adv.clone()))
+        return real(logps, old, ref, adv, mask, eps, beta)
+
+    monkeypatch.setattr(group, "group_token_losses", recording)
+    common = dict(
+        method="grpo", num_generations=3, dtype="float64", optimizer="sgd", lr=0.5,
+        judge=DISTINCT_JUDGE, warmup_ratio=0.0, max_steps=2,
+    )  # fmt: skip
+    two = train_online(online_args(tiny_dir, tmp_path, "mu2", num_iterations=2, **common))
+    assert len(calls) == 4  # 2 steps x 2 updates x 1 micro-batch
+    for first, second in (calls[0:2], calls[2:4]):
+        assert torch.equal(first[1], first[0])  # ratio exactly 1
+        assert torch.equal(second[1], first[0])  # old = the log-probs at generation
+        assert torch.equal(second[2], first[2]) and torch.equal(second[3], first[3])
+        assert (second[0] - first[0]).abs().max() > 1e-3  # the first update moved the policy
+    lines = [x for x in metric_lines(two.run_dir) if "reward/mean" in x]
+    assert all(0.0 <= x["clip_fraction"] <= 1.0 for x in lines)
+    one = train_online(online_args(tiny_dir, tmp_path, "mu1", **common))
+    assert [x["lr"] for x in lines] == [x["lr"] for x in metric_lines(one.run_dir) if "lr" in x]
 
 
 def test_sample_batch_rows_come_back_prompt_major():

@@ -153,16 +153,17 @@ class ReMaxTrainer(OnlineTrainer):
             )
 
     def _sample_token_logps(
-        self, chosen, k: int = 1
+        self, chosen, k: int = 1, reference: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(B, T)` per-token log-probs of completions (prompt-major, `k` per prompt) under the
-        policy (with grad) and the reference (detached), and their 0/1 mask, through the one
-        log-prob engine."""
+        policy (with grad) and the reference (detached; with `reference=False` not run, and
+        the policy's detached values returned in its place), and their 0/1 mask, through the
+        one log-prob engine."""
         batch, perm = sample_batch(chosen, k, self.tokenizer.pad_token_id, self.layout)
         batch = batch.to(self.acc.device)
         with self.acc.autocast():
             tok = self.run_policy(token_logps, batch, None, self.cfg.train.chunk_size)
-            ref_tok = self._ref_token_logps(batch, tok)
+            ref_tok = self._ref_token_logps(batch, tok) if reference else tok.detach()
         logps, mask = per_token_rows(tok, batch)  # fp32 (fp64 models: fp64) from the engine
         ref_logps, _ = per_token_rows(ref_tok.to(tok.dtype), batch)
         if perm is not None:
