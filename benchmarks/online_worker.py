@@ -37,7 +37,8 @@ def _prompts(spec: dict) -> list[dict]:
     return load_prompts(cfg, tok).prompts[: spec["steps"] * spec["prompts_per_step"]]
 
 
-def run_preftune(spec: dict) -> dict:
+def preftune_trainer(spec: dict):
+    """preftune's online trainer for `spec`, built as `preftune online` builds it."""
     from preftune.config import build_config
     from preftune.train.entry import ONLINE_METHODS
 
@@ -73,8 +74,13 @@ def run_preftune(spec: dict) -> dict:
             "run_name": "bench",
         }
     )
+    return ONLINE_METHODS[spec["method"]](cfg)
+
+
+def run_preftune(spec: dict) -> dict:
+    k = spec["k"]
     t0 = time.perf_counter()
-    trainer = ONLINE_METHODS[spec["method"]](cfg)
+    trainer = preftune_trainer(spec)
     init_s = time.perf_counter() - t0
     B = spec["prompts_per_step"]
     per_prompt = k if spec["method"] in ("grpo", "rloo") else 2

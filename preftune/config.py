@@ -156,6 +156,7 @@ class OnlineConfig:
     num_generations: int = 4  # samples per prompt (k)
     kl_coef: float = 0.04  # RLOO: per-sequence KL in the reward; GRPO: k3 per token
     clip_epsilon: float = 0.2  # GRPO's PPO clip of the token ratio
+    num_iterations: int = 1  # GRPO's mu: optimizer updates per generation batch
     scale_rewards: bool | None = None  # divide by the group std; null: grpo true, rloo false
     loss_aggregation: str | None = (
         None  # sequence|token|constant|sum; null: grpo sequence, rloo sum

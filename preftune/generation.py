@@ -14,6 +14,8 @@ Conventions (as in TRL `OnlineDPOTrainer` and `liziniu/ReMax` `_generate_sequenc
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -186,6 +188,24 @@ def generate(
     return out
 
 
+def last_logits_only(model: Any) -> dict:
+    """`{"logits_to_keep": 1}` where the model's forward takes it, else `{}`: a prefill whose
+    logits are not read (or only its last position's) skips the LM head on the other positions,
+    at 8 prompts of 13 tokens as much work as a decode step (tokens unchanged: those logits
+    are never read)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return _last_logits_only(type(base))
+
+
+@functools.cache
+def _last_logits_only(cls: type) -> dict:
+    return (
+        {"logits_to_keep": 1}
+        if "logits_to_keep" in inspect.signature(cls.forward).parameters
+        else {}
+    )
+
+
 def _mid_pad(rows: list[list[int]], prefix: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[shared prefix | padding | own suffix]: the prefix sits at the same columns in every row,
     so its KV cache can be computed once; masked padding keeps each row's positions intact."""
@@ -215,9 +235,10 @@ def _generate_rows(
     ids, mask = _mid_pad(rows, prefix, pad_id) if prefix else _left_pad(rows, pad_id)
     ids, mask = ids.to(device), mask.to(device)
     name = cache_argument(model)  # generate takes the name its model's forward takes
+    last = last_logits_only(model)  # the prefills' logits are not read
     cache, done = None, 0
     if prefix:
-        cache = getattr(model(input_ids=ids[:1, :prefix], use_cache=True), name)
+        cache = getattr(model(input_ids=ids[:1, :prefix], use_cache=True, **last), name)
         cache.batch_repeat_interleave(len(rows))
         done = prefix
     if n > 1 and ids.shape[1] - 1 > done:  # prefill the rest once (generate feeds the last token)
@@ -229,6 +250,7 @@ def _generate_rows(
             position_ids=pos[:, done:-1],
             use_cache=True,
             **more,
+            **last,
         )
         cache = getattr(out, name)
     if cache is not None and n > 1:

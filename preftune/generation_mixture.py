@@ -23,6 +23,7 @@ from preftune.generation import (
     SamplingConfig,
     _left_pad,
     eos_token_ids,
+    last_logits_only,
     truncate_at_eos,
 )
 from preftune.logps import cache_argument
@@ -35,12 +36,18 @@ class _Stream:
     def __init__(self, model: Any, context: Callable[[], Any]):
         self.model, self.context, self.cache = model, context, None
         self.name = cache_argument(model)
+        self.last = last_logits_only(model)  # only the last position's logits are read
 
     def __call__(self, ids, mask, positions) -> torch.Tensor:
         kwargs = {self.name: self.cache} if self.cache is not None else {}
         with self.context():
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **kwargs,
+                **self.last,
             )
         self.cache = getattr(out, self.name)
         return out.logits[:, -1]

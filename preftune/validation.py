@@ -29,6 +29,7 @@ METHOD_KEYS = {
     "num_generations": ("rloo", "grpo"),
     "kl_coef": ("rloo", "grpo"),
     "clip_epsilon": ("grpo",),
+    "num_iterations": ("grpo",),
     "scale_rewards": ("rloo", "grpo"),
     "loss_aggregation": ("rloo", "grpo"),
     "skip_ties": ("online_dpo", "ipo_md", "rso"),  # the pairwise methods drop tied pairs
@@ -316,6 +317,8 @@ def check_group(cfg) -> None:
         raise ConfigError(f"kl_coef must be >= 0, got {o.kl_coef}")
     if not 0 < o.clip_epsilon < 1:
         raise ConfigError(f"clip_epsilon must be in (0, 1), got {o.clip_epsilon}")
+    if o.num_iterations < 1:
+        raise ConfigError(f"num_iterations must be >= 1, got {o.num_iterations}")
     if o.loss_aggregation is not None and o.loss_aggregation not in AGGREGATIONS:
         raise ConfigError(
             f"loss_aggregation must be one of {', '.join(AGGREGATIONS)} (or null: the "

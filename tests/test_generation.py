@@ -162,6 +162,10 @@ def test_shared_prefix_cache_gives_the_plain_greedy_tokens(model, tok):
     got = generate(model, tok, prompts, cfg)
     for c, row in zip(got, rows):
         assert c.token_ids == _greedy_reference(model, row, 6)
+    # the prefills here ran without the LM head on the positions nobody reads
+    from preftune.generation import last_logits_only
+
+    assert last_logits_only(model) == {"logits_to_keep": 1}
 
 
 def test_common_prefix_length_leaves_every_row_a_token():

@@ -13,13 +13,15 @@ preftune/online/group.py): per prompt `num_generations` = k samples of the curre
 Micro-batches hold whole groups (the prompts are split, then expanded to their k samples), so
 each micro-batch computes its own advantages, RLOO's KL-in-reward included, without a second
 pass; the summed per-sequence values are divided by the whole step's denominator (sequences,
-tokens, or sequences * max_new_tokens), so `grad_accum` does not change the update. One
-optimizer step per generation batch: the ratio is 1 in value (`old = sg(logp)`) and the clip
-never binds; it is kept so the loss has the paper's form and gradient.
+tokens, or sequences * max_new_tokens), so `grad_accum` does not change the update. By default
+one optimizer step per generation batch: the ratio is 1 in value (`old = sg(logp)`) and the clip
+never binds; GRPO's `num_iterations` (mu) takes mu updates on one batch, clipping against the
+log-probs of the first (`_group_step`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -112,31 +114,75 @@ class GroupTrainer(ReMaxTrainer):
         return (scale_by_group_std(a, r, k) if self.scale_rewards else a), kl
 
     def _group_step(self, samples, reward: torch.Tensor, n_prompts: int) -> dict:
+        """`num_iterations` (mu) optimizer updates on one generation batch. The first computes
+        the advantages and keeps the policy's log-probs as the old ones (`old = sg(logp)`:
+        ratio 1) and the reference's; the later ones run the policy again and clip
+        `exp(logp - old)`. The schedule advances once per generation batch: the mu updates
+        of a step share its learning rate. Metrics are the last update's; `clip_fraction` the
+        share of its tokens where the clip binds (0 with mu = 1)."""
         t, o, k = self.cfg.train, self.cfg.online, self.cfg.online.num_generations
         n_seq = sum(self._gather_list([len(samples)]))
         n_tok = sum(self._gather_list([sum(len(s.token_ids) for s in samples)]))
         denominator = aggregation_denominator(self.aggregation, n_seq, n_tok, o.max_new_tokens)
-        values, kls, advs = [], [], []
         beta_in_loss = o.kl_coef if self.method == "grpo" else 0.0
+        kept: dict[int, tuple] = {}  # micro-batch -> (old logps, ref logps, advantages, kl)
 
         def micro_loss(idx):
             chosen = [samples[i] for i in idx]
-            logps, ref_logps, mask = self._sample_token_logps(chosen)
-            adv, kl = self._advantages(reward[idx].to(logps), logps, ref_logps, mask)
+            first = idx[0] not in kept
+            logps, ref_logps, mask = self._sample_token_logps(chosen, k, reference=first)
+            if first:
+                adv, kl = self._advantages(reward[idx].to(logps), logps, ref_logps, mask)
+                kept[idx[0]] = (logps.detach(), ref_logps, adv, kl)
+            old, ref_logps, adv, kl = kept[idx[0]]
             losses = group_token_losses(
-                logps, logps.detach(), ref_logps, adv, mask, o.clip_epsilon, beta_in_loss
+                logps, old, ref_logps, adv, mask, o.clip_epsilon, beta_in_loss
             )
             v = sequence_values(losses, mask, self.aggregation)
-            values.append(v.detach())
-            kls.append(kl)
-            advs.append(adv)
+            out["values"].append(v.detach())
+            out["kls"].append(kl)
+            out["advs"].append(adv)
+            ratio = (logps.detach() - old).exp()
+            out["clipped"].append(((ratio - 1).abs() > o.clip_epsilon)[mask.bool()].double())
             return v.sum(), sum(len(s.prompt_token_ids) + len(s.token_ids) for s in chosen)
 
         groups = split_even(list(range(n_prompts)), t.grad_accum)  # whole groups per micro-batch
         micro = [[g * k + j for g in gs for j in range(k)] for gs in groups]
-        metrics = self.stepper.run(self.step + 1, micro, micro_loss, denominator, self._idle_loss)
-        local = torch.cat(values).sum().item() if values else 0.0
+        for it in range(o.num_iterations):
+            out: dict[str, list] = {"values": [], "kls": [], "advs": [], "clipped": []}
+            with self._schedule_held(it < o.num_iterations - 1):
+                metrics = self.stepper.run(
+                    self.step + 1, micro, micro_loss, denominator, self._idle_loss
+                )
+        local = torch.cat(out["values"]).sum().item() if out["values"] else 0.0
         metrics["loss"] = sum(self._gather_list([local])) / denominator
-        metrics["kl"] = self._gmean(torch.cat(kls)) if kls else float("nan")
+        metrics["kl"] = self._gmean(torch.cat(out["kls"])) if out["kls"] else float("nan")
+        advs = out["advs"]
         metrics["reward/advantage_abs"] = self._gmean(torch.cat(advs).abs()) if advs else 0.0
+        if o.num_iterations > 1:
+            metrics["clip_fraction"] = self._gmean(torch.cat(out["clipped"]) if advs else [])
         return metrics
+
+    @contextlib.contextmanager
+    def _schedule_held(self, hold: bool):
+        """The step engine's scheduler, not advanced while `hold` (the first mu - 1 updates)."""
+        real = self.stepper.scheduler
+        if hold:
+            self.stepper.scheduler = _HeldSchedule(real)
+        try:
+            yield
+        finally:
+            self.stepper.scheduler = real
+
+
+class _HeldSchedule:
+    """A scheduler's learning rate, with `step()` doing nothing."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def get_last_lr(self):
+        return self.real.get_last_lr()
+
+    def step(self) -> None:
+        pass

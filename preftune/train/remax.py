@@ -22,7 +22,14 @@ import time
 
 import torch
 
-from preftune.layouts import TokenBatch, build_token_batch
+from preftune.layouts import (
+    TokenBatch,
+    build_shared_prompt_batch,
+    build_token_batch,
+    laid_out,
+    shared_group_length,
+    shared_prefix_length,
+)
 from preftune.logps import token_logps
 from preftune.online.base import split_even
 from preftune.online.remax import remax_returns, remax_sequence_losses
@@ -33,19 +40,68 @@ from preftune.train.online_dpo import OnlineTrainer
 def per_token_rows(values: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat `(N,)` per-token values of a TokenBatch -> `(S, T)` rows and their 0/1 mask.
 
-    The layout lists each sequence's scored tokens contiguously and in sequence order (padded or
-    packed), so token j of sequence s sits at column j - start(s). Differentiable in `values`.
+    Every layout lists each sequence's scored tokens contiguously and in order (padded and
+    packed in sequence order, the shared-prompt layout group by group), so token j of sequence
+    s sits at column j - start(s), start(s) being its first index. Differentiable in `values`.
     """
     seq = batch.seq_index
-    if seq.numel() and bool((seq[1:] < seq[:-1]).any()):
-        raise ValueError("per_token_rows: the TokenBatch does not list sequences in order")
     lengths = torch.bincount(seq, minlength=batch.num_seqs)
-    starts = torch.cumsum(lengths, 0) - lengths
-    col = torch.arange(seq.numel(), device=seq.device) - starts[seq]
+    idx = torch.arange(seq.numel(), device=seq.device)
+    starts = torch.full_like(lengths, seq.numel()).scatter_reduce(0, seq, idx, "amin")
+    col = idx - starts[seq]
+    if bool((col >= lengths[seq]).any()):  # spread further than its count: not contiguous
+        raise ValueError("per_token_rows: a sequence's tokens are not contiguous in the batch")
     width = int(lengths.max()) if seq.numel() else 0
     rows = values.new_zeros(batch.num_seqs, width).index_put((seq, col), values)
     mask = values.new_zeros(batch.num_seqs, width).index_put((seq, col), torch.ones_like(values))
     return rows, mask.detach()
+
+
+def group_sharing_pays(prompts, groups, packed: bool, hidden_size: int, prefix: int, share_comps):
+    """share_prompt=auto for k samples per prompt: the cost model of
+    `logprob.plan.sharing_pays` (dense ~6 d per laid-out token, attention width x keys per row,
+    rows with a custom mask computed in full) with k completions per prompt instead of 2."""
+    own = [p[prefix:] for p in prompts]
+    shared = [shared_group_length(p, cs, share_comps) for p, cs in zip(own, groups)]
+    separate = [len(laid_out(p + c, len(p))) for p, cs in zip(own, groups) for c in cs]
+
+    def cost(lengths: list[int]) -> int:
+        rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))
+        return rows * (6 * hidden_size * width + width * (width + prefix))
+
+    return cost(shared) <= cost(separate)
+
+
+def sample_batch(chosen, k: int, pad_id: int, lay) -> tuple[TokenBatch, torch.Tensor | None]:
+    """Completions (prompt-major, `k` per prompt) laid out for the log-prob engine, and `perm`
+    such that `rows[perm]` (rows of `per_token_rows`) is prompt-major again (None: it is).
+    With k > 1 and `lay.share_prompt` (true, or "auto" where it costs less) each prompt is laid
+    out once with its k samples branching from it (`build_shared_prompt_batch`), as offline
+    pairs are; the log-probs are those of the separate layout (tested)."""
+    prompts = [list(s.prompt_token_ids) for s in chosen]
+    comps = [list(s.token_ids) for s in chosen]
+    n = len(chosen) // k
+    share = (
+        k > 1
+        and lay.share_prompt
+        and all(prompts[g * k + j] == prompts[g * k] for g in range(n) for j in range(k))
+    )
+    if share:
+        heads, groups = prompts[::k], [comps[g * k : (g + 1) * k] for g in range(n)]
+        prefix = shared_prefix_length(heads) if lay.share_prefix else 0
+        share = lay.share_prompt is True or group_sharing_pays(
+            heads, groups, lay.packed, lay.hidden_size, prefix, lay.share_completion_prefix
+        )
+    if not share:
+        batch = build_token_batch(
+            prompts, comps, pad_id, packed=lay.packed, share_prefix=lay.share_prefix
+        )
+        return batch, None
+    batch = build_shared_prompt_batch(
+        heads, groups, pad_id, lay.packed, lay.share_prefix, lay.share_completion_prefix
+    )
+    # sequence j * n + g of the shared layout is sample g * k + j
+    return batch, torch.arange(n * k).view(k, n).t().reshape(-1)
 
 
 class ReMaxTrainer(OnlineTrainer):
@@ -96,22 +152,23 @@ class ReMaxTrainer(OnlineTrainer):
                 self.reference.head_model(), batch, hidden, self.cfg.train.chunk_size
             )
 
-    def _sample_token_logps(self, chosen) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(B, T)` per-token log-probs of completions under the policy (with grad) and the
-        reference (detached), and their 0/1 mask, through the one log-prob engine."""
-        t = self.cfg.train
-        batch = build_token_batch(
-            [list(s.prompt_token_ids) for s in chosen],
-            [list(s.token_ids) for s in chosen],
-            self.tokenizer.pad_token_id,
-            packed=t.packed,
-            share_prefix=t.share_prefix,
-        ).to(self.acc.device)
+    def _sample_token_logps(
+        self, chosen, k: int = 1, reference: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(B, T)` per-token log-probs of completions (prompt-major, `k` per prompt) under the
+        policy (with grad) and the reference (detached; with `reference=False` not run, and
+        the policy's detached values returned in its place), and their 0/1 mask, through the
+        one log-prob engine."""
+        batch, perm = sample_batch(chosen, k, self.tokenizer.pad_token_id, self.layout)
+        batch = batch.to(self.acc.device)
         with self.acc.autocast():
-            tok = self.run_policy(token_logps, batch, None, t.chunk_size)
-            ref_tok = self._ref_token_logps(batch, tok)
+            tok = self.run_policy(token_logps, batch, None, self.cfg.train.chunk_size)
+            ref_tok = self._ref_token_logps(batch, tok) if reference else tok.detach()
         logps, mask = per_token_rows(tok, batch)  # fp32 (fp64 models: fp64) from the engine
         ref_logps, _ = per_token_rows(ref_tok.to(tok.dtype), batch)
+        if perm is not None:
+            perm = perm.to(logps.device)
+            logps, ref_logps, mask = logps[perm], ref_logps[perm], mask[perm]
         return logps, ref_logps.detach(), mask
 
     def _policy_gradient_step(self, samples, reward: torch.Tensor, baseline: torch.Tensor) -> dict:
