@@ -233,7 +233,7 @@ CLAIMS = {
         {"data": "arithmetic_edit", "beta": 0.3, "lr": 5e-6, "eval_every": 8},
         {"dpo": {"loss": "dpo"}, "dpop": {"loss": "dpop"}},
         _measure_dpop,
-        ("below_ref", "rewards", "segments", "logps"),
+        ("below_ref", "rewards", "segments", "segments_train", "logps"),
     ),
     "ipo": Claim(
         "ipo",

@@ -76,16 +76,16 @@ def fake_run(path, loss: str, calibrated: bool = False, spike: bool = False, see
         }
         if step % 2 == 0:
             row.update(_metrics(loss, step, g, None, prefix="eval/"))
-            row.update(
-                {
-                    "eval/segments/shared_fraction": 1.0,
-                    "eval/segments/prefix": -0.5 * step,
-                    "eval/segments/chosen_edit": 0.3,
-                    "eval/segments/rejected_edit": -1.0,
-                    "eval/segments/chosen_suffix": -0.1,
-                    "eval/segments/rejected_suffix": -0.2,
-                }
-            )
+            segments = {
+                "shared_fraction": 1.0,
+                "prefix": -0.5 * step,
+                "chosen_edit": 0.3,
+                "rejected_edit": -1.0,
+                "chosen_suffix": -0.1,
+                "rejected_suffix": -0.2,
+            }
+            for tag in ("eval", "train"):  # held-out pairs, and the training probe
+                row.update({f"{tag}/segments/{k}": v for k, v in segments.items()})
         if spike and step == 3:
             row["loss"] = 500.0
         rows.append(row)
@@ -135,7 +135,7 @@ def _has_data(panel, run) -> bool:
 
 def _expected_panels(loss: str) -> set[str]:
     spec = LOSSES[loss]
-    expected = {"loss", "rewards", "accuracies", "segments", "lr", "speed"}
+    expected = {"loss", "rewards", "accuracies", "segments", "segments_train", "lr", "speed"}
     if not spec.unpaired:
         expected |= {"logps", "margins"}
     if spec.needs_reference and not spec.unpaired:

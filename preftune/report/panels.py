@@ -179,16 +179,25 @@ def _filter_ratio(run: Run):
     return run.config.get("beta_calibration.filter_ratio", 0.2)
 
 
-def _segments(ax, runs: list[Run], colors: dict[str, str]) -> bool:
-    """Bars: the last held-out evaluation's mean change (policy - reference, nats) per segment."""
+def _segments_of(tag: str):
+    """The segments panel's drawing for `tag` ("eval": held-out pairs; "train": the probe)."""
+
+    def draw(ax, runs: list[Run], colors: dict[str, str]) -> bool:
+        return _segments(ax, runs, colors, tag)
+
+    return draw
+
+
+def _segments(ax, runs: list[Run], colors: dict[str, str], tag: str = "eval") -> bool:
+    """Bars: the last evaluation's mean change (policy - reference, nats) per segment."""
     lasts = {
-        r.name: next((x for x in reversed(r.rows) if "eval/segments/prefix" in x), None)
+        r.name: next((x for x in reversed(r.rows) if f"{tag}/segments/prefix" in x), None)
         for r in runs
     }
     shown = [
         (k, lab)
         for k, lab in SEGMENT_KEYS
-        if any(last and f"eval/segments/{k}" in last for last in lasts.values())
+        if any(last and f"{tag}/segments/{k}" in last for last in lasts.values())
     ]
     width = 0.8 / max(len(runs), 1)
     for i, run in enumerate(runs):
@@ -196,11 +205,11 @@ def _segments(ax, runs: list[Run], colors: dict[str, str]) -> bool:
         if last is None:
             continue
         pts = [
-            (j + i * width, last[f"eval/segments/{k}"])
+            (j + i * width, last[f"{tag}/segments/{k}"])
             for j, (k, _) in enumerate(shown)
-            if f"eval/segments/{k}" in last
+            if f"{tag}/segments/{k}" in last
         ]
-        fell = last.get("eval/pairs/chosen_below_ref")
+        fell = last.get(f"{tag}/pairs/chosen_below_ref") if tag == "eval" else None
         note = "" if fell is None else f"; y_w fell on {fell:.0%} of pairs"
         ax.bar(
             [p[0] for p in pts],
@@ -291,7 +300,14 @@ PANELS = [
         "where the log-prob moved, on pairs sharing leading tokens",
         "Change (policy − reference, nats) of the shared prefix, the first differing token and "
         "the suffix; '| y_w fell': over the pairs whose chosen ended below the reference.",
-        _segments,
+        _segments_of("eval"),
+        over_steps=False,
+    ),
+    Panel(
+        "segments_train",
+        "the same on the training probe (the first 64 training pairs)",
+        "As above, on the training pairs followed through the run (evaluate.train_probe).",
+        _segments_of("train"),
         over_steps=False,
     ),
     Panel(
