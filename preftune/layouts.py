@@ -33,6 +33,9 @@ class TokenBatch:
     prefix_ids: (L0,) tokens every sequence starts with, laid out once and not in the rows (whose
         position ids then start at L0); None when the batch has no shared prefix. target_pos
         indexes the rows only: the prefix's own tokens are never scored.
+    paths: the varlen layout (preftune/varlen_layout.py): one row, no padding, no mask; each
+        path is one sequence's context as ((start, end), ...) spans of the row, and the number
+        of its trailing tokens it computes attention for. None for every other layout.
     """
 
     input_ids: torch.Tensor
@@ -43,6 +46,7 @@ class TokenBatch:
     seq_index: torch.Tensor
     num_seqs: int
     prefix_ids: torch.Tensor | None = None
+    paths: tuple[tuple[tuple[tuple[int, int], ...], int], ...] | None = None
 
     def to(self, device) -> TokenBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -55,6 +59,7 @@ class TokenBatch:
             move(self.seq_index),
             self.num_seqs,
             move(self.prefix_ids),
+            self.paths,
         )
 
     @property

@@ -17,6 +17,7 @@ from preftune.layouts import (
     build_token_batch,
 )
 from preftune.logprob.plan import shared_prompt_pays
+from preftune.varlen_layout import build_varlen_batch
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -101,33 +102,44 @@ def pair_batch(
     hidden_size: int = 1024,
     share_prefix: bool = False,
     share_completion_prefix: bool = True,
+    varlen: bool = False,
 ) -> PairBatch:
     """Sequences 0..n-1 are the chosen, n..2n-1 the rejected. With `share_prompt` each prompt is
     laid out once and both completions branch from it (same log-probs, ~1/3 fewer tokens on the
     bundled set); otherwise prompt + chosen and prompt + rejected are separate sequences.
-    share_prompt="auto" decides per micro-batch with `sharing_pays` (model width `hidden_size`).
+    share_prompt="auto" decides per micro-batch with `sharing_pays` (model width `hidden_size`);
+    `varlen` (logprob/plan.py `layout_settings`) lays every shared-prompt batch out as one
+    unpadded row instead (preftune/varlen_layout.py), which needs no such decision.
     `share_prefix`: the leading tokens all prompts share run once for the micro-batch.
     `share_completion_prefix`: in the shared layout, the leading tokens chosen and rejected
     share are laid out and scored once (`layouts.branch_point`)."""
     exs = [examples[i] for i in idx]
     prompts = [e["prompt_ids"] for e in exs]
-    if share_prompt == "auto":
-        share_prompt = shared_prompt_pays(
-            exs, packed, hidden_size, share_prefix, share_completion_prefix
-        )
-    if share_prompt:
-        tokens = build_shared_prompt_batch(
-            prompts,
-            [[e["chosen_ids"], e["rejected_ids"]] for e in exs],
-            pad_id,
-            packed=packed,
-            share_prefix=share_prefix,
-            share_completion_prefix=share_completion_prefix,
-        )
+    pairs = [[e["chosen_ids"], e["rejected_ids"]] for e in exs]
+    if share_prompt and varlen:
+        tokens = build_varlen_batch(prompts, pairs, share_prefix, share_completion_prefix)
     else:
-        comps = [e["chosen_ids"] for e in exs] + [e["rejected_ids"] for e in exs]
-        tokens = build_token_batch(
-            prompts * 2, comps, pad_id, packed=packed, share_prefix=share_prefix
+        if share_prompt == "auto":
+            share_prompt = shared_prompt_pays(
+                exs, packed, hidden_size, share_prefix, share_completion_prefix
+            )
+        tokens = (
+            build_shared_prompt_batch(
+                prompts,
+                pairs,
+                pad_id,
+                packed=packed,
+                share_prefix=share_prefix,
+                share_completion_prefix=share_completion_prefix,
+            )
+            if share_prompt
+            else build_token_batch(
+                prompts * 2,
+                [c for c, _ in pairs] + [r for _, r in pairs],
+                pad_id,
+                packed=packed,
+                share_prefix=share_prefix,
+            )
         )
     margin = torch.tensor([e["margin"] for e in exs]) if all("margin" in e for e in exs) else None
     return PairBatch(
