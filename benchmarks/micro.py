@@ -25,6 +25,7 @@ import argparse
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -124,29 +125,33 @@ def optimizer_step(model, variant: str, reps: int = 3) -> dict:
 
 # ---- W6: the padded shared-prompt layout against the varlen one, in one process --------------
 def w6_batches(model, examples: list[dict], pad_id: int) -> dict[str, TokenBatch]:
-    """One W6 micro-batch as the trainer lays it out without the varlen layout (share_prompt=auto:
-    one prompt group per padded row under a 4-D mask, the shared prefix apart) and with it."""
+    """One micro-batch as the trainer lays it out under share_prompt=auto: before this change
+    (one prompt group per padded row under a 4-D mask, the shared prefix apart), with the groups
+    fitted into fewer rows of the same width, and as one varlen row."""
     from preftune.train.batches import pair_batch
 
     idx = list(range(len(examples)))
     width = model.config.hidden_size
+    kinds = {"padded": (False, False), "fitted": (False, True), "varlen": (True, True)}
     return {
-        name: pair_batch(examples, idx, pad_id, False, "auto", width, True, True, varlen=v).tokens
-        for name, v in (("padded", False), ("varlen", True))
+        name: pair_batch(
+            examples, idx, pad_id, False, "auto", width, True, True, varlen=v, fit_rows=f
+        ).tokens
+        for name, (v, f) in kinds.items()
     }
 
 
 def attention_entries(batch: TokenBatch) -> int:
     """Query-key pairs attention computes per head and layer: a padded row's full square under
-    its mask; per path its causal half (SDPA's causal kernel) or own x length."""
+    its mask; per path the causal half of its square (SDPA's causal kernel)."""
     if batch.paths is None:
         R, T = batch.input_ids.shape
         L0 = 0 if batch.prefix_ids is None else batch.prefix_ids.numel()
         return R * T * (T + L0) + L0 * L0
     total = 0
-    for spans, own in batch.paths:
+    for spans, _ in batch.paths:
         L = sum(e - s for s, e in spans)
-        total += L * (L + 1) // 2 if own == L else own * L
+        total += L * (L + 1) // 2
     return total
 
 
@@ -187,12 +192,14 @@ def w6_ab(model, batches: dict[str, TokenBatch], reps: int, bf16: bool) -> dict:
 
 
 def main(argv=None) -> None:
-    """python benchmarks/micro.py [--layers N] [--reps 3] [--bf16] [--only padded|varlen]:
-    the W6 A/B above on the first W6 training batch (SmolLM2-135M, its first N decoder layers
-    when --layers is given, so that a loaded machine gets more repeats). --only runs one
-    layout for one step and prints this process's peak RSS (run each in its own process)."""
+    """python benchmarks/micro.py [--workload w6|w1] [--layers N] [--reps 3] [--bf16]
+    [--only padded|fitted|varlen]: the A/B above on the first training batch of W6 (or W1):
+    SmolLM2-135M, only its first N decoder layers with --layers (more repeats on a loaded
+    machine). --only runs one layout for two steps and prints this process's peak RSS (run
+    each layout in its own process)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from workloads import (
+        W1_DATA,
         batch_order,
         conversational_pairs,
         default_model,
@@ -203,16 +210,19 @@ def main(argv=None) -> None:
     from preftune.models import load_causal_lm, load_tokenizer
 
     ap = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    ap.add_argument("--workload", choices=["w6", "w1"], default="w6")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bf16", action="store_true")
-    ap.add_argument("--only", choices=["padded", "varlen"], default=None)
+    ap.add_argument("--only", choices=["padded", "fitted", "varlen"], default=None)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = Path("/tmp/preftune-w6-micro/w6.jsonl")
-    write_jsonl(conversational_pairs(load_tokenizer(default_model()), 32), path)
-    examples, tok = load_examples(str(path), default_model(), 32, 512, 256)
+    data = W1_DATA
+    if args.workload == "w6":
+        data = str(Path(tempfile.mkdtemp()) / "w6.jsonl")
+        write_jsonl(conversational_pairs(load_tokenizer(default_model()), 32), Path(data))
+    examples, tok = load_examples(data, default_model(), 32, 512, 256)
     first = [examples[i] for i in batch_order(len(examples), 8, 0, 1)[0]]
     model = load_causal_lm(default_model())
     if args.layers:

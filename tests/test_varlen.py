@@ -20,7 +20,7 @@ from test_logps import (
     per_example,
 )
 
-from preftune.layouts import build_shared_prompt_batch
+from preftune.layouts import build_shared_prompt_batch, fitted_rows
 from preftune.logprob import varlen
 from preftune.logprob.arch import split_causal_lm
 from preftune.logprob.plan import LayoutSettings, layout_settings, plan_forward, varlen_runs
@@ -40,8 +40,8 @@ def _model(seed=1, **kw):
     return tiny_causal_lm(64, seed=seed, eos_token_id=2, pad_token_id=0, **kw).double()
 
 
-def _want(model):
-    return per_example(model, PROMPTS * 2, [c for c, _ in PAIRS] + [r for _, r in PAIRS])
+def _want(model, prompts=PROMPTS, pairs=PAIRS):
+    return per_example(model, prompts * 2, [c for c, _ in pairs] + [r for _, r in pairs])
 
 
 @pytest.mark.parametrize("kv_heads", [None, 2])
@@ -58,6 +58,37 @@ def test_varlen_equals_each_sequence_alone(kv_heads, share_prefix, share_complet
     shared = build_shared_prompt_batch(PROMPTS, PAIRS, 0, True, share_prefix, share_completions)
     L0 = 0 if shared.prefix_ids is None else shared.prefix_ids.numel()
     assert batch.input_ids.shape == (1, shared.input_ids.numel() + L0)
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_fitted_rows_equal_each_sequence_alone(share_prefix):
+    """Padded shared-prompt rows holding several prompt groups (block-diagonal mask) give the
+    log-probs and gradients of one group per row, in fewer slots."""
+    model = _model(attn="sdpa", kv_heads=2)
+    # one long answer: the other groups fit beside it
+    prompts, pairs = PROMPTS + [HEAD + [3]], PAIRS + [[list(range(3, 40)) + [2], [4, 2]]]
+    one, fit = (
+        build_shared_prompt_batch(prompts, pairs, 0, share_prefix=share_prefix, fit_rows=f)
+        for f in (False, True)
+    )
+    assert fit.input_ids.shape[1] == one.input_ids.shape[1]
+    assert fit.input_ids.shape[0] < one.input_ids.shape[0]
+    want = _want(model, prompts, pairs)
+    torch.testing.assert_close(sequence_logps(model, fit, 3), want, rtol=0, atol=1e-10)
+    grads = []
+    for batch in (one, fit):
+        model.zero_grad()
+        (sequence_logps(model, batch) * torch.linspace(-2, 3, 2 * len(pairs))).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):  # fp32 RMSNorm inside the fp64 model: fp32 rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_fitted_rows_first_fit_decreasing():
+    assert fitted_rows([5, 2, 3, 1, 4]) == [[0], [4, 3], [2, 1]]
+    assert fitted_rows([7]) == [[0]]
+    rows = fitted_rows([3, 3, 3, 3])
+    assert sorted(g for r in rows for g in r) == [0, 1, 2, 3] and len(rows) == 4
 
 
 def test_varlen_runs_attention_per_path(monkeypatch):

@@ -2,11 +2,12 @@
 mask, each sequence's context listed as spans of the row.
 
 Every layer but attention runs on the row as it is. Attention runs once per path through
-transformers' own SDPA function: a path's keys and values are its spans (a view when it is one
-span), its queries the tokens it computes (its trailing `own` tokens). A path that computes all
-its tokens takes SDPA's causal kernel, which skips the blocks above the diagonal; one whose
-tokens follow context computed by an earlier path (a rejected answer after its prompt) takes a
-lower-right causal mask of (own, length). Against the padded shared-prompt layout this drops the
+transformers' own SDPA function: a path's queries, keys and values are its spans, and it
+keeps the outputs of the tokens it computes (its trailing `own` tokens). Every path runs SDPA's causal kernel over
+all its tokens, which skips the blocks above the diagonal and needs no mask; a path whose own
+tokens follow context computed by an earlier path (a rejected answer after its prompt) drops
+that context's outputs, a few queries more than a lower-right mask would compute, without the
+masked kernel's cost on CPU (grouped-query heads repeated, a where per block). Against the padded shared-prompt layout this drops the
 padding from every layer and the masked blocks from attention (docs/benchmarks.md, W6).
 
 The decoder finds this function through the attention implementation name it is run under
@@ -16,23 +17,33 @@ layer's attention. Only `plan.plan_forward` decides that a decoder can run it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from preftune.layouts import TokenBatch
 from preftune.logprob.embedding import decoder_inputs
-from preftune.varlen_layout import Span
+from preftune.varlen_layout import path_index
 
 VARLEN_ATTENTION = "preftune_varlen"
 PATHS_KWARG = "preftune_paths"
 
 
-def _take(t: torch.Tensor, spans: tuple[Span, ...]) -> torch.Tensor:
-    """(B, H, L, D) rows of `t` at `spans`, along the sequence dimension."""
-    if len(spans) == 1:
-        return t[:, :, spans[0][0] : spans[0][1]]
-    return torch.cat([t[:, :, s:e] for s, e in spans], 2)
+@dataclass(frozen=True)
+class AttentionPaths:
+    """What each layer's `varlen_attention` needs, built once per forward (`attention_paths`).
+
+    Every path's tokens come from one gather of the row (`index`, the paths' spans one after
+    the other), split into the paths' `lengths`; of each path's outputs the last `owns` are
+    kept, and these tile the row in order. A single gather and split keep backward to one
+    index_add and one concatenation per tensor (slicing the row per path gives each path a
+    row-sized zero gradient to add up, measured as most of the attention's backward)."""
+
+    index: torch.Tensor
+    lengths: list[int]
+    owns: list[int]
 
 
 def varlen_attention(module, query, key, value, attention_mask, **kwargs):
@@ -44,32 +55,22 @@ def varlen_attention(module, query, key, value, attention_mask, **kwargs):
             "was called without its paths (a model that does not pass keyword arguments down "
             "to its attention), or with a mask"
         )
-    outs = []
-    for spans, own, mask in paths:
-        end = spans[-1][1]
-        out, _ = sdpa_attention_forward(
-            module,
-            query[:, :, end - own : end],
-            _take(key, spans),
-            _take(value, spans),
-            mask,
-            **kwargs,
-        )
-        outs.append(out)
+    q, k, v = (t.index_select(2, paths.index).split(paths.lengths, 2) for t in (query, key, value))
+    outs = [
+        sdpa_attention_forward(module, *qkv, None, **kwargs)[0][:, L - own :]
+        for *qkv, L, own in zip(q, k, v, paths.lengths, paths.owns)
+    ]
     return torch.cat(outs, 1), None
 
 
-def attention_paths(batch: TokenBatch) -> list[tuple]:
-    """(spans, own, mask) per path: mask None for a path that computes all its tokens (SDPA's
-    causal kernel), else the boolean lower-right causal (1, 1, own, length) mask."""
-    out, dev = [], batch.input_ids.device
-    for spans, own in batch.paths:
-        L = sum(e - s for s, e in spans)
-        mask = None
-        if own < L:
-            mask = torch.ones(own, L, dtype=torch.bool, device=dev).tril(L - own)[None, None]
-        out.append((spans, own, mask))
-    return out
+def attention_paths(batch: TokenBatch) -> AttentionPaths:
+    """A varlen batch's paths for `varlen_attention`."""
+    dev = batch.input_ids.device
+    return AttentionPaths(
+        torch.cat([path_index(spans, dev) for spans, _ in batch.paths]),
+        [sum(e - s for s, e in spans) for spans, _ in batch.paths],
+        [own for _, own in batch.paths],
+    )
 
 
 def hidden_varlen(decoder, batch: TokenBatch, fast_grads: bool = True) -> torch.Tensor:

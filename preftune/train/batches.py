@@ -103,6 +103,7 @@ def pair_batch(
     share_prefix: bool = False,
     share_completion_prefix: bool = True,
     varlen: bool = False,
+    fit_rows: bool = True,
 ) -> PairBatch:
     """Sequences 0..n-1 are the chosen, n..2n-1 the rejected. With `share_prompt` each prompt is
     laid out once and both completions branch from it (same log-probs, ~1/3 fewer tokens on the
@@ -110,6 +111,8 @@ def pair_batch(
     share_prompt="auto" decides per micro-batch with `sharing_pays` (model width `hidden_size`);
     `varlen` (logprob/plan.py `layout_settings`) lays every shared-prompt batch out as one
     unpadded row instead (preftune/varlen_layout.py), which needs no such decision.
+    `fit_rows`: padded shared-prompt rows hold as many prompt groups as fit in the longest
+    (`layouts.fitted_rows`; False: one group per row, what the tests compare with).
     `share_prefix`: the leading tokens all prompts share run once for the micro-batch.
     `share_completion_prefix`: in the shared layout, the leading tokens chosen and rejected
     share are laid out and scored once (`layouts.branch_point`)."""
@@ -131,6 +134,7 @@ def pair_batch(
                 packed=packed,
                 share_prefix=share_prefix,
                 share_completion_prefix=share_completion_prefix,
+                fit_rows=fit_rows,
             )
             if share_prompt
             else build_token_batch(
