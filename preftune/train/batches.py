@@ -117,34 +117,21 @@ def pair_batch(
     `share_completion_prefix`: in the shared layout, the leading tokens chosen and rejected
     share are laid out and scored once (`layouts.branch_point`)."""
     exs = [examples[i] for i in idx]
+    if share_prompt == "auto" and not varlen:
+        share_prompt = shared_prompt_pays(
+            exs, packed, hidden_size, share_prefix, share_completion_prefix
+        )
     prompts = [e["prompt_ids"] for e in exs]
     pairs = [[e["chosen_ids"], e["rejected_ids"]] for e in exs]
     if share_prompt and varlen:
         tokens = build_varlen_batch(prompts, pairs, share_prefix, share_completion_prefix)
-    else:
-        if share_prompt == "auto":
-            share_prompt = shared_prompt_pays(
-                exs, packed, hidden_size, share_prefix, share_completion_prefix
-            )
-        tokens = (
-            build_shared_prompt_batch(
-                prompts,
-                pairs,
-                pad_id,
-                packed=packed,
-                share_prefix=share_prefix,
-                share_completion_prefix=share_completion_prefix,
-                fit_rows=fit_rows,
-            )
-            if share_prompt
-            else build_token_batch(
-                prompts * 2,
-                [c for c, _ in pairs] + [r for _, r in pairs],
-                pad_id,
-                packed=packed,
-                share_prefix=share_prefix,
-            )
+    elif share_prompt:
+        tokens = build_shared_prompt_batch(
+            prompts, pairs, pad_id, packed, share_prefix, share_completion_prefix, fit_rows
         )
+    else:
+        comps = [c for c, _ in pairs] + [r for _, r in pairs]
+        tokens = build_token_batch(prompts * 2, comps, pad_id, packed, share_prefix=share_prefix)
     margin = torch.tensor([e["margin"] for e in exs]) if all("margin" in e for e in exs) else None
     return PairBatch(
         tokens=tokens,
