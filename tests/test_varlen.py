@@ -21,7 +21,7 @@ from test_logps import (
 )
 
 from preftune.layouts import build_shared_prompt_batch, fitted_rows
-from preftune.logprob import varlen
+from preftune.logprob import plan, varlen
 from preftune.logprob.arch import split_causal_lm
 from preftune.logprob.plan import LayoutSettings, layout_settings, plan_forward, varlen_runs
 from preftune.logps import hidden_at_targets, sequence_logps, sequence_logps_and_kl
@@ -159,7 +159,8 @@ class _Train:
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("share", ["auto", "true", "false"])
-def test_who_gets_the_varlen_layout(attn, share):
+def test_who_gets_the_varlen_layout(attn, share, monkeypatch):
+    monkeypatch.setattr(plan, "LONG_PAIR", 20)  # these pairs count as long (21-32 tokens)
     cfg = _Train()
     cfg.share_prompt = share
     model = _model(attn=attn)
@@ -171,6 +172,16 @@ def test_who_gets_the_varlen_layout(attn, share):
     b = pair_batch(examples, list(range(len(PAIRS))), 0, **_kwargs(lay))
     assert (b.tokens.paths is not None) == lay.varlen
     torch.testing.assert_close(sequence_logps(model, b.tokens), _want(model), rtol=0, atol=1e-7)
+
+
+def test_short_pairs_keep_the_padded_layout():
+    """Below LONG_PAIR tokens a pair batch keeps one padded row per prompt group."""
+    examples = [
+        {"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, (c, r) in zip(PROMPTS, PAIRS)
+    ]
+    assert max(len(p) + len(c) + len(r) for p, (c, r) in zip(PROMPTS, PAIRS)) < plan.LONG_PAIR
+    b = pair_batch(examples, list(range(len(PAIRS))), 0, False, True, varlen=True)
+    assert b.tokens.paths is None and b.tokens.input_ids.shape[0] == len(PAIRS)
 
 
 def _kwargs(lay: LayoutSettings) -> dict:

@@ -68,6 +68,21 @@ def varlen_capable(cfg) -> bool:
     )
 
 
+# tokens (prompt + chosen + rejected) of a micro-batch's longest pair from which the varlen
+# layout and fitted rows are used: W6's chat pairs (~200-500) are where they were measured
+# (docs/benchmarks.md); below it, short pairs (W1's edit pairs, ~40) keep the padded layouts
+# they were measured with, where per-path attention calls would cost more than the padding.
+LONG_PAIR = 256
+
+
+def long_pairs(exs: list[dict]) -> bool:
+    """Whether a micro-batch gets the varlen layout (where the run allows it) or fitted rows."""
+    return (
+        max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in exs)
+        >= LONG_PAIR
+    )
+
+
 def shared_prompt_pays(
     exs: list[dict], packed: bool, hidden_size: int, share_prefix: bool, share_completions: bool
 ) -> bool:

@@ -16,7 +16,7 @@ from preftune.layouts import (
     build_shared_prompt_batch,
     build_token_batch,
 )
-from preftune.logprob.plan import shared_prompt_pays
+from preftune.logprob.plan import long_pairs, shared_prompt_pays
 from preftune.varlen_layout import build_varlen_batch
 
 
@@ -109,14 +109,15 @@ def pair_batch(
     laid out once and both completions branch from it (same log-probs, ~1/3 fewer tokens on the
     bundled set); otherwise prompt + chosen and prompt + rejected are separate sequences.
     share_prompt="auto" decides per micro-batch with `sharing_pays` (model width `hidden_size`);
-    `varlen` (logprob/plan.py `layout_settings`) lays every shared-prompt batch out as one
-    unpadded row instead (preftune/varlen_layout.py), which needs no such decision.
-    `fit_rows`: padded shared-prompt rows hold as many prompt groups as fit in the longest
-    (`layouts.fitted_rows`; False: one group per row, what the tests compare with).
+    `varlen` (logprob/plan.py `layout_settings`) lays a shared-prompt batch of long pairs
+    (`plan.long_pairs`) out as one unpadded row instead (preftune/varlen_layout.py); `fit_rows`
+    lets padded shared-prompt rows of long pairs hold as many groups as fit in the longest.
     `share_prefix`: the leading tokens all prompts share run once for the micro-batch.
     `share_completion_prefix`: in the shared layout, the leading tokens chosen and rejected
     share are laid out and scored once (`layouts.branch_point`)."""
     exs = [examples[i] for i in idx]
+    long = long_pairs(exs)
+    varlen, fit_rows = varlen and long, fit_rows and long
     if share_prompt == "auto" and not varlen:
         share_prompt = shared_prompt_pays(
             exs, packed, hidden_size, share_prefix, share_completion_prefix
