@@ -205,3 +205,26 @@ def test_hybrid_models_refuse_the_varlen_layout():
     cfg.share_prompt = "true"
     assert not layout_settings(cfg, model.config).varlen
     assert not layout_settings(_Train(), _model(attn="sdpa").config, checkpointing=True).varlen
+
+
+def test_trainer_step_same_with_the_varlen_layout(tiny_dir, tmp_path, monkeypatch):
+    """A DPO step through the trainer (reference precompute, loss, clipping) is the same with
+    the varlen row as with the padded rows (fp64)."""
+    from run_helpers import tiny_run_config
+
+    from preftune.train.trainer import Trainer
+
+    results = {}
+    for long in (1, 10**9):  # every pair long (varlen) / none (padded rows)
+        monkeypatch.setattr(plan, "LONG_PAIR", long)
+        monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / f"cache{long}"))  # no reuse
+        t = Trainer(
+            tiny_run_config(tiny_dir, tmp_path, f"v{long}", reference="precompute", dtype="float64")
+        )
+        tokens = t._pair_batch(t.data.train, [0, 1, 2, 3]).tokens
+        assert (tokens.paths is not None) == (long == 1)
+        m = t.train_step([0, 1, 2, 3])
+        results[long] = (m["loss"], m["grad_norm"], t.reference.chosen.clone())
+    (a, b) = results.values()
+    assert a[0] == pytest.approx(b[0], rel=1e-12) and a[1] == pytest.approx(b[1], rel=1e-7)
+    torch.testing.assert_close(a[2], b[2], rtol=0, atol=1e-10)
