@@ -159,19 +159,22 @@ def w6_ab(model, batches: dict[str, TokenBatch], reps: int, bf16: bool) -> dict:
     """Forward + backward of `sequence_logps` for each layout, alternated, `reps` times after
     one warm-up round; log-prob and gradient differences against the first layout."""
     times = {k: [] for k in batches}
+    cpu = {k: [] for k in batches}  # this process's CPU seconds: less bent by other jobs
     outs = {}
     for r in range(reps + 1):
         for name, batch in batches.items():
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 lp = sequence_logps(model, batch)
             lp.sum().backward()
             if r:
                 times[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
             grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
             outs[name] = (lp.detach(), grads)
             model.zero_grad(set_to_none=True)
-            print(f"  {name} rep {r}: {time.perf_counter() - t:.2f} s", flush=True)
+            wall, used = time.perf_counter() - t, time.process_time() - c
+            print(f"  {name} rep {r}: {wall:.2f} s wall, {used:.2f} s CPU", flush=True)
     base = next(iter(outs.values()))
     return {
         name: {
@@ -181,6 +184,7 @@ def w6_ab(model, batches: dict[str, TokenBatch], reps: int, bf16: bool) -> dict:
             "attention_entries": attention_entries(batch),
             "s": times[name],
             "median_s": statistics.median(times[name]),
+            "median_cpu_s": statistics.median(cpu[name]),
             "max_abs_dlogp": float((outs[name][0] - base[0]).abs().max()),
             "max_rel_dgrad": max(
                 float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -215,6 +219,7 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--only", choices=["padded", "fitted", "varlen"], default=None)
+    ap.add_argument("--kinds", default="padded,fitted,varlen", help="layouts to alternate")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -230,8 +235,8 @@ def main(argv=None) -> None:
         model.config.num_hidden_layers = args.layers
     model.train()
     batches = w6_batches(model, first, tok.pad_token_id)
-    if args.only:
-        batches = {args.only: batches[args.only]}
+    kinds = [args.only] if args.only else args.kinds.split(",")
+    batches = {k: batches[k] for k in kinds}
     out = w6_ab(model, batches, 1 if args.only else args.reps, args.bf16)
     for name, d in out.items():
         print(name, {k: v for k, v in d.items() if k != "s"})
