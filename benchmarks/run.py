@@ -63,6 +63,8 @@ VARIANTS = {
     "preftune-gc": {"tool": "preftune", "gradient_checkpointing": True},
     # matmul outputs kept, the cheap ops recomputed (preftune/activations.py)
     "preftune-sac": {"tool": "preftune", "gradient_checkpointing": "selective"},
+    # long pairs as before the varlen row and fitted rows: one padded row per prompt group
+    "preftune-padded": {"tool": "preftune", "padded_layouts": True},
     # the memory-lean setting: activations recomputed, each parameter updated and its gradient
     # freed inside backward, so no clipping; compared with TRL without clipping (same updates)
     "preftune-lean": {

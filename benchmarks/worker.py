@@ -41,6 +41,10 @@ def run_preftune(spec: dict) -> dict:
 
     work = Path(spec["workdir"])
     steps, bs = spec["steps"], spec["batch_size"]
+    if spec.get("padded_layouts"):  # the layouts before the varlen row and fitted rows
+        from preftune.logprob import plan
+
+        plan.LONG_PAIR = float("inf")
     cfg = build_config(
         {
             "model": spec["model"],

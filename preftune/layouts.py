@@ -33,6 +33,9 @@ class TokenBatch:
     prefix_ids: (L0,) tokens every sequence starts with, laid out once and not in the rows (whose
         position ids then start at L0); None when the batch has no shared prefix. target_pos
         indexes the rows only: the prefix's own tokens are never scored.
+    paths: the varlen layout (preftune/varlen_layout.py): one row, no padding, no mask; each
+        path is one sequence's context as ((start, end), ...) spans of the row, and the number
+        of its trailing tokens it computes attention for. None for every other layout.
     """
 
     input_ids: torch.Tensor
@@ -43,6 +46,7 @@ class TokenBatch:
     seq_index: torch.Tensor
     num_seqs: int
     prefix_ids: torch.Tensor | None = None
+    paths: tuple[tuple[tuple[tuple[int, int], ...], int], ...] | None = None
 
     def to(self, device) -> TokenBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -55,6 +59,7 @@ class TokenBatch:
             move(self.seq_index),
             self.num_seqs,
             move(self.prefix_ids),
+            self.paths,
         )
 
     @property
@@ -234,6 +239,7 @@ def build_shared_prompt_batch(
     packed: bool = False,
     share_prefix: bool = False,
     share_completion_prefix: bool = True,
+    fit_rows: bool = False,
 ) -> TokenBatch:
     """Each prompt once, its K completions branching from it: [prompt | c_1 | c_2 | ...].
 
@@ -243,7 +249,8 @@ def build_shared_prompt_batch(
     mask lets a branch token see its prompt and the earlier tokens of its own branch only, so
     each completion's log-prob is that of prompt + completion alone, while the prompt's
     forward (and backward) is done once instead of K times. `packed` puts all groups in one
-    row (block-diagonal mask); otherwise one group per row, padded. `share_prefix`: the
+    row (block-diagonal mask); otherwise one group per row, padded, or with `fit_rows` as many
+    groups per row as fit in the longest group's width (`fitted_rows`). `share_prefix`: the
     prompts' common leading tokens are kept apart in `prefix_ids`, run once and seen by every
     group (in both layouts). A branch's last token is a target only and is not laid out.
 
@@ -258,10 +265,32 @@ def build_shared_prompt_batch(
         _group(i, n, p, comps, L0, share_completion_prefix)
         for i, (p, comps) in enumerate(zip(prompts, branches))
     ]
-    rows = [list(range(n))] if packed else [[i] for i in range(n)]
+    if packed:
+        rows = [list(range(n))]
+    elif fit_rows:
+        rows = fitted_rows([len(g[0]) for g in groups])
+    else:
+        rows = [[i] for i in range(n)]
     batch = _assemble_groups(groups, rows, pad_id, num_seqs=n * K)
     batch.prefix_ids = torch.tensor(prompts[0][:L0], dtype=torch.long) if L0 else None
     return batch
+
+
+def fitted_rows(lengths: list[int]) -> list[list[int]]:
+    """Groups of `lengths` into rows no wider than the longest, first fit in decreasing order:
+    the padded layout's width with fewer rows, so less padding in every layer and fewer
+    (width x width) attention squares (W6's chat pairs: 8 rows of ~505 slots for ~2,900
+    tokens become 6)."""
+    width, rows, used = max(lengths), [], []
+    for g in sorted(range(len(lengths)), key=lambda g: -lengths[g]):
+        r = next((r for r in range(len(rows)) if used[r] + lengths[g] <= width), None)
+        if r is None:
+            rows.append([])
+            used.append(0)
+            r = len(rows) - 1
+        rows[r].append(g)
+        used[r] += lengths[g]
+    return rows
 
 
 def _check_branches(prompts: list[list[int]], branches: list[list[list[int]]]) -> int:

@@ -36,8 +36,10 @@ from preftune.logprob.head import (
     distinct_targets,
     head_token_logps,
 )
-from preftune.logprob.plan import plan_forward
+from preftune.logprob.plan import plan_forward, varlen_runs
 from preftune.logprob.prefix import hidden_folded, windowed_mask
+from preftune.logprob.varlen import hidden_varlen
+from preftune.varlen_layout import masked
 
 __all__ = [
     "attention_only",
@@ -65,7 +67,11 @@ def hidden_at_targets(model, batch: TokenBatch, fast_grads: bool = True) -> torc
     """
     decoder, head, _, _ = split_causal_lm(model)
     dtype = compute_dtype(head.weight.dtype)
+    if batch.paths is not None and not varlen_runs(decoder):
+        batch = masked(batch)  # the same row under a 4-D mask
     plan = plan_forward(decoder, batch)
+    if plan.varlen:
+        return hidden_varlen(decoder, batch, fast_grads).index_select(0, batch.target_pos)
     if plan.prefix == "fold":
         return hidden_folded(decoder, batch, dtype, fast_grads).index_select(0, batch.target_pos)
     if plan.prefix == "rows":

@@ -36,11 +36,13 @@ class LayoutSettings:
     hidden_size: int  # the model width the cost model uses
     share_prefix: bool
     share_completion_prefix: bool
+    varlen: bool = False  # shared-prompt batches as one unpadded row (preftune/varlen_layout.py)
 
 
-def layout_settings(train_cfg, model_config) -> LayoutSettings:
+def layout_settings(train_cfg, model_config, checkpointing: bool = False) -> LayoutSettings:
     """A run's layout from its config keys (packed, share_prompt, share_prefix,
-    share_completion_prefix) and its model."""
+    share_completion_prefix), its model and whether its layers recompute in backward (the
+    varlen layout's per-path attention cannot run there, see `varlen_runs`)."""
     share = {"true": True, "false": False}.get(train_cfg.share_prompt, "auto")
     if share == "auto" and not attention_only(model_config):
         share = False
@@ -50,6 +52,34 @@ def layout_settings(train_cfg, model_config) -> LayoutSettings:
         getattr(model_config, "hidden_size", 1024),
         train_cfg.share_prefix,
         train_cfg.share_completion_prefix,
+        varlen=bool(share) and varlen_capable(model_config) and not checkpointing,
+    )
+
+
+def varlen_capable(cfg) -> bool:
+    """Whether a model's config allows the varlen layout: attention only, SDPA, no sliding
+    window (a path longer than the window would need it applied per path). The layout then
+    replaces every shared-prompt layout: it lays out each prompt once as they do, and nothing
+    else (no padding, no masked attention blocks), so no cost model is needed."""
+    return (
+        attention_only(cfg)
+        and getattr(cfg, "_attn_implementation", None) == "sdpa"
+        and sliding_window(cfg)[0] is None
+    )
+
+
+# tokens (prompt + chosen + rejected) of a micro-batch's longest pair from which the varlen
+# layout and fitted rows are used: W6's chat pairs (~200-500) are where they were measured
+# (docs/benchmarks.md); below it, short pairs (W1's edit pairs, ~40) keep the padded layouts
+# they were measured with, where per-path attention calls would cost more than the padding.
+LONG_PAIR = 256
+
+
+def long_pairs(exs: list[dict]) -> bool:
+    """Whether a micro-batch gets the varlen layout (where the run allows it) or fitted rows."""
+    return (
+        max(len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in exs)
+        >= LONG_PAIR
     )
 
 
@@ -101,6 +131,7 @@ class ForwardPlan:
     window: int | None  # the sliding window, None if every layer sees the whole sequence
     mixed: bool  # sliding and full-attention layers both
     windowed: bool  # the window must be applied to the mask here (`prefix.windowed_mask`)
+    varlen: bool = False  # a varlen batch runs its per-path attention (else: under a 4-D mask)
 
 
 def plan_forward(decoder, batch: TokenBatch) -> ForwardPlan:
@@ -120,6 +151,13 @@ def plan_forward(decoder, batch: TokenBatch) -> ForwardPlan:
             "layouts would let one sequence see another. Set packed=false and "
             "share_prompt=false (share_prompt=auto does this by itself)."
         )
+    if batch.paths is not None:
+        if not varlen_runs(decoder):
+            raise ValueError(
+                f"{type(decoder).__name__} cannot run the varlen layout's per-path attention "
+                "here: run `varlen_layout.masked(batch)`"
+            )
+        return ForwardPlan("none", None, False, False, varlen=True)
     window, mixed = (None, False) if hybrid else sliding_window(decoder.config)
     L0 = 0 if batch.prefix_ids is None else batch.prefix_ids.numel()
     windowed = window is not None and L0 + batch.input_ids.shape[1] > window
@@ -127,6 +165,19 @@ def plan_forward(decoder, batch: TokenBatch) -> ForwardPlan:
     if batch.prefix_ids is not None:
         prefix = prefix_path(decoder, batch, hybrid or windowed or checkpointing(decoder))
     return ForwardPlan(prefix, window, mixed, windowed)
+
+
+def varlen_runs(decoder) -> bool:
+    """Whether `decoder` can run a varlen batch's per-path attention (logprob/varlen.py): its
+    config allows it, its layers look their attention function up at call time, and they do
+    not recompute in backward (the recomputation would run under the model's own attention,
+    outside the forward that names the per-path one). Otherwise the batch runs under the
+    equivalent 4-D mask, slower but the same log-probs."""
+    return (
+        varlen_capable(decoder.config)
+        and getattr(type(decoder), "_supports_attention_backend", False)
+        and not checkpointing(decoder)
+    )
 
 
 def prefix_path(decoder, batch: TokenBatch, lay_out: bool) -> str:

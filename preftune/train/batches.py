@@ -16,7 +16,8 @@ from preftune.layouts import (
     build_shared_prompt_batch,
     build_token_batch,
 )
-from preftune.logprob.plan import shared_prompt_pays
+from preftune.logprob.plan import long_pairs, shared_prompt_pays
+from preftune.varlen_layout import build_varlen_batch
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -101,34 +102,37 @@ def pair_batch(
     hidden_size: int = 1024,
     share_prefix: bool = False,
     share_completion_prefix: bool = True,
+    varlen: bool = False,
+    fit_rows: bool = True,
 ) -> PairBatch:
     """Sequences 0..n-1 are the chosen, n..2n-1 the rejected. With `share_prompt` each prompt is
     laid out once and both completions branch from it (same log-probs, ~1/3 fewer tokens on the
     bundled set); otherwise prompt + chosen and prompt + rejected are separate sequences.
-    share_prompt="auto" decides per micro-batch with `sharing_pays` (model width `hidden_size`).
+    share_prompt="auto" decides per micro-batch with `sharing_pays` (model width `hidden_size`);
+    `varlen` (logprob/plan.py `layout_settings`) lays a shared-prompt batch of long pairs
+    (`plan.long_pairs`) out as one unpadded row instead (preftune/varlen_layout.py); `fit_rows`
+    lets padded shared-prompt rows of long pairs hold as many groups as fit in the longest.
     `share_prefix`: the leading tokens all prompts share run once for the micro-batch.
     `share_completion_prefix`: in the shared layout, the leading tokens chosen and rejected
     share are laid out and scored once (`layouts.branch_point`)."""
     exs = [examples[i] for i in idx]
-    prompts = [e["prompt_ids"] for e in exs]
-    if share_prompt == "auto":
+    long = long_pairs(exs)
+    varlen, fit_rows = varlen and long, fit_rows and long
+    if share_prompt == "auto" and not varlen:
         share_prompt = shared_prompt_pays(
             exs, packed, hidden_size, share_prefix, share_completion_prefix
         )
-    if share_prompt:
+    prompts = [e["prompt_ids"] for e in exs]
+    pairs = [[e["chosen_ids"], e["rejected_ids"]] for e in exs]
+    if share_prompt and varlen:
+        tokens = build_varlen_batch(prompts, pairs, share_prefix, share_completion_prefix)
+    elif share_prompt:
         tokens = build_shared_prompt_batch(
-            prompts,
-            [[e["chosen_ids"], e["rejected_ids"]] for e in exs],
-            pad_id,
-            packed=packed,
-            share_prefix=share_prefix,
-            share_completion_prefix=share_completion_prefix,
+            prompts, pairs, pad_id, packed, share_prefix, share_completion_prefix, fit_rows
         )
     else:
-        comps = [e["chosen_ids"] for e in exs] + [e["rejected_ids"] for e in exs]
-        tokens = build_token_batch(
-            prompts * 2, comps, pad_id, packed=packed, share_prefix=share_prefix
-        )
+        comps = [c for c, _ in pairs] + [r for _, r in pairs]
+        tokens = build_token_batch(prompts * 2, comps, pad_id, packed, share_prefix=share_prefix)
     margin = torch.tensor([e["margin"] for e in exs]) if all("margin" in e for e in exs) else None
     return PairBatch(
         tokens=tokens,

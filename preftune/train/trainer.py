@@ -168,7 +168,9 @@ class Trainer(BaseTrainer):
     @functools.cached_property
     def layout(self) -> LayoutSettings:
         """How this run lays out its pair batches (the layout planner, logprob/plan.py)."""
-        return layout_settings(self.cfg.train, self.policy.config)
+        return layout_settings(
+            self.cfg.train, self.policy.config, bool(self.cfg.model.gradient_checkpointing)
+        )
 
     def _pair_batch(self, examples, idx):
         # under gradient checkpointing the engine lays a shared prefix out in the rows of a
@@ -183,6 +185,7 @@ class Trainer(BaseTrainer):
             lay.hidden_size,
             lay.share_prefix,
             lay.share_completion_prefix,
+            lay.varlen,
         )
 
     # ---- one micro-batch -----------------------------------------------------------------------
