@@ -109,12 +109,26 @@ def sharing_pays(
     for long completions after short prompts (W2 in docs/benchmarks.md). A shared `prefix`
     (run once, see logps.py) leaves the rows and adds `prefix` key columns to their attention.
     """
+    prompts = [e["prompt_ids"] for e in exs]
+    pairs = [[e["chosen_ids"], e["rejected_ids"]] for e in exs]
+    return group_sharing_pays(prompts, pairs, packed, hidden_size, prefix, share_completions)
+
+
+def group_sharing_pays(
+    prompts: list[list[int]],
+    groups: list[list[list[int]]],
+    packed: bool,
+    hidden_size: int,
+    prefix: int = 0,
+    share_completions: bool = True,
+) -> bool:
+    """`sharing_pays` for any number of completions per prompt (`groups[i]` follow
+    `prompts[i]`): a pair's two, or the k samples of an online group (train/remax.py)."""
     # the tokens each layout lays out (layouts.py decides: last tokens are targets only, and
     # with `share_completions` the completions' common leading tokens are laid out once)
-    prompts = [e["prompt_ids"][prefix:] for e in exs]
-    pairs = [[e["chosen_ids"], e["rejected_ids"]] for e in exs]
-    shared = [shared_group_length(p, cs, share_completions) for p, cs in zip(prompts, pairs)]
-    separate = [len(laid_out(p + c, len(p))) for p, cs in zip(prompts, pairs) for c in cs]
+    own = [p[prefix:] for p in prompts]
+    shared = [shared_group_length(p, cs, share_completions) for p, cs in zip(own, groups)]
+    separate = [len(laid_out(p + c, len(p))) for p, cs in zip(own, groups) for c in cs]
 
     def cost(lengths: list[int]) -> int:
         rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))

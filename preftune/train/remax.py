@@ -26,10 +26,9 @@ from preftune.layouts import (
     TokenBatch,
     build_shared_prompt_batch,
     build_token_batch,
-    laid_out,
-    shared_group_length,
     shared_prefix_length,
 )
+from preftune.logprob.plan import group_sharing_pays
 from preftune.logps import token_logps
 from preftune.online.base import split_even
 from preftune.online.remax import remax_returns, remax_sequence_losses
@@ -55,21 +54,6 @@ def per_token_rows(values: torch.Tensor, batch: TokenBatch) -> tuple[torch.Tenso
     rows = values.new_zeros(batch.num_seqs, width).index_put((seq, col), values)
     mask = values.new_zeros(batch.num_seqs, width).index_put((seq, col), torch.ones_like(values))
     return rows, mask.detach()
-
-
-def group_sharing_pays(prompts, groups, packed: bool, hidden_size: int, prefix: int, share_comps):
-    """share_prompt=auto for k samples per prompt: the cost model of
-    `logprob.plan.sharing_pays` (dense ~6 d per laid-out token, attention width x keys per row,
-    rows with a custom mask computed in full) with k completions per prompt instead of 2."""
-    own = [p[prefix:] for p in prompts]
-    shared = [shared_group_length(p, cs, share_comps) for p, cs in zip(own, groups)]
-    separate = [len(laid_out(p + c, len(p))) for p, cs in zip(own, groups) for c in cs]
-
-    def cost(lengths: list[int]) -> int:
-        rows, width = (1, sum(lengths)) if packed else (len(lengths), max(lengths))
-        return rows * (6 * hidden_size * width + width * (width + prefix))
-
-    return cost(shared) <= cost(separate)
 
 
 def sample_batch(chosen, k: int, pad_id: int, lay) -> tuple[TokenBatch, torch.Tensor | None]:
