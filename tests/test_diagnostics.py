@@ -197,3 +197,8 @@ def _plain_chosen_logratio(args: dict, run) -> float:
         return logits[-n:].gather(-1, targets[-n:, None]).sum().item()
 
     return sum(logp(policy, e) - logp(ref, e) for e in pairs) / len(pairs)
+
+
+def test_the_training_probe_is_the_first_64_training_pairs():
+    assert train_probe(list(range(100))) == list(range(64))
+    assert train_probe(list(range(10))) == list(range(10))

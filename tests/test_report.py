@@ -211,8 +211,11 @@ def test_compare_puts_configs_side_by_side_with_one_colour_per_run(tmp_path):
 
 
 def test_missing_run_dir_says_so(tmp_path):
-    with pytest.raises(UserError, match="not a preftune run directory"):
+    with pytest.raises(UserError, match="nothing does not exist"):
         write_report(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a preftune run directory"):
+        write_report(tmp_path / "empty")
 
 
 def test_a_partial_last_metrics_line_is_left_out_and_a_damaged_one_named(tmp_path, capsys):

@@ -105,15 +105,39 @@ def test_resume_applies_lr_and_says_so(tiny_dir, tmp_path, capsys):
     assert "lr: 0.0001" in (run / "config.yaml").read_text()
 
 
+def _files(run) -> dict:
+    return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+
 def test_a_finished_run_resumed_without_more_steps_is_refused_and_left_as_it_was(
     tiny_dir, tmp_path
 ):
-    run = _cut_run(tiny_dir, tmp_path, "done")
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    with pytest.raises(ConfigError, match=r"finished at step 2 of 2.*max_steps=4"):
+    # its last checkpoint is at step 2 of 3: the run, not the checkpoint, says it finished
+    run = tmp_path / "done"
+    train(tiny_run_args(tiny_dir, tmp_path, "done", max_steps=3, save_every=2))
+    before = _files(run)
+    with pytest.raises(ConfigError, match=r"finished at step 3 of 3.*max_steps=6"):
         train(None, [f"resume={run}", "lr=1e-5"])
-    after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    assert after == before  # config.yaml does not claim an lr that trained nothing
+    assert _files(run) == before  # config.yaml does not claim an lr that trained nothing
+
+
+def test_a_run_stopped_after_final_but_before_its_end_is_resumed_and_finishes(tiny_dir, tmp_path):
+    run = tmp_path / "tail"
+    train(tiny_run_args(tiny_dir, tmp_path, "tail", max_steps=2, save_every=1))
+    summary = json.loads((run / "summary.json").read_text())
+    del summary["finished"]  # as a kill in the evaluation after final/ leaves it
+    (run / "summary.json").write_text(json.dumps(summary))
+    res = train(None, [f"resume={run}"])
+    assert res.metrics["finished"] is True and res.metrics["steps"] == 2
+    assert res.metrics["loss"] == summary["loss"]  # the last step's metrics are kept
+
+
+def test_a_damaged_metrics_line_before_the_last_stops_a_resume_naming_it(tiny_dir, tmp_path):
+    run = _cut_run(tiny_dir, tmp_path, "damaged")
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([rows[0][:9], *rows[1:]]) + "\n")
+    with pytest.raises(UserError, match=r"metrics.jsonl:1: not a JSON row .*remove that line"):
+        train(None, [f"resume={run}", "max_steps=3"])
 
 
 def test_resume_passes_over_a_partial_metrics_line_and_an_empty_summary(tiny_dir, tmp_path, capsys):
@@ -122,7 +146,7 @@ def test_resume_passes_over_a_partial_metrics_line_and_an_empty_summary(tiny_dir
         f.write('{"step": 3, "lo')  # killed mid-write
     (run / "summary.json").write_text("")  # as a kill inside a non-atomic write left it
     res = train(None, [f"resume={run}", "max_steps=3"])
-    assert "dropped 1 unreadable line" in capsys.readouterr().err
+    assert "dropped a partial last line" in capsys.readouterr().err
     assert [r["step"] for r in metric_rows(res.run_dir)] == [1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
 
@@ -272,7 +296,7 @@ def test_resume_with_another_thread_count_says_it_will_not_be_bit_equal(
     saved = ckpt.read_state(run / "checkpoints/step-2")["torch_threads"]
     assert saved == torch.get_num_threads()
     monkeypatch.setattr(torch, "get_num_threads", lambda: saved + 2)
-    train(None, [f"resume={run}"])
+    train(None, [f"resume={run}", "max_steps=3"])  # it finished at 2
     err = capsys.readouterr().err
     assert f"written by a run with {saved} torch threads and this one has {saved + 2}" in err
 

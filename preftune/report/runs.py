@@ -34,6 +34,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of metrics.jsonl. A partial last line (a run killed, or still writing) is left
     out with a note on stderr; a damaged line anywhere else is an error naming it."""
     path = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).exists():
+        raise UserError(f"{run_dir} does not exist; give the folder of a run, e.g. runs/<run_name>")
     if not path.is_file():
         raise UserError(
             f"{run_dir} is not a preftune run directory (no metrics.jsonl); give the folder a run "
@@ -44,11 +46,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     for i, line in numbered:
         try:
             rows.append(json.loads(line))
-        except ValueError as err:
+        except json.JSONDecodeError as err:
             if i != numbered[-1][0]:
                 raise UserError(
-                    f"{path}:{i}: not a JSON row ({err}); the file is damaged, remove that line "
-                    f"to read this run"
+                    f"{path}:{i}: not a JSON row ({err.msg} at column {err.colno}); the file is "
+                    f"damaged, remove that line to read this run"
                 ) from None
             print(f"[preftune] note: {path}:{i} is a partial last line; left out", file=sys.stderr)
     return rows
@@ -92,7 +94,10 @@ def _config(path: Path) -> dict:
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of config keys, found {type(raw).__name__}")
+        raise UserError(
+            f"{path}: expected a mapping of config keys, found a {type(raw).__name__}; restore "
+            f"the config.yaml the run wrote (or remove it to compare without configs)"
+        )
     return flat_config(raw)
 
 

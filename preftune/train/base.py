@@ -304,22 +304,26 @@ class BaseTrainer:
             out, logps, _ = self._loss(self.data.eval, idx, reference, train=False)
             record(rec, extra, out, logps)
         metrics = summarise(self._gather_rec(rec), self._gather_rec(extra), prefix="eval/")
-        probe = train_probe(self.data.train)
-        for tag, exs, name in (("eval", self.data.eval, SEGMENTS_FILE),
-                               ("train", probe, TRAIN_SEGMENTS_FILE)):  # fmt: skip
-            table, changes = read_segment_table(self.run_dir / name, len(exs)), {}
-            if table is not None:  # one extra no-grad forward per batch (evaluate.py)
-                changes = segment_changes_of(self.policy, exs, table, self._share(len(exs)),
-                                             self._pair_batch, size, self.cfg.train.chunk_size)  # fmt: skip
-            # gathered once, whatever number of batches each process had
-            cat = {k: v[0] for k, v in self._gather_rec(changes).items() if v}
-            if cat:
-                metrics.update({f"{tag}/{k}": v for k, v in summarise_segments(cat).items()})
+        for tag, exs, name in (
+            ("eval", self.data.eval, SEGMENTS_FILE),
+            ("train", train_probe(self.data.train), TRAIN_SEGMENTS_FILE),
+        ):
+            metrics.update(self._segment_metrics(tag, exs, name, size))
         self.policy.train(was)
         return metrics
 
-    def _share(self, n: int) -> list[int]:
-        """This process's indices of n examples evaluated over all processes."""
+    def _segment_metrics(self, tag: str, exs: list[dict], name: str, size: int) -> dict:
+        """{tag}/segments/* of `exs` against the reference's table (one forward per batch)."""
+        table, changes = read_segment_table(self.run_dir / name, len(exs)), {}
+        if table is not None:
+            mine, chunk = self._share(len(exs)), self.cfg.train.chunk_size
+            changes = segment_changes_of(
+                self.policy, exs, table, mine, self._pair_batch, size, chunk
+            )
+        cat = {k: v[0] for k, v in self._gather_rec(changes).items() if v}  # on every process
+        return {f"{tag}/{k}": v for k, v in summarise_segments(cat).items()} if cat else {}
+
+    def _share(self, n: int) -> list[int]:  # this process's indices of n evaluated examples
         return list(range(self.acc.process_index, n, self.acc.num_processes))
 
     def write_samples(self, tag: str) -> None:

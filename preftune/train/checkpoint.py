@@ -49,9 +49,44 @@ class CheckpointError(UserError):
 def write_json(path: Path, obj) -> None:
     """A run's JSON file, whole or not at all: a kill mid-write leaves the previous file, never
     an empty one."""
+    _write_whole(path, json.dumps(obj, indent=1, default=str))
+
+
+def _write_whole(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def truncate_jsonl(path: Path, step: int, warn: Callable[[str], None]) -> None:
+    """Keep the rows of a run's JSONL log (metrics, online samples) up to `step`, the step a
+    resume continues from, rewritten whole. A partial last line (a kill mid-write) is dropped
+    with a warning; an unreadable line before it is an error naming it."""
+    if not path.exists():
+        return
+    numbered = [(i, ln) for i, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+    kept = []
+    for i, line in numbered:
+        row, problem = _row(line)
+        if problem and i != numbered[-1][0]:
+            raise UserError(
+                f"{path}:{i}: not a JSON row ({problem}); the file is damaged: remove that line "
+                f"and resume again"
+            )
+        if problem:
+            warn(f"{path}:{i}: dropped a partial last line (a write cut short by a kill)")
+        elif row.get("step", 0) <= step:
+            kept.append(line)
+    _write_whole(path, "".join(ln + "\n" for ln in kept))
+
+
+def _row(line: str) -> tuple[dict, str | None]:
+    """(the JSON object on `line`, None), or ({}, what is wrong with it)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        return {}, f"{err.msg} at column {err.colno}"
+    return (row, None) if isinstance(row, dict) else ({}, f"a {type(row).__name__}, not an object")
 
 
 def encode(obj, tensors: dict[str, torch.Tensor]):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 
+from preftune.train.checkpoint import write_json
 from preftune.train.group import GroupTrainer
 from preftune.train.ipo_md import IPOMDTrainer
 from preftune.train.loop import TrainResult, run
@@ -85,5 +86,5 @@ def _relabel(trainer, result: TrainResult, method: str, loss_name: str) -> Train
     if trainer.acc.is_main_process and path.exists():
         summary = json.loads(path.read_text())
         summary.update({"method": method, "loss_name": loss_name})
-        path.write_text(json.dumps(summary, indent=1, default=str))
+        write_json(path, summary)
     return result

@@ -59,6 +59,7 @@ def _from_main(trainer: BaseTrainer, box: list):
 
 
 def _resume(trainer: BaseTrainer) -> None:
+    _refuse_finished(trainer)
     root = trainer.run_dir / "checkpoints"
     # the main process picks the checkpoint, so that every process resumes from the same one
     box = [ckpt.latest_checkpoint(root, log=trainer.warn) if trainer.acc.is_main_process else None]
@@ -87,7 +88,6 @@ def _resume(trainer: BaseTrainer) -> None:
         if "config" in state:
             check_same_training(trainer.run_dir, state["config"], trainer.cfg)
         trainer.load_state(state)
-        _refuse_finished(trainer)
         _apply_schedule(trainer)
         _warn_threads(trainer, path, state.get("torch_threads"))
     _truncate_metrics(trainer, trainer.step)
@@ -98,9 +98,13 @@ def _resume(trainer: BaseTrainer) -> None:
 
 def _refuse_finished(trainer: BaseTrainer) -> None:
     """A run that has finished is continued only with more steps: resuming it as it is would
-    train nothing and rewrite its summary, final/ and config.yaml with what no step used."""
-    done, total = trainer.step, trainer.total_steps
-    if done >= total and (trainer.run_dir / "final").exists():
+    retrain its tail and rewrite its summary, final/ and config.yaml with what no step needed.
+    Finished is what the run's last act says (summary.json's `finished`); a run stopped after
+    final/ but before that (in the evaluation after) is resumed and finishes."""
+    path = trainer.run_dir / "summary.json"
+    summary = (_json_or_none(path.read_text(errors="replace")) if path.exists() else None) or {}
+    done, total = summary.get("steps", 0), trainer.total_steps
+    if summary.get("finished") is True and done >= total:
         raise ConfigError(
             f"resume={trainer.run_dir}: the run finished at step {done} of {total}, so there is "
             f"nothing to train; give more steps to continue it (e.g. max_steps={2 * total}) or "
@@ -120,19 +124,8 @@ def _warn_threads(trainer: BaseTrainer, path, saved: int | None) -> None:
 
 def _truncate_metrics(trainer: BaseTrainer, step: int) -> None:
     """Metrics logged after the checkpoint belong to the lost part of the run: drop them."""
-    mpath = trainer.run_dir / "metrics.jsonl"
-    if not (mpath.exists() and trainer.acc.is_main_process):
-        return
-    kept, torn = [], 0
-    for ln in mpath.read_text(errors="replace").splitlines():
-        row = _json_or_none(ln)
-        if row is None:
-            torn += bool(ln.strip())
-        elif row.get("step", 0) <= step:
-            kept.append(ln)
-    if torn:  # a kill mid-write leaves a partial last line
-        trainer.warn(f"{mpath}: dropped {torn} unreadable line(s) (a write cut short by a kill)")
-    mpath.write_text("".join(ln + "\n" for ln in kept))
+    if trainer.acc.is_main_process:
+        ckpt.truncate_jsonl(trainer.run_dir / "metrics.jsonl", step, trainer.warn)
 
 
 def _json_or_none(text: str):
@@ -166,7 +159,10 @@ def _start(trainer: BaseTrainer) -> dict:
         before = _json_or_none(old.read_text(errors="replace")) if old.exists() else {}
         if before is None:
             trainer.warn(f"{old} is unreadable (a write cut short?); it will be written anew")
-        summary.update({k: v for k, v in (before or {}).items() if k.endswith("_before")})
+        # what the run said so far (accuracy before; the last step's metrics, which a resume
+        # from a checkpoint at the last step does not log again), less how it ended
+        stale = ("diverged", "finished")
+        summary.update({k: v for k, v in (before or {}).items() if k not in stale})
     if trainer.step == 0 and cfg.eval.eval_before:
         _task_eval(trainer, summary, "before")
         if trainer.acc.is_main_process:
@@ -305,6 +301,7 @@ def _run(trainer: BaseTrainer) -> TrainResult:
     _write_summary(trainer, summary, report=False)  # a kill in the final save keeps these
     _save_final(trainer)
     _task_eval(trainer, summary, "after")
+    summary["finished"] = True  # the run's last act; a resume of it needs more steps
     _write_summary(trainer, summary)
     _end_trackers(trainer)
     trainer.rundir.finish()

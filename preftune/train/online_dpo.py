@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 
 import torch
@@ -34,6 +33,7 @@ from preftune.logps import sequence_logps
 from preftune.online.base import append_jsonl, split_even
 from preftune.online.labels import label_online_pairs
 from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
+from preftune.train import checkpoint as ckpt
 from preftune.train.metrics import record, summarise
 from preftune.train.reference import ModelReference
 from preftune.train.setup import Datasets, resolve_task
@@ -232,13 +232,8 @@ class OnlineTrainer(Trainer):
         super().load_state(state)
         if "sample_rng" in state["tensors"]:
             self.sample_rng.set_state(state["tensors"]["sample_rng"])
-        if self.acc.is_main_process and self.samples_path.exists():  # as loop.run does for metrics
-            kept = [
-                ln
-                for ln in self.samples_path.read_text().splitlines()
-                if ln and json.loads(ln)["step"] <= self.step
-            ]
-            self.samples_path.write_text("".join(ln + "\n" for ln in kept))
+        if self.acc.is_main_process:  # as loop.run does for metrics
+            ckpt.truncate_jsonl(self.samples_path, self.step, self.warn)
 
     def evaluate_pairs(self) -> dict:
         return super().evaluate_pairs() if self.pairwise else {}

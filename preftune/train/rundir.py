@@ -123,7 +123,10 @@ def resume_config(run_dir: str | Path, config=None, overrides=None) -> tuple[Con
     try:
         base = yaml.safe_load(saved.read_text())
         if not isinstance(base, dict):
-            raise TypeError(f"a mapping of config keys expected, found {type(base).__name__}")
+            raise TypeError(
+                f"a mapping of config keys expected, found a {type(base).__name__}; restore the "
+                f"config.yaml the run wrote"
+            )
         old = _flat_values(build_config(base))
     except (yaml.YAMLError, ConfigError, TypeError, UnicodeDecodeError) as e:
         raise ConfigError(f"resume={run_dir}: its config.yaml cannot be read ({e})") from None

@@ -304,7 +304,8 @@ class Trainer(BaseTrainer):
             write_json(self.run_dir / f"greedy_{tag}.json", samples)
             if tag == "before" and self.reference is not None:
                 size = max(2, t.batch_size // t.grad_accum)
-                probe = train_probe(self.data.train)
+                # the probe is followed at evaluations: none without held-out pairs
+                probe = train_probe(self.data.train) if exs else []
                 for pairs, name in ((exs, SEGMENTS_FILE), (probe, TRAIN_SEGMENTS_FILE)):
                     if has_shared_prefixes(pairs):
                         table = segment_table(model, pairs, self._pair_batch, size, t.chunk_size)
