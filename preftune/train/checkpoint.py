@@ -67,7 +67,7 @@ def truncate_jsonl(path: Path, step: int, warn: Callable[[str], None]) -> None:
     numbered = [(i, ln) for i, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
     kept = []
     for i, line in numbered:
-        row, problem = _row(line)
+        row, problem = json_object(line)
         if problem and i != numbered[-1][0]:
             raise UserError(
                 f"{path}:{i}: not a JSON row ({problem}); the file is damaged: remove that line "
@@ -80,7 +80,7 @@ def truncate_jsonl(path: Path, step: int, warn: Callable[[str], None]) -> None:
     _write_whole(path, "".join(ln + "\n" for ln in kept))
 
 
-def _row(line: str) -> tuple[dict, str | None]:
+def json_object(line: str) -> tuple[dict, str | None]:
     """(the JSON object on `line`, None), or ({}, what is wrong with it)."""
     try:
         row = json.loads(line)

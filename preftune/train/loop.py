@@ -102,7 +102,7 @@ def _refuse_finished(trainer: BaseTrainer) -> None:
     Finished is what the run's last act says (summary.json's `finished`); a run stopped after
     final/ but before that (in the evaluation after) is resumed and finishes."""
     path = trainer.run_dir / "summary.json"
-    summary = (_json_or_none(path.read_text(errors="replace")) if path.exists() else None) or {}
+    summary = ckpt.json_object(path.read_text(errors="replace"))[0] if path.exists() else {}
     done, total = summary.get("steps", 0), trainer.total_steps
     if summary.get("finished") is True and done >= total:
         raise ConfigError(
@@ -128,14 +128,6 @@ def _truncate_metrics(trainer: BaseTrainer, step: int) -> None:
         ckpt.truncate_jsonl(trainer.run_dir / "metrics.jsonl", step, trainer.warn)
 
 
-def _json_or_none(text: str):
-    try:
-        row = json.loads(text)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
 def _task_eval(trainer: BaseTrainer, summary: dict, tag: str) -> None:
     with trainer.sharding.gathered():  # generation on the main process only
         trainer.write_samples(tag)  # greedy_{tag}.json for any data set (and segment references)
@@ -156,13 +148,15 @@ def _start(trainer: BaseTrainer) -> dict:
     if t.resume:
         _resume(trainer)
         old = trainer.run_dir / "summary.json"
-        before = _json_or_none(old.read_text(errors="replace")) if old.exists() else {}
-        if before is None:
+        before, problem = (
+            ckpt.json_object(old.read_text(errors="replace")) if old.exists() else ({}, None)
+        )
+        if problem:
             trainer.warn(f"{old} is unreadable (a write cut short?); it will be written anew")
         # what the run said so far (accuracy before; the last step's metrics, which a resume
         # from a checkpoint at the last step does not log again), less how it ended
         stale = ("diverged", "finished")
-        summary.update({k: v for k, v in (before or {}).items() if k not in stale})
+        summary.update({k: v for k, v in before.items() if k not in stale})
     if trainer.step == 0 and cfg.eval.eval_before:
         _task_eval(trainer, summary, "before")
         if trainer.acc.is_main_process:
