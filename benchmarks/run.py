@@ -16,6 +16,7 @@ runs, under the same thread settings.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -595,30 +596,39 @@ def w3(args) -> None:
 
 
 # ---- W4: one process vs two gloo processes -------------------------------------------------------
-def w4(args) -> None:
-    from common import HERE as BENCH
+# `accelerate launch --cpu --num_processes 2` starts ONE process on CPU (its simple launcher
+# ignores num_processes without an MPI hostfile), and torchrun alone gives two processes that each
+# believe they are alone. torchrun + ACCELERATE_USE_CPU=true makes accelerate build a MULTI_CPU
+# state over gloo: the layout DESIGN.md names. Each env is what `accelerate launch --config_file
+# examples/accelerate/<name>_cpu.yaml` sets (DeepSpeed: without use_cpu, which drops it).
+W4_LAUNCHES = {
+    "2 processes": {"ACCELERATE_USE_CPU": "true"},
+    "2 processes, FSDP2": {
+        "ACCELERATE_USE_CPU": "true",
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_VERSION": "2",
+    },
+    "2 processes, ZeRO-2": {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+    },
+    "2 processes, ZeRO-3": {
+        "ACCELERATE_USE_DEEPSPEED": "true",
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+    },
+}
 
-    model = args.model or default_model()
-    steps = args.steps
-    spec = {
-        **base_spec(args),
-        "tool": "preftune",
-        "model": model,
-        "data": W1_DATA,
-        "num_train": steps * 8,
-        "batch_size": 8,
-        "steps": steps,
-        "bf16": False,
-    }
-    rec = header(args)
-    runs, errors = {}, {}
+
+def _w4_runs(args, spec: dict) -> dict:
+    """{layout: worker result}: one process, then each 2-process launch of W4_LAUNCHES (the
+    DeepSpeed ones only where deepspeed is installed)."""
     print("[bench] w4: 1 process ...", flush=True)
-    one = run_worker({**spec, "threads": args.threads}, omp_wait_policy=args.omp_wait_policy)
+    results = {
+        "1 process": run_worker(
+            {**spec, "threads": args.threads}, omp_wait_policy=args.omp_wait_policy
+        )
+    }
     per_proc = max(1, args.threads // 2)
-    # `accelerate launch --cpu --num_processes 2` starts ONE process on CPU (its simple launcher
-    # ignores num_processes without an MPI hostfile), and torchrun alone gives two processes that
-    # each believe they are alone. torchrun + ACCELERATE_USE_CPU=true makes accelerate build a
-    # MULTI_CPU state over gloo: the layout DESIGN.md names.
     launcher = [
         sys.executable,
         "-m",
@@ -627,27 +637,37 @@ def w4(args) -> None:
         "--nproc_per_node",
         "2",
     ]
-    print(f"[bench] w4: 2 gloo processes x {per_proc} thread(s) ...", flush=True)
-    two = run_worker(
-        {**spec, "threads": per_proc, "num_processes": 2},
-        launcher=launcher,
-        omp_wait_policy=args.omp_wait_policy,
-        extra_env={"ACCELERATE_USE_CPU": "true"},
-    )
-    print(f"[bench] w4: 2 gloo processes under FSDP2 x {per_proc} thread(s) ...", flush=True)
-    # what `accelerate launch --config_file examples/accelerate/fsdp2_cpu.yaml` sets
-    fsdp = run_worker(
-        {**spec, "threads": per_proc, "num_processes": 2},
-        launcher=launcher,
-        omp_wait_policy=args.omp_wait_policy,
-        extra_env={
-            "ACCELERATE_USE_CPU": "true",
-            "ACCELERATE_USE_FSDP": "true",
-            "FSDP_VERSION": "2",
-        },
-    )
-    rows = []
-    for name, r in (("1 process", one), ("2 processes", two), ("2 processes, FSDP2", fsdp)):
+    for name, env in W4_LAUNCHES.items():
+        if "DEEPSPEED" in "".join(env) and importlib.util.find_spec("deepspeed") is None:
+            print(f"[bench] w4: {name} skipped: deepspeed is not installed", flush=True)
+            continue
+        print(f"[bench] w4: {name} x {per_proc} thread(s) ...", flush=True)
+        results[name] = run_worker(
+            {**spec, "threads": per_proc, "num_processes": 2},
+            launcher=launcher,
+            omp_wait_policy=args.omp_wait_policy,
+            extra_env=env,
+        )
+    return results
+
+
+def w4(args) -> None:
+    from common import HERE as BENCH
+
+    steps = args.steps
+    spec = {
+        **base_spec(args),
+        "tool": "preftune",
+        "model": args.model or default_model(),
+        "data": W1_DATA,
+        "num_train": steps * 8,
+        "batch_size": 8,
+        "steps": steps,
+        "bf16": False,
+    }
+    rec = header(args)
+    runs, errors, rows = {}, {}, []
+    for name, r in _w4_runs(args, spec).items():
         if not r.get("ok"):
             errors[name] = {"error": r["error"], "log_tail": r["log_tail"]}
             print(f"[bench] {name} FAILED ({r['error']}):\n{r['log_tail']}")
@@ -655,6 +675,7 @@ def w4(args) -> None:
         d = derive(r, 1.0, None)
         d["num_processes"] = r.get("num_processes")
         d["peak_rss_tree"] = r.get("sampled_peak_rss_tree")
+        d["peak_rss_single"] = r.get("sampled_peak_rss_single")
         runs[name] = d
         rows.append(
             [
@@ -663,30 +684,22 @@ def w4(args) -> None:
                 fmt_range(d["step_time"], digits=2),
                 f"{d['step_tokens_per_s']:.1f}",
                 f"{d['precompute_s']:.1f}",
+                f"{d['peak_rss_single'] / GB:.2f}",
                 f"{d['peak_rss_tree'] / GB:.2f}",
                 " ".join(f"{x:.6f}" for x in d["losses"]),
             ]
         )
     agree = {
         name: max_rel_diff(runs[name]["losses"], runs["1 process"]["losses"])
-        for name in ("2 processes", "2 processes, FSDP2")
-        if name in runs and "1 process" in runs
+        for name in runs
+        if name != "1 process" and "1 process" in runs
     }
     print(
         f"\nW4: preftune, SmolLM2-135M, global batch 8 pairs, {steps} steps, fp32, {args.threads} cores in all"
     )
-    print_table(
-        [
-            "layout",
-            "procs",
-            "s/step median (min–max)",
-            "tokens/s (steps)",
-            "precompute s",
-            "peak RSS GB (all procs)",
-            "losses",
-        ],
-        rows,
-    )
+    headers = ["layout", "procs", "s/step median (min–max)", "tokens/s (steps)", "precompute s"]
+    headers += ["peak RSS GB (largest proc)", "peak RSS GB (all procs)", "losses"]
+    print_table(headers, rows)
     for name, diff in agree.items():
         print(f"max relative loss difference, {name} vs 1: {diff:.1e}")
     rec.update(
