@@ -34,7 +34,6 @@ from preftune.losses import LOSSES
 from preftune.precision import settle_bf16
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import example_lengths, micro_batches
-from preftune.train.dcp import save_sharded
 from preftune.train.deepspeed import (
     ZeroSharding,
     accelerator_kwargs,
@@ -154,12 +153,6 @@ class BaseTrainer:
             self.sharding = ZeroSharding(zero_stage())
         else:
             self.sharding = Sharding(fsdp_requested(self.acc))
-        if isinstance(self.sharding, ZeroSharding) and cfg.train.resume:
-            raise TrainingError(
-                "resume is not supported under DeepSpeed yet (preftune writes no DeepSpeed "
-                "checkpoint: DeepSpeed's own pickles); continue from the run's final/ model, or "
-                "train under FSDP2 / DDP to resume"
-            )
         if self.sharding.enabled and self.method not in (None, "reward"):
             raise TrainingError(
                 f"{self.method} runs under one process or DDP; {self.sharding.name} shards the "
@@ -370,16 +363,8 @@ class BaseTrainer:
 
     def save(self) -> Path | None:
         """A checkpoint of the run (every process calls this: each one's generators go in)."""
-        if isinstance(self.sharding, ZeroSharding):
-            if not getattr(self, "_said_no_checkpoints", False):
-                self.warn(
-                    f"step {self.step}: no checkpoint written: preftune does not checkpoint "
-                    f"DeepSpeed runs yet (DeepSpeed's own format pickles); final/ is written"
-                )
-                self._said_no_checkpoints = True
-            return None
-        if self.sharding.enabled:  # each process writes its shard
-            return save_sharded(
+        if self.sharding.enabled:  # each process writes its shard (FSDP2, DeepSpeed ZeRO)
+            return self.sharding.save_checkpoint(
                 self.acc, self.run_dir / "checkpoints", self.step, self.engine, self.optimizer,
                 self.scheduler, self.state(), self.cfg.train.keep_checkpoints,
             )  # fmt: skip

@@ -31,6 +31,7 @@ from accelerate import PartialState
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, parse_flag_from_env
 
 from preftune.config import Config
+from preftune.train.ds_checkpoint import load_zero, save_zero
 from preftune.train.setup import TrainingError
 from preftune.train.sharding import Sharding, model_from_state
 
@@ -142,6 +143,11 @@ def accelerator_kwargs(cfg: Config) -> dict:
 
 class ZeroSharding(Sharding):
     """What a run does differently under DeepSpeed ZeRO (see the module docstring)."""
+
+    # its checkpoints: whole fp32 tensors by name, each process writing its block of them
+    # (train/ds_checkpoint.py); DeepSpeed's own format pickles
+    save_checkpoint = staticmethod(save_zero)
+    load_checkpoint = staticmethod(load_zero)
 
     def __init__(self, stage: int):
         super().__init__(True)
