@@ -97,6 +97,7 @@ def zero_runs(tiny_dir, tmp_path_factory):
         run = subprocess.run(_launch(out, f"zero{stage}", todo), env=DS_ENV, capture_output=True,
                              text=True, timeout=600)  # fmt: skip
         assert run.returncode == 0, run.stderr[-4000:]
+        (out / f"zero{stage}.log").write_text(run.stdout + run.stderr)
     return out
 
 
@@ -171,6 +172,14 @@ def test_a_deepspeed_launch_with_use_cpu_is_refused_in_one_line(
     errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("preftune: error")]
     assert len(errors) == 1 and "use_cpu: false" in errors[0], errors
     assert not (tmp_path / "cpu").exists()
+
+
+def test_zero_on_cpus_builds_no_shared_memory_all_reduce(zero_runs):
+    """DeepSpeed's shared-memory all-reduce (only its inference_all_reduce uses it) is neither
+    compiled nor loaded: DeepSpeed prints "... built successfully" whenever it loads that op."""
+    for stage in (2, 3):
+        log = (zero_runs / f"zero{stage}.log").read_text()
+        assert "deepspeed_shm_comm" not in log and "built successfully" not in log, log[-2000:]
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,8 @@ class BaseTrainer:
         starts leaves its folder as it found it."""
         self.cfg = cfg
         self.spec = LOSSES[cfg.loss.loss]
-        start_processes()  # DeepSpeed on CPUs: the gloo group, before anything counts processes
+        # DeepSpeed on CPUs: the gloo group, before anything counts processes
+        self._launch_note = start_processes()
         if not cfg.train.resume:  # a resumed run's own config.yaml was checked when it started
             check_before_loading(cfg)
         self.precision = settle_bf16(cfg)  # bf16=auto decided before config.yaml is written
@@ -119,6 +120,8 @@ class BaseTrainer:
         torch.manual_seed(cfg.train.seed)
         self.quiet = cfg.train.quiet or not self.acc.is_main_process
         self.log_line(self.precision.line)
+        if self._launch_note:
+            self.log_line(self._launch_note)
         if cfg.train.keep_freed_memory and (done := keep_freed_memory()):
             self.log_line(f"allocator: {done}")
         self.policy, self.tokenizer, self.model_path = self.load_model()
