@@ -124,11 +124,11 @@ def start_processes() -> str | None:
 
 
 def _skip_shm_all_reduce() -> str | None:
-    """DeepSpeed's comm, as it starts on CPUs, compiles its shared-memory all-reduce (a C++ op:
-    about 3.5 min on 2 cores, once per machine) unless the op is marked incompatible. Only its
-    `inference_all_reduce` calls that op; training's collectives go through the gloo group. So
-    it is marked off here, before accelerate starts DeepSpeed's comm (comm/torch.py
-    `build_shm_op` reads this table)."""
+    """DeepSpeed's comm, as it starts on CPUs, compiles its shared-memory all-reduce (a C++ op,
+    once per machine: 48 s on an idle 2-core host, 95 s on a loaded one) unless the op is marked
+    incompatible. Only its `inference_all_reduce` calls that op; training's collectives go
+    through the gloo group. So it is marked off here, before accelerate starts DeepSpeed's comm
+    (comm/torch.py `build_shm_op` reads this table)."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
@@ -138,7 +138,7 @@ def _skip_shm_all_reduce() -> str | None:
     deepspeed.ops.__compatible_ops__[builder.NAME] = False  # the name: deepspeed_shm_comm
     return (
         f"DeepSpeed on CPUs: its shared-memory all-reduce ({builder.NAME}) is not built: only "
-        f"inference uses it, and its compile takes minutes once per machine"
+        f"inference uses it, and it would be compiled (a minute or more) once per machine"
     )
 
 

@@ -76,7 +76,8 @@ def _flat_state(engine) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
 
 def save_zero(acc, ckpt_root: Path, step: int, engine, optimizer, scheduler, state, keep: int):
     """Every process calls this (each assembles every tensor, writes its block); returns the
-    checkpoint's path on the main process, None on the others."""
+    checkpoint's path on the main process, None on the others. `optimizer` (accelerate's
+    wrapper) is not read: the engine holds ZeRO's optimizer."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     tmp, final = start_sharded(acc, ckpt_root, step)
