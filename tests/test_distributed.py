@@ -97,6 +97,21 @@ def _kill_launch(proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+def _killed_after_checkpoint_2(out: Path, name: str, job: list, env: dict) -> Path:
+    """Launch `job` (run `name`) in 2 processes and SIGKILL them once its checkpoint 2 is on
+    disk, before the run ends; returns its checkpoints folder."""
+    proc = subprocess.Popen(_launch(out, name, job), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckpts = out / name / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts / "step-2").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    _kill_launch(proc)
+    assert (ckpts / "step-2").exists(), f"{name}: no checkpoint 2 before the kill"
+    assert not (out / name / "final").exists(), "the kill came too late to test anything"
+    return ckpts
+
+
 def _args(tiny_dir, tmp_path, name, **extra) -> dict:
     return tiny_run_args(tiny_dir, tmp_path, name, **{**COMMON, **extra})
 
@@ -215,14 +230,7 @@ def test_two_processes_killed_and_resumed_equal_uninterrupted(two_processes, tin
     out, env = two_processes, FSDP if engine == "fsdp2" else {}
     name, full = ("fsdp-killed", "fsdp-full") if env else ("killed", "full")
     job = [{"kind": "train", "env": env, "args": _args(tiny_dir, out, name, **RESUMED)}]
-    proc = subprocess.Popen(_launch(out, name, job), env=ENV, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    ckpts = out / name / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (ckpts / "step-2").exists() and proc.poll() is None:
-        time.sleep(0.05)
-    _kill_launch(proc)
-    assert not (out / name / "final").exists(), "the kill came too late to test anything"
+    ckpts = _killed_after_checkpoint_2(out, name, job, ENV)
     if env:
         shards = sorted(p.name for p in (ckpts / "step-2" / "shards").iterdir())
         assert len(shards) == 2 and all(s.endswith(".safetensors") for s in shards), shards

@@ -34,7 +34,6 @@ from preftune.losses import LOSSES
 from preftune.precision import settle_bf16
 from preftune.train import checkpoint as ckpt
 from preftune.train.batches import example_lengths, micro_batches
-from preftune.train.dcp import save_sharded
 from preftune.train.deepspeed import (
     ZeroSharding,
     accelerator_kwargs,
@@ -70,7 +69,8 @@ class BaseTrainer:
         starts leaves its folder as it found it."""
         self.cfg = cfg
         self.spec = LOSSES[cfg.loss.loss]
-        start_processes()  # DeepSpeed on CPUs: the gloo group, before anything counts processes
+        # DeepSpeed on CPUs: the gloo group, before anything counts processes
+        self._launch_note = start_processes()
         if not cfg.train.resume:  # a resumed run's own config.yaml was checked when it started
             check_before_loading(cfg)
         self.precision = settle_bf16(cfg)  # bf16=auto decided before config.yaml is written
@@ -120,6 +120,8 @@ class BaseTrainer:
         torch.manual_seed(cfg.train.seed)
         self.quiet = cfg.train.quiet or not self.acc.is_main_process
         self.log_line(self.precision.line)
+        if self._launch_note:
+            self.log_line(self._launch_note)
         if cfg.train.keep_freed_memory and (done := keep_freed_memory()):
             self.log_line(f"allocator: {done}")
         self.policy, self.tokenizer, self.model_path = self.load_model()
@@ -154,12 +156,6 @@ class BaseTrainer:
             self.sharding = ZeroSharding(zero_stage())
         else:
             self.sharding = Sharding(fsdp_requested(self.acc))
-        if isinstance(self.sharding, ZeroSharding) and cfg.train.resume:
-            raise TrainingError(
-                "resume is not supported under DeepSpeed yet (preftune writes no DeepSpeed "
-                "checkpoint: DeepSpeed's own pickles); continue from the run's final/ model, or "
-                "train under FSDP2 / DDP to resume"
-            )
         if self.sharding.enabled and self.method not in (None, "reward"):
             raise TrainingError(
                 f"{self.method} runs under one process or DDP; {self.sharding.name} shards the "
@@ -370,16 +366,8 @@ class BaseTrainer:
 
     def save(self) -> Path | None:
         """A checkpoint of the run (every process calls this: each one's generators go in)."""
-        if isinstance(self.sharding, ZeroSharding):
-            if not getattr(self, "_said_no_checkpoints", False):
-                self.warn(
-                    f"step {self.step}: no checkpoint written: preftune does not checkpoint "
-                    f"DeepSpeed runs yet (DeepSpeed's own format pickles); final/ is written"
-                )
-                self._said_no_checkpoints = True
-            return None
-        if self.sharding.enabled:  # each process writes its shard
-            return save_sharded(
+        if self.sharding.enabled:  # each process writes its shard (FSDP2, DeepSpeed ZeRO)
+            return self.sharding.save_checkpoint(
                 self.acc, self.run_dir / "checkpoints", self.step, self.engine, self.optimizer,
                 self.scheduler, self.state(), self.cfg.train.keep_checkpoints,
             )  # fmt: skip

@@ -228,11 +228,16 @@ def save_checkpoint(
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     fsync_tree(tmp)
     publish(tmp, final)
-    # never the one just written, nor one newer than it (moved aside on resume, not pruned)
+    prune(ckpt_root, step, keep)
+    return final
+
+
+def prune(ckpt_root: Path, step: int, keep: int) -> None:
+    """Keep the newest `keep` checkpoints up to `step`: never the one just written, nor one newer
+    than it (moved aside on resume, not pruned)."""
     upto = [p for p in list_checkpoints(ckpt_root) if step_of(p) <= step]
     for old in upto[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def step_of(path: Path) -> int:
@@ -288,6 +293,47 @@ def latest_checkpoint(ckpt_root: Path, log: Callable[[str], None] = print) -> Pa
     return None
 
 
+def sharded_by(path: Path) -> str | None:
+    """The engine whose processes each wrote a shard of checkpoint `path` ("FSDP2", "DeepSpeed
+    ZeRO-2", ...), or None for one written whole (one process, DDP)."""
+    if not (path / "shards").is_dir():
+        return None
+    try:
+        sharded = json.loads((path / "manifest.json").read_text()).get("sharded") or {}
+    except (OSError, ValueError):
+        sharded = {}
+    return sharded.get("engine", "FSDP2")  # FSDP2's, before other engines wrote shards
+
+
+def check_written_by(path: Path, engine: str | None) -> None:
+    """Refuse, in one line, a checkpoint written under another engine than this run's `engine`
+    (None: whole): each lays its tensors out its own way."""
+    by = sharded_by(path)
+    if by == engine:
+        return
+    if by is None:
+        raise CheckpointError(
+            f"checkpoint {path} was written by an unsharded run and this run shards the model "
+            f"({engine}); resume it with the launch that wrote it (DDP or one process)"
+        )
+    config = by.split()[-1].lower().replace("-", "")  # fsdp2, zero2, zero3
+    raise CheckpointError(
+        f"checkpoint {path} was written by {'an' if by == 'FSDP2' else 'a'} {by} run (each "
+        f"process its shard){f' and this run is {engine}' if engine else ''}; resume it under "
+        f"{by} with as many processes (examples/accelerate/{config}*.yaml)"
+    )
+
+
+def check_processes(path: Path, written: int, num_processes: int) -> None:
+    """Refuse, in one line, a resume with another number of processes than wrote `path`."""
+    if written != num_processes:
+        raise CheckpointError(
+            f"checkpoint {path} was written by {written} processes and this run has "
+            f"{num_processes}; resume with {written} processes (each continues its own data "
+            f"share and random generators)"
+        )
+
+
 def read_state(path: Path) -> dict:
     """Everything but the weights, as it was saved: optimizer, scheduler, rng and the trainer's."""
     refuse_pickles(path)
@@ -300,11 +346,7 @@ def load_checkpoint(
 ) -> dict:
     """Load weights, optimizer, scheduler and process `rank`'s RNG states (of a checkpoint
     written by `num_processes` processes); return the trainer's state."""
-    if (path / "shards").is_dir():  # train/dcp.py wrote it: every process its shard
-        raise CheckpointError(
-            f"checkpoint {path} was written by an FSDP2 run (each process its shard); resume "
-            f"it under FSDP2 with as many processes (examples/accelerate/fsdp2*.yaml)"
-        )
+    check_written_by(path, None)
     try:
         state = read_state(path)
         weights = load_file(str(path / "weights.safetensors"))
@@ -326,12 +368,7 @@ def load_checkpoint(
     optimizer.load_state_dict(state.pop("optimizer"))
     scheduler.load_state_dict(state.pop("scheduler"))
     rngs = state.pop("rng")
-    if len(rngs) != num_processes:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {len(rngs)} processes and this run has "
-            f"{num_processes}; resume with {len(rngs)} processes (each continues its own data "
-            f"share and random generators)"
-        )
+    check_processes(path, len(rngs), num_processes)
     set_rng_state(rngs[rank])
     state.setdefault("tensors", {})
     return state

@@ -12,7 +12,9 @@ The guarantees are checkpoint.py's: written under `.tmp-step-N`, fsynced and ren
 process once every shard is on disk; a checkpoint that does not match its manifest is passed
 over; a pickle file is refused. The checkpoint folder must be one filesystem every process sees
 (several machines: a shared one). A sharded checkpoint resumes with the same number of processes
-(each continues its own data share and random generators).
+(each continues its own data share and random generators). `start_sharded` and
+`finish_sharded` are the frame of every engine's sharded checkpoint: DeepSpeed ZeRO's
+(train/ds_checkpoint.py) writes its own shards inside it; the manifest names the engine.
 """
 
 from __future__ import annotations
@@ -47,28 +49,42 @@ def _sharded_tensors(engine, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 
 def save_sharded(acc, ckpt_root: Path, step: int, engine, optimizer, scheduler, state, keep):
     """Every process calls this; returns the checkpoint's path on the main process."""
+    tmp, final = start_sharded(acc, ckpt_root, step)
+    tensors, optim = _sharded_tensors(engine, optimizer)
+    # a collective: each process writes shard-<its rank + 1>-...safetensors
+    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))  # fmt: skip
+    payload = {
+        "optimizer": optim,
+        "sharded_keys": sorted(tensors),
+        "scheduler": scheduler.state_dict(),
+        **state,
+    }
+    return finish_sharded(acc, tmp, final, keep, payload, "FSDP2")
+
+
+def start_sharded(acc, ckpt_root: Path, step: int) -> tuple[Path, Path]:
+    """(temporary folder, final folder) of checkpoint `step`: the main process makes the
+    temporary one afresh, with its shards/ folder, before any process writes there."""
     final, tmp = ckpt_root / f"step-{step}", ckpt_root / f".tmp-step-{step}"
     if acc.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / SHARDS).mkdir(parents=True)
     acc.wait_for_everyone()
-    tensors, optim = _sharded_tensors(engine, optimizer)
-    # a collective: each process writes shard-<its rank + 1>-...safetensors
-    dcp.save(tensors, storage_writer=HuggingFaceStorageWriter(str(tmp / SHARDS), save_distributed=True))  # fmt: skip
+    return tmp, final
+
+
+def finish_sharded(acc, tmp: Path, final: Path, keep: int, payload: dict, engine: str):
+    """Once each process has written its shard under tmp/shards/: every process's RNG states
+    and `payload` in state.safetensors / state.json, the manifest (`engine` wrote the shards),
+    then fsync and rename, by the main process. Every process calls it; returns the
+    checkpoint's path on the main process, None on the others."""
     rngs = gather_object([ckpt.rng_state()])
     acc.wait_for_everyone()  # every shard is written
     if not acc.is_main_process:
         return None
-    payload = {
-        "optimizer": optim,
-        "sharded_keys": sorted(tensors),
-        "scheduler": scheduler.state_dict(),
-        "rng": rngs,
-        **state,
-    }
     small: dict[str, torch.Tensor] = {}
-    doc = ckpt.encode(payload, small)
+    doc = ckpt.encode({**payload, "rng": rngs}, small)
     save_file(small, str(tmp / "state.safetensors"))
     (tmp / "state.json").write_text(json.dumps(doc))
     shards = sorted(f"{SHARDS}/{p.name}" for p in (tmp / SHARDS).iterdir())
@@ -76,35 +92,22 @@ def save_sharded(acc, ckpt_root: Path, step: int, engine, optimizer, scheduler, 
     manifest = {
         f: {"bytes": (tmp / f).stat().st_size, "sha256": ckpt.file_digest(tmp / f)} for f in names
     }
-    manifest["sharded"] = {"processes": acc.num_processes, "files": shards}
+    manifest["sharded"] = {"processes": acc.num_processes, "files": shards, "engine": engine}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     ckpt.fsync_tree(tmp)
     ckpt.publish(tmp, final)
-    upto = [p for p in ckpt.list_checkpoints(ckpt_root) if ckpt.step_of(p) <= step]
-    for old in upto[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    ckpt.prune(final.parent, ckpt.step_of(final), keep)
     return final
 
 
 def load_sharded(path: Path, engine, optimizer, scheduler, rank: int, num_processes: int) -> dict:
     """Every process calls this: its shards of the weights and optimizer moments, the
     scheduler, its RNG states; returns the trainer's state (as checkpoint.load_checkpoint)."""
-    for folder in (path, path / SHARDS):
-        if folder.is_dir():
-            ckpt.refuse_pickles(folder)
-    if not (path / SHARDS).is_dir():
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} was written by an unsharded run and this run shards the model "
-            f"(FSDP2); resume it with the launch that wrote it (DDP or one process)"
-        )
+    refuse_pickles(path)
+    ckpt.check_written_by(path, "FSDP2")
     state = ckpt.read_state(path)
     rngs = state.pop("rng")
-    if len(rngs) != num_processes:  # checked before anything is loaded in place
-        raise ckpt.CheckpointError(
-            f"checkpoint {path} was written by {len(rngs)} processes and this run has "
-            f"{num_processes}; resume with {len(rngs)} processes (each continues its own data "
-            f"share and random generators)"
-        )
+    ckpt.check_processes(path, len(rngs), num_processes)  # before anything is loaded in place
     targets = _targets(path, state.pop("sharded_keys"), engine, optimizer)
     dcp.load(targets, storage_reader=HuggingFaceStorageReader(str(path / SHARDS)))
     optim = state.pop("optimizer")
@@ -117,6 +120,13 @@ def load_sharded(path: Path, engine, optimizer, scheduler, rank: int, num_proces
     ckpt.set_rng_state(rngs[rank])
     state.setdefault("tensors", {})
     return state
+
+
+def refuse_pickles(path: Path) -> None:
+    """A pickle file in the checkpoint or its shards/ folder: refused (checkpoint.py)."""
+    for folder in (path, path / SHARDS):
+        if folder.is_dir():
+            ckpt.refuse_pickles(folder)
 
 
 def _targets(path: Path, keys: list[str], engine, optimizer) -> dict[str, torch.Tensor]:

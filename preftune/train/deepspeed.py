@@ -31,6 +31,7 @@ from accelerate import PartialState
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, parse_flag_from_env
 
 from preftune.config import Config
+from preftune.train.ds_checkpoint import load_zero, save_zero
 from preftune.train.setup import TrainingError
 from preftune.train.sharding import Sharding, model_from_state
 
@@ -102,20 +103,43 @@ def _cpu_only() -> bool:
     return torch.accelerator.current_accelerator() is None
 
 
-def start_processes() -> None:
+def start_processes() -> str | None:
     """Under a DeepSpeed launch on CPUs, accelerate's process state started with a gloo group.
     Must run before anything else builds that state (the run directory's claim, bf16=auto):
-    without a backend accelerate would count 1 process each, and both would claim the run."""
+    without a backend accelerate would count 1 process each, and both would claim the run.
+    Returns a line for the log, or None."""
     if not deepspeed_requested():
-        return
+        return None
     if parse_flag_from_env("ACCELERATE_USE_CPU"):
         raise TrainingError(
             "DeepSpeed: the launch sets use_cpu (ACCELERATE_USE_CPU), under which accelerate "
             "drops DeepSpeed; set use_cpu: false, DeepSpeed runs on CPUs by itself "
             "(examples/accelerate/zero2_cpu.yaml)"
         )
-    if _cpu_only():
-        PartialState(backend="gloo")
+    if not _cpu_only():
+        return None
+    note = _skip_shm_all_reduce() if importlib.util.find_spec("deepspeed") else None
+    PartialState(backend="gloo")
+    return note
+
+
+def _skip_shm_all_reduce() -> str | None:
+    """DeepSpeed's comm, as it starts on CPUs, compiles its shared-memory all-reduce (a C++ op,
+    once per machine: 48 s on an idle 2-core host, 95 s on a loaded one) unless the op is marked
+    incompatible. Only its `inference_all_reduce` calls that op; training's collectives go
+    through the gloo group. So it is marked off here, before accelerate starts DeepSpeed's comm
+    (comm/torch.py `build_shm_op` reads this table)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return None
+    deepspeed.ops.__compatible_ops__[builder.NAME] = False  # the name: deepspeed_shm_comm
+    return (
+        f"DeepSpeed on CPUs: its shared-memory all-reduce ({builder.NAME}) is not built: only "
+        f"inference uses it, and it would be compiled (a minute or more) once per machine"
+    )
 
 
 def accelerator_kwargs(cfg: Config) -> dict:
@@ -142,6 +166,11 @@ def accelerator_kwargs(cfg: Config) -> dict:
 
 class ZeroSharding(Sharding):
     """What a run does differently under DeepSpeed ZeRO (see the module docstring)."""
+
+    # its checkpoints: whole fp32 tensors by name, each process writing its block of them
+    # (train/ds_checkpoint.py); DeepSpeed's own format pickles
+    save_checkpoint = staticmethod(save_zero)
+    load_checkpoint = staticmethod(load_zero)
 
     def __init__(self, stage: int):
         super().__init__(True)

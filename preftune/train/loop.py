@@ -26,7 +26,6 @@ from preftune.train import checkpoint as ckpt
 from preftune.train.base import BaseTrainer
 from preftune.train.batches import global_batches
 from preftune.train.checkpoint import write_json
-from preftune.train.dcp import load_sharded
 from preftune.train.guards import DivergedError, quarantine
 from preftune.train.rundir import check_same_training, save_config
 
@@ -76,7 +75,9 @@ def _resume(trainer: BaseTrainer) -> None:
     if path is None:
         trainer.warn(f"resume: no complete checkpoint in {trainer.run_dir}; starting from step 0")
     else:
-        load = load_sharded if trainer.sharding.enabled else ckpt.load_checkpoint
+        load = (
+            trainer.sharding.load_checkpoint if trainer.sharding.enabled else ckpt.load_checkpoint
+        )
         state = load(
             path,
             trainer.engine if trainer.sharding.enabled else trainer.policy,

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from preftune.train.dcp import load_sharded, save_sharded
 from preftune.train.setup import TrainingError
 
 
@@ -72,6 +73,9 @@ class Sharding:
     """What a run does differently under FSDP2; `enabled` False makes every method a no-op."""
 
     name = "FSDP2"
+    # its checkpoints: each process writes and reads its own shard (train/dcp.py)
+    save_checkpoint = staticmethod(save_sharded)
+    load_checkpoint = staticmethod(load_sharded)
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
