@@ -15,8 +15,9 @@ Sequence lengths change every micro-batch too, so the layers are compiled with d
 (`dynamic=True`) and one graph serves them all.
 
 Refused where it would not run or has not been checked, with one line saying why (`blocker`):
-gradient checkpointing (config validation), FSDP2 and DeepSpeed launches, a CPU run with no
-C++ compiler for inductor, a CUDA run without triton, a model with no named decoder layer.
+gradient checkpointing (config validation), more than one process (DDP, FSDP2) and DeepSpeed,
+a CPU run with no C++ compiler for inductor, a CUDA run without triton, a model with no named
+decoder layer. Only one process is tested (tests/test_compile.py).
 The frozen reference copy (`copy.deepcopy`) is left uncompiled: torch drops a module's compiled
 call when it is copied.
 """
@@ -49,8 +50,12 @@ def blocker(model: torch.nn.Module) -> str | None:
     """Why this run cannot compile its decoder layers, or None when it can."""
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         return "DeepSpeed launch: its engine wraps the layers' parameters; not checked here"
-    if parse_flag_from_env("ACCELERATE_USE_FSDP") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "FSDP2 launch: fully_shard's hooks on compiled layers are not checked here"
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes > 1:
+        return (
+            f"{processes} processes: compiled layers under DDP or FSDP2 (fully_shard's hooks) "
+            f"are not checked here; one process only"
+        )
     if torch.cuda.is_available():
         if not has_triton():
             return "CUDA without triton: inductor has no GPU kernels to build; pip install triton"

@@ -174,5 +174,8 @@ def test_a_run_that_cannot_compile_says_why_and_stays_plain(monkeypatch, capsys)
         "layers' parameters; not checked here"
     ]
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert blocker(model).startswith("2 processes: compiled layers under DDP or FSDP2")
+    monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("CXX", "no-such-compiler-here")
     assert blocker(model).startswith("no C++ compiler for inductor")
