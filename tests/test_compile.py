@@ -74,7 +74,7 @@ def _step(model, batches, autocast: bool = False):
         loss.backward()
         losses.append(loss.detach())
         graphs.append(counters["stats"]["unique_graphs"])
-    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return torch.stack(losses), grads, graphs
 
 
