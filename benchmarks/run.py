@@ -66,6 +66,10 @@ VARIANTS = {
     "preftune-sac": {"tool": "preftune", "gradient_checkpointing": "selective"},
     # long pairs as before the varlen row and fitted rows: one padded row per prompt group
     "preftune-padded": {"tool": "preftune", "padded_layouts": True},
+    # decoder layers compiled by torch.compile (preftune/compiling.py); compilation is in the
+    # precompute (no-grad graphs) and the first step (training graphs); its losses are compared
+    # with plain preftune's (the same computation, fused)
+    "preftune-compile": {"tool": "preftune", "compile": True, "peer": "preftune"},
     # the memory-lean setting: activations recomputed, each parameter updated and its gradient
     # freed inside backward, so no clipping; compared with TRL without clipping (same updates)
     "preftune-lean": {
@@ -158,6 +162,8 @@ def derive(run: dict, rate_gflops: float, params_info: dict | None) -> dict:
         if run.get("timed_cpu_s")
         else None,
         "step_time": summary([s["step_time"] for s in steps]),
+        # the first step pays what runs once: torch.compile's training graphs (preftune-compile)
+        "first_step_s": steps[0]["step_time"] if steps else None,
         "step_tokens_per_s": run["counted_tokens"] / run["train_s"],
         "peak_rss": run["peak_rss"],
         "rss_after_init": run.get("rss_after_init"),
@@ -244,10 +250,13 @@ def pairs_workload(args, workload: str, data: str, title: str) -> None:
         if n not in VARIANTS:
             raise SystemExit(f"unknown variant {n!r}; choose from {', '.join(VARIANTS)}")
         if VARIANTS[n]["tool"] != "trl" and _peer(n) not in names:
-            raise SystemExit(
-                f"variant {n!r} is compared with {_peer(n)!r} (the same update rule); "
-                f"add {_peer(n)} to --variants"
-            )
+            if _peer(n) != "trl" or not any(_peer(m) == n for m in names):
+                raise SystemExit(
+                    f"variant {n!r} is compared with {_peer(n)!r} (the same update rule); "
+                    f"add {_peer(n)} to --variants"
+                )
+            # an A/B of preftune against itself (preftune,preftune-compile): no TRL run
+            print(f"[bench] note: no {_peer(n)} run; {n}'s losses are not compared with TRL's")
     rec = header(args)
     rates = [matmul(args, bf16=True in precisions)]
     specs = []
@@ -320,6 +329,7 @@ def pairs_workload(args, workload: str, data: str, title: str) -> None:
                 f"{d['tokens_per_s']:.1f}",
                 "-" if d["tokens_per_cpu_s"] is None else f"{d['tokens_per_cpu_s']:.1f}",
                 fmt_range(d["step_time"], digits=2),
+                "-" if d["first_step_s"] is None else f"{d['first_step_s']:.2f}",
                 f"{d['precompute_s']:.1f}",
                 f"{d['peak_rss'] / GB:.2f}",
                 f"{100 * d['mfu']:.1f}" if d.get("mfu") is not None else "-",
@@ -341,10 +351,11 @@ def pairs_workload(args, workload: str, data: str, title: str) -> None:
             "tokens/s (end to end)",
             "tokens/CPU-s",
             "s/step median (min–max)",
+            "first step s",
             "precompute s",
             "peak RSS GB",
             "MFU %",
-            "loss rel diff vs TRL peer (first 8)",
+            "loss rel diff vs peer (first 8)",
         ],
         rows,
     )

@@ -75,6 +75,7 @@ def run_preftune(spec: dict) -> dict:
             "bf16": spec["bf16"],
             "chunk_size": spec.get("chunk_size"),  # None: the vocab-aware default
             "gradient_checkpointing": spec.get("gradient_checkpointing", False),
+            "compile": spec.get("compile", False),
             "keep_freed_memory": spec.get("keep_freed_memory", True),
             "seed": spec["seed"],
             "quiet": True,

@@ -105,6 +105,10 @@ class TrainConfig:
     # CUDA GPU with bf16, a CPU with AMX or AVX-512-BF16; decided when the run starts and stored
     # as true / false in its config.yaml, preftune/precision.py)
     bf16: bool | str = "auto"
+    # each decoder layer of the policy compiled by torch.compile (inductor, dynamic shapes): the
+    # norms, casts, rotary and elementwise ops fused; the matmuls unchanged; the first steps pay
+    # the compilation. Off with one line where it cannot run (preftune/compiling.py)
+    compile: bool = False
     # glibc: reuse freed memory instead of page-faulting it back each step (preftune/allocator.py)
     keep_freed_memory: bool = True
     # completion tokens per LM-head chunk; null = 2^25 logits // vocab (fixed logit memory)

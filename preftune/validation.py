@@ -181,6 +181,12 @@ def _validate_combinations(cfg) -> None:
                 "parameter is updated as soon as one backward has finished its gradient. Set "
                 "grad_accum=1 (with a smaller batch_size), or optimizer_in_backward=false"
             )
+    if t.compile and cfg.model.gradient_checkpointing:
+        raise ConfigError(
+            f"compile=true with gradient_checkpointing={cfg.model.gradient_checkpointing} is not "
+            "supported: the recomputation in backward around compiled layers is not checked "
+            "here (preftune/compiling.py). Set one of them false"
+        )
     if t.reference == "lora" and not cfg.model.lora:
         raise ConfigError(
             "reference=lora needs lora=true (the reference is the LoRA model with its adapter off)"

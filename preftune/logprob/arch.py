@@ -35,6 +35,14 @@ def checkpointing(decoder) -> bool:
     )
 
 
+def compiled_layers(decoder) -> bool:
+    """Whether any of the decoder's modules runs a compiled call (`compile=true`,
+    preftune/compiling.py). A KV cache passed into compiled layers is guarded on each layer's
+    index (an integer attribute, static to torch.compile), so every layer would compile its
+    own graph: the shared prefix is laid out or folded instead."""
+    return any(m._compiled_call_impl is not None for m in decoder.modules())
+
+
 def model_mask(model, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A boolean 4-D mask as the model's attention implementation wants it: SDPA and flex take
     booleans; eager adds the mask to the scores, so it gets 0 / the dtype's minimum."""

@@ -22,6 +22,7 @@ from preftune.logprob.arch import (
     ATTENTION_LAYERS,
     attention_only,
     checkpointing,
+    compiled_layers,
     sliding_window,
     token_mixers,
 )
@@ -177,7 +178,8 @@ def plan_forward(decoder, batch: TokenBatch) -> ForwardPlan:
     windowed = window is not None and L0 + batch.input_ids.shape[1] > window
     prefix = "none"
     if batch.prefix_ids is not None:
-        prefix = prefix_path(decoder, batch, hybrid or windowed or checkpointing(decoder))
+        lay_out = hybrid or windowed or checkpointing(decoder)
+        prefix = prefix_path(decoder, batch, lay_out, compiled_layers(decoder))
     return ForwardPlan(prefix, window, mixed, windowed)
 
 
@@ -194,7 +196,7 @@ def varlen_runs(decoder) -> bool:
     )
 
 
-def prefix_path(decoder, batch: TokenBatch, lay_out: bool) -> str:
+def prefix_path(decoder, batch: TokenBatch, lay_out: bool, no_cache: bool = False) -> str:
     """How a batch's shared prefix runs: "rows" (laid out in every row), "fold" (row 0 of the
     same forward) or "cache" (its own forward, keys and values repeated over the rows).
 
@@ -211,7 +213,8 @@ def prefix_path(decoder, batch: TokenBatch, lay_out: bool) -> str:
       SDPA runs its causal kernel, which skips the upper triangle, while rows after a cache
       need an explicit mask and the full square (W2's model, 2 x 2,112 tokens, 63-token prefix:
       laid out was the faster of the two in docs/benchmarks.md).
-    - "cache" otherwise (eager attention, padded rows, a prefix longer than all rows together).
+    - "cache" otherwise (eager attention, padded rows, a prefix longer than all rows together),
+      except under `no_cache` (compiled layers, `arch.compiled_layers`): "rows" then.
     """
     if lay_out:
         return "rows"
@@ -221,6 +224,6 @@ def prefix_path(decoder, batch: TokenBatch, lay_out: bool) -> str:
     if sdpa and getattr(type(decoder), "_supports_attention_backend", False) and fewer_slots:
         return "fold"
     mask = batch.attention_mask
-    if sdpa and mask is not None and mask.dim() == 2 and bool(mask.all()):
+    if no_cache or (sdpa and mask is not None and mask.dim() == 2 and bool(mask.all())):
         return "rows"
     return "cache"

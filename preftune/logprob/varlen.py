@@ -46,6 +46,10 @@ class AttentionPaths:
     owns: list[int]
 
 
+# left out of compiled layers (`compile=true`, preftune/compiling.py), a graph break in each:
+# the paths' lengths are Python integers that change with every micro-batch, so traced, each
+# micro-batch would compile anew. Outside torch.compile this is a plain call.
+@torch.compiler.disable
 def varlen_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' attention-function signature; (B=1, N, H, D) outputs of the row."""
     paths = kwargs.pop(PATHS_KWARG, None)

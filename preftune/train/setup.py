@@ -5,13 +5,16 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
 
 from preftune.activations import checkpointing_kwargs
+from preftune.compiling import compile_decoder_layers
 from preftune.config import Config, ConfigError
 from preftune.data import arithmetic
 from preftune.data.records import load_records, unpair
@@ -145,7 +148,7 @@ def prepare_model(cfg: Config, model, task_type: str):
         kwargs = checkpointing_kwargs(m.gradient_checkpointing)  # whole layers, or selective
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if not m.lora:
-        return model
+        return _compiled(cfg, model)
     target = m.lora_target_modules
     lcfg = LoraConfig(
         r=m.lora_r,
@@ -155,12 +158,28 @@ def prepare_model(cfg: Config, model, task_type: str):
         target_modules=target if target == "all-linear" else [t.strip() for t in target.split(",")],
     )
     try:
-        return get_peft_model(model, lcfg)
+        model = get_peft_model(model, lcfg)
     except ValueError as e:  # peft's word for target modules the model does not have
         raise ConfigError(
             f"lora_target_modules={target}: {str(e).splitlines()[0].rstrip('.')}; name modules of this model "
             f"(such as q_proj,v_proj), or use all-linear"
         ) from None
+    return _compiled(cfg, model)
+
+
+def _compiled(cfg: Config, model):
+    """`model` with its decoder layers compiled (`compile=true`, preftune/compiling.py), after
+    LoRA has put its layers in place. One line says so, or why not: a switch-off goes to stderr
+    whatever `quiet` says, from the main process only."""
+    if not cfg.train.compile:
+        return model
+    line = compile_decoder_layers(model)
+    off = line.startswith("compile=true switched off")
+    if int(os.environ.get("RANK", "0")) == 0 and (off or not cfg.train.quiet):
+        tqdm.write(
+            f"[preftune] {'warning: ' if off else ''}{line}", file=sys.stderr if off else None
+        )
+    return model
 
 
 def load_policy(cfg: Config):

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from preftune.compiling import decoder_blocks
 from preftune.train.dcp import load_sharded, save_sharded
 from preftune.train.setup import TrainingError
 
@@ -53,10 +54,9 @@ def fsdp_requested(acc) -> bool:
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's repeated blocks, named by transformers' `_no_split_modules` (what accelerate's
     transformer-based wrap policy shards one by one)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(base, "_no_split_modules", None) or ())
-    layers = [m for m in base.modules() if type(m).__name__ in names]
+    layers = decoder_blocks(model)
     if not layers:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         raise TrainingError(
             f"FSDP2: {type(base).__name__} names no decoder layer class (_no_split_modules), so "
             f"preftune cannot shard it layer by layer; launch it with DDP instead"
