@@ -82,7 +82,8 @@ def save_zero(acc, ckpt_root: Path, step: int, engine, optimizer, scheduler, sta
 
     tmp, final = start_sharded(acc, ckpt_root, step)
     base, flats = _flat_state(engine)
-    first = base.state[flats[0]]  # every flat group has taken the same steps
+    first = base.state.get(flats[0], {})  # every flat group has taken the same steps
+    # {} for an optimizer that keeps no state (SGD without momentum): no moments, no step count
     moments = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0)
     params, mine = _trainable(engine), {}
     for (name, p), owner in zip(params, _owners(params, acc.num_processes)):
@@ -97,7 +98,7 @@ def save_zero(acc, ckpt_root: Path, step: int, engine, optimizer, scheduler, sta
     save_file(mine, str(tmp / SHARDS / f"rank-{acc.process_index}.safetensors"))
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
     payload = {
-        "optimizer": {"moments": moments, "step": first["step"], "param_groups": hyper},
+        "optimizer": {"moments": moments, "step": first.get("step"), "param_groups": hyper},
         "scheduler": scheduler.state_dict(),
         **state,
     }
@@ -118,8 +119,8 @@ def load_zero(path: Path, engine, optimizer, scheduler, rank: int, num_processes
     params = _trainable(engine)
     with contextlib.ExitStack() as stack:
         where = _stored_tensors(path, stack)
-        _check_names(path, where, params)
-        _create_adam_state(engine, saved)
+        _check_tensors(path, where, params, saved["moments"])
+        _create_optimizer_state(engine, saved)
         for name, p in params:
             master = where[f"{MASTER}/{name}"].get_tensor(f"{MASTER}/{name}")
             safe_set_full_fp32_param(p, master)
@@ -142,7 +143,9 @@ def _stored_tensors(path: Path, stack: contextlib.ExitStack) -> dict:
     return where
 
 
-def _check_names(path: Path, where: dict, params: list) -> None:
+def _check_tensors(path: Path, where: dict, params: list, moments: list[str]) -> None:
+    """Every tensor the load will copy exists with its parameter's shape, checked before
+    anything is loaded in place."""
     stored = {k.partition("/")[2] for k in where if k.startswith(f"{MASTER}/")}
     names = {n for n, _ in params}
     if stored != names:
@@ -152,18 +155,34 @@ def _check_names(path: Path, where: dict, params: list) -> None:
             f"{missing[:3]}, unknown {extra[:3]}); was it written with other model or LoRA "
             f"settings?"
         )
+    for name, p in params:
+        want = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3: p itself is empty
+        for key in (MASTER, *moments):
+            if f"{key}/{name}" not in where:
+                raise ckpt.CheckpointError(f"checkpoint {path} has no {key}/{name}; it is damaged")
+            got = tuple(where[f"{key}/{name}"].get_slice(f"{key}/{name}").get_shape())
+            if got != want:
+                raise ckpt.CheckpointError(
+                    f"checkpoint {path}: {key}/{name} has shape {list(got)}, this model's "
+                    f"parameter {list(want)}; was it written with another model?"
+                )
 
 
-def _create_adam_state(engine, saved: dict) -> None:
-    """AdamW's state, before the first step: ZeRO creates it in that step, and
+def _create_optimizer_state(engine, saved: dict) -> None:
+    """The optimizer's state, before the first step: ZeRO creates it in that step, and
     `safe_set_full_optimizer_state` writes into it, so it is made here as torch's first step
     makes it (zero moments), with the saved step count and hyper-parameters. The step count
     lives in the torch optimizer's state (one per flat group) and DeepSpeed has no public call
-    that sets it, so it is set there."""
+    that sets it, so it is set there, on the device torch's own `load_state_dict` puts it: the
+    parameter's for a fused or capturable group (preftune's AdamW is fused), else the CPU."""
     base, flats = _flat_state(engine)
+    group_of = {id(p): g for g in base.param_groups for p in g["params"]}
     for flat in flats:
         st = base.state[flat]
-        st["step"] = saved["step"].clone()
+        if saved["step"] is not None:
+            g = group_of.get(id(flat), {})
+            on = flat.device if g.get("fused") or g.get("capturable") else torch.device("cpu")
+            st["step"] = saved["step"].to(device=on, dtype=torch.float32)
         for key in saved["moments"]:
             st.setdefault(key, torch.zeros_like(flat, memory_format=torch.preserve_format))
     for group, hyper in zip(base.param_groups, saved["param_groups"]):
