@@ -125,7 +125,7 @@ def start_processes() -> str | None:
 
 def _skip_shm_all_reduce() -> str | None:
     """DeepSpeed's comm, as it starts on CPUs, compiles its shared-memory all-reduce (a C++ op,
-    once per machine: 48 s on an idle 2-core host, 95 s on a loaded one) unless the op is marked
+    once per machine: about a minute on a 2-core host, README) unless the op is marked
     incompatible. Only its `inference_all_reduce` calls that op; training's collectives go
     through the gloo group. So it is marked off here, before accelerate starts DeepSpeed's comm
     (comm/torch.py `build_shm_op` reads this table)."""
