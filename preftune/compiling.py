@@ -19,7 +19,9 @@ gradient checkpointing (config validation), more than one process (DDP, FSDP2) a
 a CPU run with no C++ compiler for inductor, a CUDA run without triton, a model with no named
 decoder layer. Only one process is tested (tests/test_compile.py).
 The frozen reference copy (`copy.deepcopy`) is left uncompiled: torch drops a module's compiled
-call when it is copied.
+call when it is copied. Generation (evaluation, samples, the online methods) runs the layers
+eagerly (`eager`): a decode step hands each layer a KV cache, which the compiled graph guards on
+the layer's index, so the 30 layers of SmolLM2 would compile 30 graphs, past dynamo's limit of 8.
 """
 
 from __future__ import annotations
@@ -79,6 +81,12 @@ def compile_decoder_layers(model: torch.nn.Module) -> str:
         f"compile: {len(layers)} decoder layers ({type(layers[0]).__name__}) compiled by "
         f"torch.compile (inductor, dynamic shapes); the first steps include the compilation"
     )
+
+
+def eager():
+    """A context in which compiled layers run their plain code (torch.compiler.set_stance):
+    around generation, whose KV caches would make every layer compile its own graph."""
+    return torch.compiler.set_stance("force_eager")
 
 
 def compiled(layer: torch.nn.Module) -> bool:

@@ -22,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from preftune.compiling import eager
 from preftune.layouts import shared_prefix_length
 from preftune.logps import cache_argument
 
@@ -178,7 +179,9 @@ def generate(
     try:
         for start in range(0, len(prompts), step):
             rows = encoded[start : start + step]
-            for j, toks in enumerate(_generate_rows(model, rows, cfg, eos, pad_id)):
+            with eager():  # compile=true: decoding with a KV cache stays uncompiled
+                new = _generate_rows(model, rows, cfg, eos, pad_id)
+            for j, toks in enumerate(new):
                 local = j // cfg.num_return_sequences  # HF repeats each prompt n times in place
                 kept, has_eos = truncate_at_eos(toks, eos)
                 text = tokenizer.decode(kept, skip_special_tokens=True)

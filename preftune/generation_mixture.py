@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from preftune.compiling import eager
 from preftune.generation import (
     Completion,
     SamplingConfig,
@@ -134,9 +135,10 @@ def generate_mixture(
     try:
         for start in range(0, len(prompts), step):
             rows = encoded[start : start + step]
-            new, _ = mixture_rows(
-                policy, reference, rows, cfg, mixture_beta, eos, pad_id, reference_context
-            )
+            with eager():  # compile=true: decoding with a KV cache stays uncompiled
+                new, _ = mixture_rows(
+                    policy, reference, rows, cfg, mixture_beta, eos, pad_id, reference_context
+                )
             for j, toks in enumerate(new.tolist()):
                 kept, has_eos = truncate_at_eos(toks, eos)
                 text = tokenizer.decode(kept, skip_special_tokens=True)

@@ -183,9 +183,9 @@ def _validate_combinations(cfg) -> None:
             )
     if t.compile and cfg.model.gradient_checkpointing:
         raise ConfigError(
-            f"compile=true with gradient_checkpointing={cfg.model.gradient_checkpointing} is not "
-            "supported: the recomputation in backward around compiled layers is not checked "
-            "here (preftune/compiling.py). Set one of them false"
+            f"compile=true with gradient_checkpointing={str(cfg.model.gradient_checkpointing).lower()}"
+            " is not supported yet: recomputation around compiled layers is untested "
+            "(preftune/compiling.py). Set compile=false or gradient_checkpointing=false"
         )
     if t.reference == "lora" and not cfg.model.lora:
         raise ConfigError(

@@ -9,6 +9,8 @@ import inspect
 
 import torch
 
+from preftune.compiling import compiled
+
 
 def split_causal_lm(model):
     """(decoder that returns hidden states, lm_head, logit post-processing) of a causal LM."""
@@ -40,7 +42,7 @@ def compiled_layers(decoder) -> bool:
     preftune/compiling.py). A KV cache passed into compiled layers is guarded on each layer's
     index (an integer attribute, static to torch.compile), so every layer would compile its
     own graph: the shared prefix is laid out or folded instead."""
-    return any(m._compiled_call_impl is not None for m in decoder.modules())
+    return any(compiled(m) for m in decoder.modules())
 
 
 def model_mask(model, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

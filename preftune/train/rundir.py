@@ -47,6 +47,7 @@ RESUMABLE = {
     "num_task_eval",
     "keep_freed_memory",
     "chunk_size",
+    "compile",
     "log_samples",
     "generation_batch_size",
 }
