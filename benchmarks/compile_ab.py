@@ -57,7 +57,7 @@ def main() -> None:
     fast, lp1 = run("compiled", 4)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"plain {plain} compiled {fast} max|dlogp| {(lp0 - lp1).abs().max().item():.1e}")
-    print(f"peak RSS of the process (both runs) {rss:.2f} GB")
+    print(f"peak RSS of the process (both runs) {rss:.2f} GiB")
 
 
 if __name__ == "__main__":
