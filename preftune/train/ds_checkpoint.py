@@ -83,7 +83,12 @@ def save_zero(acc, ckpt_root: Path, step: int, engine, optimizer, scheduler, sta
     tmp, final = start_sharded(acc, ckpt_root, step)
     base, flats = _flat_state(engine)
     first = base.state.get(flats[0], {})  # every flat group has taken the same steps
-    # {} for an optimizer that keeps no state (SGD without momentum): no moments, no step count
+    if not first and not isinstance(base, torch.optim.SGD):
+        # only plain SGD keeps no state (no moments, no step count); AdamW's would be lost
+        raise ckpt.CheckpointError(
+            f"{type(base).__name__} holds no state to checkpoint at step {step}; checkpoints "
+            f"are written after an optimizer step"
+        )
     moments = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0)
     params, mine = _trainable(engine), {}
     for (name, p), owner in zip(params, _owners(params, acc.num_processes)):
