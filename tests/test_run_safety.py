@@ -105,6 +105,16 @@ def test_resume_applies_lr_and_says_so(tiny_dir, tmp_path, capsys):
     assert "lr: 0.0001" in (run / "config.yaml").read_text()
 
 
+def test_resume_may_switch_compile_on(tiny_dir, tmp_path, capsys):
+    """compile changes how the step runs, not what it trains (tests/test_compile.py): a resume
+    may turn it on, and says so."""
+    run = _cut_run(tiny_dir, tmp_path, "compile")
+    res = train(None, [f"resume={run}", "compile=true", "max_steps=3"])
+    assert "resume: compile False -> True" in capsys.readouterr().err
+    assert [r["step"] for r in metric_rows(res.run_dir)] == [1, 2, 3]
+    assert "compile: true" in (run / "config.yaml").read_text()
+
+
 def _files(run) -> dict:
     return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
 
