@@ -1,6 +1,6 @@
 """What the workloads of run.py and scaling.py share: the W1/W6 variants, a run's spec, the 2048³
 matmul probe that MFU is divided by, the figures derived from a worker's result, and running and
-comparing variants. Imported by run.py, which puts benchmarks/ on sys.path."""
+comparing variants. Imported by run.py and scaling.py (run.py puts benchmarks/ on sys.path)."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def run_many(specs: list[tuple[str, dict]], args) -> dict[str, dict]:
 
 
 def compare(d: dict, peer: dict, peer_key: str) -> dict:
-    """A run's speed and memory as ratios to a TRL run's."""
+    """A run's speed and memory as ratios to its peer's (a TRL run, or plain preftune)."""
     return {
         "peer": peer_key,
         "tokens_per_s_ratio": d["tokens_per_s"] / peer["tokens_per_s"],

@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import HERE as BENCH
 from common import (
     append_result,
     fmt_range,
@@ -93,9 +94,7 @@ def _synthetic_runs(args, cases: list[dict], tools: list[str], workload: str) ->
     return raw
 
 
-def _synthetic_table(
-    args, raw: dict, rate: float, key_name: str, extra_cols=None
-) -> tuple[list, dict]:
+def _synthetic_table(raw: dict, rate: float) -> tuple[list, dict]:
     rows, runs = [], {}
     for key, r in raw.items():
         if not r.get("ok"):
@@ -143,7 +142,7 @@ def w2(args) -> None:
     rates.append(matmul(args))
     fp32 = [x for r in rates for x in r["fp32"]]
     rate = summary(fp32)["median"]
-    rows, runs = _synthetic_table(args, raw, rate, "length")
+    rows, runs = _synthetic_table(raw, rate)
     print(
         f"\nW2: random Llama {W2_MODEL}, vocab 49152, prompt 64 tokens, {args.budget} completion tokens "
         f"per batch, {args.steps} steps, fp32, {args.threads} threads; matmul {fmt_range(summary(fp32))} GFLOP/s"
@@ -206,7 +205,7 @@ def w3(args) -> None:
         raw.update(_synthetic_runs(args, chunked, ["preftune"], "w3"))
     rates.append(matmul(args))
     fp32 = [x for r in rates for x in r["fp32"]]
-    rows, runs = _synthetic_table(args, raw, summary(fp32)["median"], "vocab")
+    rows, runs = _synthetic_table(raw, summary(fp32)["median"])
     print(
         f"\nW3: random Llama {W3_MODEL}, 8 pairs x (prompt 32 + 2 x 128) tokens per batch, "
         f"{args.steps} steps, fp32, {args.threads} threads"
@@ -307,8 +306,6 @@ def _w4_runs(args, spec: dict) -> dict:
 
 
 def w4(args) -> None:
-    from common import HERE as BENCH
-
     steps = args.steps
     spec = {
         **base_spec(args),

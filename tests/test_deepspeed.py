@@ -8,9 +8,10 @@ launch` sets from examples/accelerate/zero*_cpu.yaml; then one launch per stage 
 resumes both.
 
 float32 models: DeepSpeed keeps fp32 master weights whatever the model's dtype (a float64 model
-would be rounded to float32 at every step), so both sides run float32. Measured (relative, 3 steps): losses within
-1e-6 (the bound is the issue's 1e-5), gradient norms within 3.3e-5 (KTO with accumulation, AVX-512 host; 1.3e-5 on AVX2; bound
-1e-4: float32 sums in another order, the fast paths on in the 1-process run).
+would be rounded to float32 at every step), so both sides run float32. Measured (relative, 3 steps):
+losses within 1e-6 (the bound is the issue's 1e-5), gradient norms within 3.3e-5 (KTO with
+accumulation, AVX-512 host; 1.3e-5 on AVX2; bound 1e-4: float32 sums in another order, the fast
+paths on in the 1-process run).
 """
 
 from __future__ import annotations
