@@ -156,12 +156,10 @@ class BaseTrainer:
             self.sharding = ZeroSharding(zero_stage())
         else:
             self.sharding = Sharding(fsdp_requested(self.acc))
-        if self.method not in (None, "reward") and not self.sharding.whole_parameters:
+        if self.sharding.enabled and self.method not in (None, "reward"):
             raise TrainingError(
-                f"{self.method} runs under one process, DDP or DeepSpeed ZeRO-2: "
-                f"{self.sharding.name} shards the parameters, and generation (each process "
-                f"decodes its own number of steps) cannot pair up their gathers. Launch it with "
-                f"examples/accelerate/ddp.yaml"
+                f"{self.method} runs under one process or DDP; {self.sharding.name} shards the "
+                f"offline methods and the reward model. Launch it with examples/accelerate/ddp.yaml"
             )
 
         def build():

@@ -181,10 +181,6 @@ class ZeroSharding(Sharding):
     def name(self) -> str:
         return f"DeepSpeed ZeRO-{self.stage}"
 
-    @property
-    def whole_parameters(self) -> bool:
-        return self.stage < 3  # ZeRO-1/2 partition the optimizer state and gradients only
-
     def place(self, acc, engine: torch.nn.Module, build_optimizer):
         """(prepared engine, prepared optimizer): accelerate's `prepare` runs
         `deepspeed.initialize` on the engine module and preftune's optimizer."""

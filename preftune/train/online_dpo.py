@@ -35,6 +35,7 @@ from preftune.online.labels import label_online_pairs
 from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
 from preftune.train import checkpoint as ckpt
 from preftune.train.metrics import record, summarise
+from preftune.train.reference import ModelReference
 from preftune.train.setup import Datasets, resolve_task
 from preftune.train.trainer import Trainer
 
@@ -120,7 +121,7 @@ class OnlineTrainer(Trainer):
             mode = "lora" if self.cfg.model.lora else "frozen"
         self.reference_mode = mode
         self.log_line(f"reference: {mode} — the initial model, fixed for the whole run")
-        return self._model_reference(mode)
+        return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
 
     # ---- generation and judging ------------------------------------------------------------
     def _my_prompts(self, batch_idx: list[int]) -> list[dict]:

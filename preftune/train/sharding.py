@@ -81,12 +81,6 @@ class Sharding:
         self.enabled = enabled
         self.modules: list[torch.nn.Module] = []  # each model sharded: the policy's engine, refs
 
-    @property
-    def whole_parameters(self) -> bool:
-        """Whether every process holds the policy's parameters whole outside the step (what
-        generation needs: its forwards are not in step across processes)."""
-        return not self.enabled
-
     def place(self, acc, engine: torch.nn.Module, build_optimizer):
         """(sharded engine, optimizer built on its sharded parameters). Not given to accelerate's
         `prepare`, which would shard it again (GPUs) or wrap it in DDP (CPUs)."""

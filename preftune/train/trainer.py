@@ -75,27 +75,22 @@ class Trainer(BaseTrainer):
         self.log_line(f"reference: {mode} — {why}")
         if mode == "none":
             return None
+        if mode in ("frozen", "lora") and self.sharding.enabled:
+            # sharded too, never whole per process; LoRA's adapter-off forward would run outside
+            # the sharded module, so its reference is the base model loaded again (the same
+            # weights: the adapter starts at zero)
+            if mode == "lora":
+                self.log_line("reference: under FSDP2, the base model loaded again and sharded")
+            frozen = self.sharding.shard_frozen(self._load_frozen())
+            return ModelReference(frozen, "same", self.cfg.train.chunk_size)
         if mode in ("frozen", "lora"):
-            return self._model_reference(mode)
+            return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
         with self.sharding.gathered():  # each process its share of the batches
             return CachedReference(self._precompute())
 
-    def _model_reference(self, mode: str) -> ModelReference:
-        """A frozen or adapter-off reference; under sharding (FSDP2, ZeRO) the policy's starting
-        weights loaded again and handed to the engine's `shard_frozen` (sharded, or whole where
-        the policy is whole, as under ZeRO-2), never a copy of the prepared policy. LoRA's
-        adapter-off forward would run outside the sharded module, so its reference is the base
-        model loaded again (the same weights: the adapter starts at zero)."""
-        if not self.sharding.enabled:
-            return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
-        if mode == "lora":
-            self.log_line(f"reference: under {self.sharding.name}, the base model loaded again")
-        frozen = self.sharding.shard_frozen(self._load_frozen())
-        return ModelReference(frozen, "same", self.cfg.train.chunk_size)
-
     def _load_frozen(self):
-        """The reference under sharding: the policy's starting weights, loaded again (a
-        prepared policy is not copied), frozen."""
+        """The reference under FSDP2: the policy's starting weights, loaded again (a sharded
+        policy cannot be copied), frozen."""
         m = self.cfg.model
         model = load_causal_lm(m.model, getattr(torch, m.dtype), m.trust_remote_code)
         return model.to(self.acc.device).eval().requires_grad_(False)
