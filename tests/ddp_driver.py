@@ -89,6 +89,9 @@ def main(path: str) -> None:
             del os.environ[key]
         # a DeepSpeed job's plugin (its config) lives in accelerate's state: the next job's own
         AcceleratorState._reset_state(reset_partial_state=False)
+    if torch.distributed.is_initialized():  # no process exits while another still talks to it
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def run_job(job: dict) -> None:

@@ -249,6 +249,9 @@ def _stop_diverged(trainer: BaseTrainer, summary: dict, err: DivergedError) -> N
         if left
         else "no checkpoint before it; start again with a lower lr"
     )
+    # no process leaves first: a launcher (torchrun) stops the others as soon as one exits with
+    # an error, which could cut the main process's summary and report short
+    trainer.acc.wait_for_everyone()
     raise DivergedError(err.step, f"{err.reason}; {where}", err.first) from None
 
 
