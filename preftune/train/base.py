@@ -117,6 +117,7 @@ class BaseTrainer:
             ],
             **ds,
         )
+        self._refuse_sharded_online()
         torch.manual_seed(cfg.train.seed)
         self.quiet = cfg.train.quiet or not self.acc.is_main_process
         self.log_line(self.precision.line)
@@ -149,6 +150,19 @@ class BaseTrainer:
         self.guard = DivergenceGuard(t.divergence_factor)
         self.step = 0
 
+    def _refuse_sharded_online(self) -> None:
+        """Online methods run under one process or DDP: refused under FSDP2 or DeepSpeed as
+        soon as the launch is known, before the model and data load."""
+        if self.method in (None, "reward"):
+            return
+        engine = f"DeepSpeed ZeRO-{zero_stage()}" if deepspeed_requested() else None
+        engine = engine or ("FSDP2" if fsdp_requested(self.acc) else None)
+        if engine:
+            raise TrainingError(
+                f"{self.method} runs under one process or DDP; {engine} shards the offline "
+                f"methods and the reward model. Launch it with examples/accelerate/ddp.yaml"
+            )
+
     def _setup_step(self, cfg: Config) -> None:
         """Optimizer, schedule, the prepared engine module and the step engine."""
         t = cfg.train
@@ -156,11 +170,6 @@ class BaseTrainer:
             self.sharding = ZeroSharding(zero_stage())
         else:
             self.sharding = Sharding(fsdp_requested(self.acc))
-        if self.sharding.enabled and self.method not in (None, "reward"):
-            raise TrainingError(
-                f"{self.method} runs under one process or DDP; {self.sharding.name} shards the "
-                f"offline methods and the reward model. Launch it with examples/accelerate/ddp.yaml"
-            )
 
         def build():
             self.optimizer, self.scheduler = build_optimizer(cfg, self.policy, self.total_steps)
