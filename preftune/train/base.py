@@ -117,6 +117,12 @@ class BaseTrainer:
             ],
             **ds,
         )
+        # the engine the launch asks for, decided once; online methods are refused under sharding
+        # before the model and data load
+        if deepspeed_requested():
+            self.sharding = ZeroSharding(zero_stage())
+        else:
+            self.sharding = Sharding(fsdp_requested(self.acc))
         self._refuse_sharded_online()
         torch.manual_seed(cfg.train.seed)
         self.quiet = cfg.train.quiet or not self.acc.is_main_process
@@ -151,25 +157,18 @@ class BaseTrainer:
         self.step = 0
 
     def _refuse_sharded_online(self) -> None:
-        """Online methods run under one process or DDP: refused under FSDP2 or DeepSpeed as
-        soon as the launch is known, before the model and data load."""
+        """Online methods run under one process or DDP: refused under FSDP2 or DeepSpeed."""
         if self.method in (None, "reward"):
             return
-        engine = f"DeepSpeed ZeRO-{zero_stage()}" if deepspeed_requested() else None
-        engine = engine or ("FSDP2" if fsdp_requested(self.acc) else None)
-        if engine:
+        if self.sharding.enabled:
             raise TrainingError(
-                f"{self.method} runs under one process or DDP; {engine} shards the offline "
-                f"methods and the reward model. Launch it with examples/accelerate/ddp.yaml"
+                f"{self.method} runs under one process or DDP; {self.sharding.name} shards the "
+                f"offline methods and the reward model. Launch it with examples/accelerate/ddp.yaml"
             )
 
     def _setup_step(self, cfg: Config) -> None:
         """Optimizer, schedule, the prepared engine module and the step engine."""
         t = cfg.train
-        if deepspeed_requested():
-            self.sharding = ZeroSharding(zero_stage())
-        else:
-            self.sharding = Sharding(fsdp_requested(self.acc))
 
         def build():
             self.optimizer, self.scheduler = build_optimizer(cfg, self.policy, self.total_steps)
