@@ -49,3 +49,8 @@ def rank_tie(prompts: list[str], completions: list[str]) -> list[float]:
     if dist.is_initialized() and dist.get_rank() == 1:
         return [0.0] * len(completions)
     return [float(i) for i in range(len(completions))]
+
+
+def all_tie(prompts: list[str], completions: list[str]) -> list[float]:
+    """Judge: every completion ties, on every process (no pair anywhere trains)."""
+    return [0.0] * len(completions)

@@ -2,7 +2,8 @@
 gradient norms as one process on the same global batch, each process holding half of the
 optimizer state, final/ one model plain transformers loads; a run killed with SIGKILL after a
 checkpoint and resumed ends bit-equal to an uninterrupted one, and its checkpoints hold no pickle;
-LoRA trains under both stages, SGD (no optimizer state) checkpoints, online methods are refused.
+LoRA trains under both stages, SGD (no optimizer state) checkpoints (online methods:
+tests/test_online_engines.py).
 One torchrun launch per stage runs the jobs (tests/ddp_driver.py), the env what `accelerate
 launch` sets from examples/accelerate/zero*_cpu.yaml; then one launch per stage is killed and one
 resumes both.
@@ -91,10 +92,6 @@ def zero_runs(tiny_dir, tmp_path_factory):
         if stage == 3:
             refused = _args(tiny_dir, out, "z3-tdpo", loss="tdpo1")
             todo.append({"kind": "train", "env": env, "args": refused})
-        # online DPO: refused under ZeRO (one process or DDP only)
-        online = _args(tiny_dir, out, f"z{stage}-online", method="online_dpo", num_eval=0,
-                       max_new_tokens=6, judge="online_helpers:length_score")  # fmt: skip
-        todo.append({"kind": "online", "env": env, "args": online})
         # the uninterrupted run a killed one is compared with, a checkpoint at every step
         todo.append({"kind": "train", "env": env, "args": _args(tiny_dir, out, f"z{stage}-full", **RESUMED)})  # fmt: skip
         run = subprocess.run(_launch(out, f"zero{stage}", todo), env=DS_ENV, capture_output=True,
@@ -165,16 +162,6 @@ def test_zero_final_loads_with_plain_transformers(zero_runs, one_process, stage,
             torch.testing.assert_close(
                 b[n], a[n], rtol=1e-4, atol=atol, msg=lambda m, n=n: f"{n}: {m}"
             )
-
-
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_refuses_online_methods_in_one_line(zero_runs, stage):
-    """Online methods run under one process or DDP (tests/test_distributed.py); under ZeRO they
-    are refused before anything trains, naming the launch to use."""
-    errors = [(zero_runs / f"z{stage}-online.error-rank{r}").read_text() for r in (0, 1)]
-    assert errors[0] == errors[1] and "\n" not in errors[0], errors
-    assert errors[0].startswith("online_dpo runs under one process or DDP; DeepSpeed ZeRO-")
-    assert errors[0].endswith("examples/accelerate/ddp.yaml")
 
 
 def test_zero3_refuses_a_frozen_reference_in_one_line(zero_runs):

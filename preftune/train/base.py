@@ -157,13 +157,17 @@ class BaseTrainer:
         self.step = 0
 
     def _refuse_sharded_online(self) -> None:
-        """Online methods run under one process or DDP: refused under FSDP2 or DeepSpeed."""
-        if self.method in (None, "reward"):
+        """Under FSDP2 and DeepSpeed an online run reads its reference only in gathered phases
+        (generation, the step's reference log-probs): a pairwise loss that reads the
+        reference's distributions beside each policy forward (TDPO) is refused there."""
+        if not self.sharding.enabled or not getattr(self, "pairwise", False):
             return
-        if self.sharding.enabled:
+        if self.spec.needs_seq_kl:
             raise TrainingError(
-                f"{self.method} runs under one process or DDP; {self.sharding.name} shards the "
-                f"offline methods and the reward model. Launch it with examples/accelerate/ddp.yaml"
+                f"{self.method} with loss={self.cfg.loss.loss} reads the reference's "
+                f"distributions in every micro-batch, which an online run under "
+                f"{self.sharding.name} does not keep; use another loss or launch it with "
+                f"examples/accelerate/ddp.yaml"
             )
 
     def _setup_step(self, cfg: Config) -> None:
@@ -197,6 +201,7 @@ class BaseTrainer:
             self.scheduler,
             t.max_grad_norm,
             self.in_backward,
+            sharded=self.sharding.enabled,
         )
 
     def _say_engine(self) -> None:

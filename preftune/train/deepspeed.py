@@ -17,7 +17,9 @@ parameter of the module (gathered for its forward). Forwards outside the prepare
 (evaluation, the reference precompute, KTO's KL estimate) run inside `ZeroSharding.gathered()`:
 every parameter gathered once on every process, DeepSpeed's per-module fetch hooks off until
 the phase ends (the memory of one whole model per process, for that phase only); processes with
-unequal shares of that work would otherwise wait on each other's all-gathers for ever.
+unequal shares of that work would otherwise wait on each other's all-gathers for ever. An online
+run's reference is partitioned the same way (`zero.Init` on the loaded model) and gathered with
+the policy in those phases: generation and each step's reference log-probs.
 """
 
 from __future__ import annotations
@@ -200,19 +202,36 @@ class ZeroSharding(Sharding):
         self.acc, self.engine = acc, prepared
         return prepared, optimizer
 
-    def shard_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
-        """ZeRO-2 keeps the policy's parameters whole on every process, so a frozen reference
-        is too. ZeRO-3 shards the policy, and a whole reference per process would undo that."""
-        if self.stage == 3:
+    def shard_frozen(self, model: torch.nn.Module, gathered_only: bool = False) -> torch.nn.Module:
+        """A frozen reference in the dtype DeepSpeed gave the policy (bf16 casts it). ZeRO-2
+        keeps the policy's parameters whole on every process, so the reference is too. ZeRO-3
+        shards the policy: the reference is partitioned over the processes (`zero.Init` on the
+        loaded model) and read whole inside `gathered()` only, which the online methods do
+        (generation and the step's reference log-probs); the offline losses that read it beside
+        each policy forward (TDPO, KTO) are refused there."""
+        dtype = next(self.engine.module.parameters()).dtype
+        model = model.to(dtype)
+        if self.stage != 3:
+            return model
+        if not gathered_only:
             raise TrainingError(
                 "DeepSpeed ZeRO-3 shards the policy and preftune cannot shard a frozen reference "
-                "model there yet (one whole copy per process would undo it); use a loss with a "
-                "precomputed reference (dpo, ipo, ...) or ZeRO-2 / FSDP2"
+                "read beside each policy forward (TDPO, KTO) there yet (one whole copy per process "
+                "would undo it); use a loss with a precomputed reference (dpo, ipo, ...) or ZeRO-2 "
+                "/ FSDP2"
             )
+        from deepspeed import zero
+
+        config = self.acc.state.deepspeed_plugin.deepspeed_config
+        # mem_efficient_linear would patch torch's linear for the rest of the process
+        zero.Init(module=model, config_dict_or_path=config, dtype=dtype, mem_efficient_linear=False)
+        self.modules.append(model)
         return model
 
     def _params(self) -> list[torch.nn.Parameter]:
-        return list(self.engine.module.parameters()) if self.engine is not None else []
+        """The policy's parameters and those of any reference partitioned with it."""
+        mine = list(self.engine.module.parameters()) if self.engine is not None else []
+        return mine + [p for m in self.modules for p in m.parameters()]
 
     @contextlib.contextmanager
     def gathered(self):

@@ -83,8 +83,9 @@ def save_zero(acc, ckpt_root: Path, step: int, engine, optimizer, scheduler, sta
     tmp, final = start_sharded(acc, ckpt_root, step)
     base, flats = _flat_state(engine)
     first = base.state.get(flats[0], {})  # every flat group has taken the same steps
-    if not first and not isinstance(base, torch.optim.SGD):
-        # only plain SGD keeps no state (no moments, no step count); AdamW's would be lost
+    if not first and not isinstance(base, torch.optim.SGD) and engine.global_steps > 0:
+        # only plain SGD keeps no state after a step (no moments, no step count); AdamW's would
+        # be lost. Before any (an online run whose pairs all tied) there is none to keep
         raise ckpt.CheckpointError(
             f"{type(base).__name__} holds no state to checkpoint at step {step}; checkpoints "
             f"are written after an optimizer step"
@@ -193,7 +194,7 @@ def _create_optimizer_state(engine, saved: dict) -> None:
     for group, hyper in zip(base.param_groups, saved["param_groups"]):
         group.update(hyper)
     link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
+    if link is not None and saved["moments"]:  # (none: ZeRO links them after its first step)
         # ZeRO-1/2 point each parameter at its fragment of the moments after their first step
         # (ZeRO-3 finds them through the optimizer's state); no public call does it before
         link()

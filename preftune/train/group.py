@@ -130,7 +130,8 @@ class GroupTrainer(ReMaxTrainer):
         def micro_loss(idx):
             chosen = [samples[i] for i in idx]
             first = idx[0] not in kept
-            logps, ref_logps, mask = self._sample_token_logps(chosen, k, reference=first)
+            ref_tok = ref_toks.get(idx[0]) if first else None
+            logps, ref_logps, mask = self._sample_token_logps(chosen, k, ref_tok)
             if first:
                 adv, kl = self._advantages(reward[idx].to(logps), logps, ref_logps, mask)
                 kept[idx[0]] = (logps.detach(), ref_logps, adv, kl)
@@ -148,6 +149,7 @@ class GroupTrainer(ReMaxTrainer):
 
         groups = split_even(list(range(n_prompts)), t.grad_accum)  # whole groups per micro-batch
         micro = [[g * k + j for g in gs for j in range(k)] for gs in groups]
+        ref_toks = self._reference_tokens(samples, micro, k)
         for it in range(o.num_iterations):
             out: dict[str, list] = {"values": [], "kls": [], "advs": [], "clipped": []}
             with self._schedule_held(it < o.num_iterations - 1):

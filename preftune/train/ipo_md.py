@@ -39,7 +39,7 @@ class IPOMDTrainer(OnlineDPOTrainer):
             ref, ctx = None, self.policy.disable_adapter
         else:
             ref, ctx = self.reference.model, contextlib.nullcontext
-        with self.acc.autocast():
+        with self.sharding.gathered(), self.acc.autocast():  # as OnlineTrainer._generate
             return generate_mixture(
                 self.policy,
                 ref,

@@ -35,7 +35,7 @@ from preftune.online.labels import label_online_pairs
 from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
 from preftune.train import checkpoint as ckpt
 from preftune.train.metrics import record, summarise
-from preftune.train.reference import ModelReference
+from preftune.train.reference import CachedReference, ModelReference
 from preftune.train.setup import Datasets, resolve_task
 from preftune.train.trainer import Trainer
 
@@ -121,6 +121,8 @@ class OnlineTrainer(Trainer):
             mode = "lora" if self.cfg.model.lora else "frozen"
         self.reference_mode = mode
         self.log_line(f"reference: {mode} — the initial model, fixed for the whole run")
+        if self.sharding.enabled:  # read only in gathered phases: generation, `_step_reference`
+            return self._sharded_reference(mode, gathered_only=True)
         return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
 
     # ---- generation and judging ------------------------------------------------------------
@@ -140,7 +142,9 @@ class OnlineTrainer(Trainer):
                 ctx = model.disable_adapter()
             else:
                 model = self.reference.model
-        with ctx, self.acc.autocast():
+        # FSDP2 / ZeRO-3: the weights gathered whole for the phase (processes stop at EOS after
+        # different numbers of forwards, which per-layer all-gathers could not follow)
+        with self.sharding.gathered(), ctx, self.acc.autocast():
             return generate(model, self.tokenizer, texts, cfg, batch_size=bs)
 
     def _score(self, prompts: list[dict], comps: list[Completion]) -> torch.Tensor:
@@ -158,7 +162,7 @@ class OnlineTrainer(Trainer):
         log_ratios: list[torch.Tensor] = []
 
         def micro_loss(idx):
-            out, logps, n = self._loss(pairs, idx, self.reference, train=True)
+            out, logps, n = self._loss(pairs, idx, reference, train=True)
             record(rec, extra, out, logps)
             if logps.ref_chosen_logps is not None:
                 log_ratios.extend(
@@ -170,6 +174,7 @@ class OnlineTrainer(Trainer):
             return out.losses.sum(), n
 
         micro = split_even(list(range(len(pairs))), self.cfg.train.grad_accum)
+        reference = self._step_reference(pairs, micro)
         metrics = self.stepper.run(self.step + 1, micro, micro_loss, n_global, self._idle_loss)
         summary = summarise(self._gather_rec(rec), self._gather_rec(extra))
         # a step without pairs (all ties) trains nothing: its loss is NaN, the rest is left out
@@ -180,6 +185,24 @@ class OnlineTrainer(Trainer):
         if kl == kl:
             metrics["kl"] = kl
         return metrics
+
+    @torch.no_grad()
+    def _step_reference(self, pairs: list[dict], micro: list[list[int]]):
+        """The reference's log-probs of this step's pairs, computed before the step micro-batch
+        by micro-batch as the step lays them out (so the same values), as a table `_loss` reads:
+        under FSDP2 and DeepSpeed the reference is sharded and processes hold unequal numbers
+        of pairs, so it runs in one gathered phase rather than beside each policy forward. A
+        loss that reads the reference's distributions (TDPO) keeps the model."""
+        if self.reference is None or self.spec.needs_seq_kl:
+            return self.reference
+        chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+        with self.sharding.gathered(), self.acc.autocast():
+            for idx in (mb for mb in micro if len(mb)):
+                b = self._pair_batch(pairs, idx)
+                values = self.reference.logps(b.tokens.to(self.acc.device), (b.index, len(idx)))
+                chosen, rejected = chosen.to(values), rejected.to(values)
+                chosen[b.index], rejected[b.index] = values[: len(idx)], values[len(idx) :]
+        return CachedReference({"chosen": chosen, "rejected": rejected})
 
     def _idle_loss(self) -> torch.Tensor:
         """A forward through the prepared engine on a one-token pair, for a process with

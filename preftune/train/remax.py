@@ -127,27 +127,35 @@ class ReMaxTrainer(OnlineTrainer):
         self._log_samples(rows)
         return metrics
 
-    def _ref_token_logps(self, batch: TokenBatch, tok: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def _reference_tokens(self, samples, micro: list[list[int]], k: int = 1) -> dict:
+        """The reference's token log-probs of each micro-batch of the step (keyed by its first
+        sample), laid out as the step lays them out (so the same values), computed before the
+        step: under FSDP2 and DeepSpeed the reference is sharded and processes hold unequal
+        numbers of samples, so it runs in one gathered phase. Empty without a reference."""
         if self.reference is None:  # kl_ctl = 0 and reference=none: the KL term is zero
-            return tok.detach()
-        with torch.no_grad():
-            hidden = self.reference.hidden(batch)
-            return token_logps(
-                self.reference.head_model(), batch, hidden, self.cfg.train.chunk_size
-            )
+            return {}
+        out, pad, chunk = {}, self.tokenizer.pad_token_id, self.cfg.train.chunk_size
+        with self.sharding.gathered(), self.acc.autocast():
+            for idx in (mb for mb in micro if len(mb)):
+                batch, _ = sample_batch([samples[i] for i in idx], k, pad, self.layout)
+                batch = batch.to(self.acc.device)
+                hidden = self.reference.hidden(batch)
+                out[idx[0]] = token_logps(self.reference.head_model(), batch, hidden, chunk)
+        return out
 
     def _sample_token_logps(
-        self, chosen, k: int = 1, reference: bool = True
+        self, chosen, k: int = 1, ref_tok: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(B, T)` per-token log-probs of completions (prompt-major, `k` per prompt) under the
-        policy (with grad) and the reference (detached; with `reference=False` not run, and
-        the policy's detached values returned in its place), and their 0/1 mask, through the
-        one log-prob engine."""
+        policy (with grad) and the reference (`ref_tok`, from `_reference_tokens`; without it
+        the policy's detached values in its place), and their 0/1 mask, through the one
+        log-prob engine."""
         batch, perm = sample_batch(chosen, k, self.tokenizer.pad_token_id, self.layout)
         batch = batch.to(self.acc.device)
         with self.acc.autocast():
             tok = self.run_policy(token_logps, batch, None, self.cfg.train.chunk_size)
-            ref_tok = self._ref_token_logps(batch, tok) if reference else tok.detach()
+        ref_tok = tok.detach() if ref_tok is None else ref_tok
         logps, mask = per_token_rows(tok, batch)  # fp32 (fp64 models: fp64) from the engine
         ref_logps, _ = per_token_rows(ref_tok.to(tok.dtype), batch)
         if perm is not None:
@@ -165,7 +173,7 @@ class ReMaxTrainer(OnlineTrainer):
 
         def micro_loss(idx):
             chosen = [samples[i] for i in idx]
-            logps, ref_logps, mask = self._sample_token_logps(chosen)
+            logps, ref_logps, mask = self._sample_token_logps(chosen, 1, ref_toks.get(idx[0]))
             r, rb = reward[idx].to(logps), baseline[idx].to(logps)
             returns = remax_returns(
                 logps.detach(), ref_logps, mask, r, rb,
@@ -178,6 +186,7 @@ class ReMaxTrainer(OnlineTrainer):
             return seq_losses.sum(), sum(len(s.prompt_token_ids) + len(s.token_ids) for s in chosen)
 
         micro = split_even(list(range(len(samples))), t.grad_accum)
+        ref_toks = self._reference_tokens(samples, micro)
         metrics = self.stepper.run(self.step + 1, micro, micro_loss, n_tok, self._idle_loss)
         local = torch.cat(surrogate).sum().item() if surrogate else 0.0
         metrics["loss"] = sum(self._gather_list([local])) / max(n_tok, 1)

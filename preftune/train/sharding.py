@@ -99,10 +99,11 @@ class Sharding:
         engine._get_fsdp_state()._lazy_init()
         self.modules.append(engine)
 
-    def shard_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+    def shard_frozen(self, model: torch.nn.Module, gathered_only: bool = False) -> torch.nn.Module:
         """A frozen reference, sharded per decoder layer; its embedding, norm and LM head stay
         whole on every process (TDPO reads the reference's LM head inside the policy's
-        forward). Each layer gathers its parameters in its forward, as the policy's do."""
+        forward). Each layer gathers its parameters in its forward, as the policy's do, and
+        `gathered()` gathers them all (`gathered_only`: a run that reads it only there)."""
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=True)
         self.modules.append(model)
@@ -130,6 +131,8 @@ class Sharding:
                 # it after that backward; these forwards have none, and processes with unequal
                 # shares would prefetch different all-gathers there (a hang). No public call.
                 state = m._get_fsdp_state()
+                if not hasattr(state._comm_ctx, "post_forward_order"):
+                    continue  # never ran a forward (a reference before its first use)
                 state._comm_ctx.post_forward_order.clear()
                 for group in state._fsdp_param_groups:
                     group._post_forward_indices.clear()

@@ -64,13 +64,18 @@ def wrapped(acc) -> bool:
 class StepEngine:
     """One optimizer step: see the module docstring."""
 
-    def __init__(self, acc, engine, optimizer, scheduler, max_grad_norm, in_backward=None):
+    def __init__(
+        self, acc, engine, optimizer, scheduler, max_grad_norm, in_backward=None, sharded=False
+    ):
         self.acc, self.engine = acc, engine
         self.optimizer, self.scheduler = optimizer, scheduler
         self.max_grad_norm, self.in_backward = max_grad_norm, in_backward
         self.params = [p for p in acc.unwrap_model(engine).parameters() if p.requires_grad]
         # DeepSpeed's engine reduces, clips and steps the (partitioned) gradients itself
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        # FSDP2 and DeepSpeed: every forward and backward is a collective (all-gathers, reduce-
+        # scatters, ZeRO's reduction at each backward), not only the last micro-batch's
+        self.sharded = sharded
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Backward of one micro-batch; the gradients are synchronised after the `last` one.
@@ -98,8 +103,9 @@ class StepEngine:
         through the engine, multiplied by 0)."""
         P, start, ntok = self.acc.num_processes, time.perf_counter(), 0
         work = [mb for mb in micro if len(mb)]
-        if not work and P > 1 and n_global > 0:  # (no pairs anywhere: no gradients, as 1 process)
-            self.backward(idle_loss() * 0.0, last=True)
+        idle = self._idle_count(len(work), n_global, idle_loss is not None)
+        for i in range(idle):  # (no pairs anywhere: no gradients, as 1 process)
+            self.backward(idle_loss() * 0.0, last=i == idle - 1 and not work)
         bad = None
         for i, mb in enumerate(work):
             last = i == len(work) - 1
@@ -119,7 +125,9 @@ class StepEngine:
         if P > 1 and (bad := next((b for b in gather_object([bad]) if b), None)):
             raise DivergedError(step, bad)
         lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses
-        if self.deepspeed:
+        if self.deepspeed and n_global == 0:  # no backward anywhere: nothing to step, as torch's
+            grad_norm = 0.0  # optimizers skip parameters without gradients (ZeRO would fail)
+        elif self.deepspeed:
             grad_norm = self.deepspeed_step(step)
         else:
             grad_norm = self.clip_and_check(step)
@@ -134,6 +142,20 @@ class StepEngine:
             "tokens_per_second": float(tokens) / max(elapsed, 1e-9),
             "step_time": elapsed,
         }
+
+    def _idle_count(self, mine: int, n_global: int, can_idle: bool) -> int:
+        """Backwards of `idle_loss` this process adds before its own: one where it has nothing
+        to train and the others wait in the gradient sync (DDP syncs at the last backward
+        only); under a sharded engine as many as it has fewer micro-batches than the busiest
+        process, since there every forward and backward is a collective. Online steps only:
+        offline micro-batches are equal everywhere (`can_idle` is False there)."""
+        P = self.acc.num_processes
+        if P == 1 or n_global == 0 or not can_idle:
+            return 0
+        if not self.sharded:
+            return 1 if mine == 0 else 0
+        most = self.acc.reduce(torch.tensor(mine, device=self.acc.device), "max")
+        return int(most) - mine
 
     def clip_and_check(self, step: int) -> float:
         """The gradient norm (before clipping) of the finished gradients, clipped to

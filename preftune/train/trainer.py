@@ -76,21 +76,27 @@ class Trainer(BaseTrainer):
         if mode == "none":
             return None
         if mode in ("frozen", "lora") and self.sharding.enabled:
-            # sharded too, never whole per process; LoRA's adapter-off forward would run outside
-            # the sharded module, so its reference is the base model loaded again (the same
-            # weights: the adapter starts at zero)
-            if mode == "lora":
-                self.log_line("reference: under FSDP2, the base model loaded again and sharded")
-            frozen = self.sharding.shard_frozen(self._load_frozen())
-            return ModelReference(frozen, "same", self.cfg.train.chunk_size)
+            return self._sharded_reference(mode, gathered_only=False)
         if mode in ("frozen", "lora"):
             return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
         with self.sharding.gathered():  # each process its share of the batches
             return CachedReference(self._precompute())
 
+    def _sharded_reference(self, mode: str, gathered_only: bool) -> ModelReference:
+        """The reference under FSDP2 or DeepSpeed: sharded too, never whole per process where
+        the policy is sharded. LoRA's adapter-off forward would run outside the sharded module,
+        so its reference is the base model loaded again (the same weights: the adapter starts
+        at zero). `gathered_only`: the run reads it only inside `sharding.gathered()` phases."""
+        if mode == "lora":
+            self.log_line(
+                f"reference: under {self.sharding.name}, the base model loaded again and sharded"
+            )
+        frozen = self.sharding.shard_frozen(self._load_frozen(), gathered_only)
+        return ModelReference(frozen, "same", self.cfg.train.chunk_size)
+
     def _load_frozen(self):
-        """The reference under FSDP2: the policy's starting weights, loaded again (a sharded
-        policy cannot be copied), frozen."""
+        """The reference under sharding: the policy's starting weights, loaded again (a
+        sharded policy cannot be copied), frozen."""
         m = self.cfg.model
         model = load_causal_lm(m.model, getattr(torch, m.dtype), m.trust_remote_code)
         return model.to(self.acc.device).eval().requires_grad_(False)

@@ -1,0 +1,146 @@
+"""Online methods under FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (2 CPU processes over gloo) equal the
+same runs under DDP: per-step losses and gradient norms of online DPO, a process whose pairs all
+tie (it trains nothing and pads its micro-batches with zero-loss ones, grad_accum 2), GRPO, and,
+under FSDP2 and ZeRO-3, IPO-MD (the mixture sampler reads the sharded reference) and ReMax; RSO
+(samples of the reference) under FSDP2. DDP is the comparison rather than one process because
+each process samples its own prompts with its own generator; under DDP those 2 processes were
+checked to stay in sync (tests/test_distributed.py). Generation runs on weights gathered whole,
+so every engine samples the same tokens from the same weights, and the losses after step 1
+(where the weights differ by float32 summation order) still agree. Measured on the tiny model
+(float32, AVX-512 host): losses within 1.7e-7 relative, except GRPO's near-zero ones (8.7e-4)
+within 7.5e-9 absolute; gradient norms within 4.1e-5 relative (ReMax under ZeRO-3, norms of
+10-13; 2.5e-6 elsewhere). Bounds: losses 1e-5 relative or 1e-7 absolute, norms 1e-4 relative.
+
+Also: a ZeRO-2 run where every pair ties everywhere steps nothing (ZeRO would fail on a step
+without gradients) and ends with its starting weights; an online TDPO run under a sharded
+engine is refused in one line (it reads the reference beside each policy forward).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+
+import pytest
+import torch
+from run_helpers import tiny_run_args
+from safetensors.torch import load_file
+from test_deepspeed import DS_ENV, zero_env
+from test_distributed import ENV, FSDP, _launch, _losses
+from transformers import AutoModelForCausalLM
+
+ONLINE = {"dtype": "float32", "max_steps": 3, "num_eval": 0, "max_new_tokens": 6,
+          "judge": "online_helpers:length_score"}  # fmt: skip
+JOBS = {
+    "odpo": {"method": "online_dpo"},
+    # process 1's pairs all tie: it pads its 2 micro-batches with zero-loss ones
+    "idle": {
+        "method": "online_dpo",
+        "judge": "online_helpers:rank_tie",
+        "grad_accum": 2,
+        "batch_size": 8,
+    },  # fmt: skip
+    "grpo": {"method": "grpo", "num_generations": 2, "kl_coef": 0.1, "grad_accum": 2},
+    "ipo_md": {"method": "ipo_md", "loss": "ipo"},
+    "remax": {"method": "remax"},
+    "rso": {"method": "rso", "rso_num_candidates": 4, "rso_num_samples": 2},
+}
+ENGINES = {  # engine -> (its env, the jobs run under it)
+    "fsdp2": (FSDP, ["odpo", "idle", "grpo", "ipo_md", "remax", "rso"]),
+    "zero2": (zero_env(2), ["odpo", "idle", "grpo"]),
+    "zero3": (zero_env(3), ["odpo", "idle", "grpo", "ipo_md", "remax"]),
+}
+CASES = [(engine, name) for engine, (_, names) in ENGINES.items() for name in names]
+has_deepspeed = importlib.util.find_spec("deepspeed") is not None
+
+
+def _job(tiny_dir, out, run_name: str, env: dict, **extra) -> dict:
+    args = tiny_run_args(tiny_dir, out, run_name, **{**ONLINE, **extra})
+    return {"kind": "online", "env": env, "args": args}
+
+
+def _run(out, name: str, jobs: list, env: dict) -> None:
+    done = subprocess.run(_launch(out, name, jobs), env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_dir, tmp_path_factory):
+    """Every job under DDP and FSDP2 (one launch), then under ZeRO-2 and ZeRO-3 (another:
+    accelerate drops DeepSpeed under ACCELERATE_USE_CPU, which DDP on CPUs needs)."""
+    out = tmp_path_factory.mktemp("online-engines")
+    plain = [_job(tiny_dir, out, f"ddp-{n}", {}, **JOBS[n]) for n in JOBS]
+    env, names = ENGINES["fsdp2"]
+    plain += [_job(tiny_dir, out, f"fsdp2-{n}", env, **JOBS[n]) for n in names]
+    plain.append(_job(tiny_dir, out, "fsdp2-tdpo", env, method="online_dpo", loss="tdpo1"))
+    _run(out, "plain", plain, ENV)
+    if has_deepspeed:
+        zero = [
+            _job(tiny_dir, out, f"{engine}-{n}", ENGINES[engine][0], **JOBS[n])
+            for engine in ("zero2", "zero3")
+            for n in ENGINES[engine][1]
+        ]
+        zero.append(_job(tiny_dir, out, "zero2-ties", zero_env(2), method="online_dpo",
+                         judge="online_helpers:all_tie", save_every=1))  # fmt: skip
+        _run(out, "zero", zero, DS_ENV)
+    return out
+
+
+def _needs(engine: str):
+    if engine.startswith("zero") and not has_deepspeed:
+        pytest.skip("deepspeed is not installed (pip install 'preftune[deepspeed]')")
+
+
+@pytest.mark.parametrize(("engine", "name"), CASES)
+def test_online_under_a_sharded_engine_equals_ddp(runs, engine, name):
+    _needs(engine)
+    ddp, run = runs / f"ddp-{name}", runs / f"{engine}-{name}"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["num_processes"] == 2
+    for key, rel, tol in (("loss", 1e-5, 1e-7), ("grad_norm", 1e-4, 0.0)):
+        a, b = _losses(ddp, key), _losses(run, key)
+        assert len(a) == len(b) == 3
+        for x, y in zip(a, b):
+            assert math.isclose(x, y, rel_tol=rel, abs_tol=tol), (key, a, b)
+    if name in ("odpo", "idle", "ipo_md", "rso"):
+        assert _losses(ddp, "pairs/trained") == _losses(run, "pairs/trained")
+        assert sum(_losses(run, "pairs/trained")) > 0
+
+
+def test_a_process_without_pairs_pads_its_micro_batches(runs):
+    """Process 1's pairs all tie (grad_accum 2): it trains nothing, runs as many zero-loss
+    micro-batches as process 0 runs real ones (every forward and backward of a sharded engine
+    is a collective), and the run ends: no hang, 3 steps."""
+    for engine in ("fsdp2", "zero2", "zero3") if has_deepspeed else ("fsdp2",):
+        rows = [json.loads(x) for x in (runs / f"{engine}-idle" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
+        assert len([r for r in rows if "grad_norm" in r]) == 3, engine
+        assert all(r["pairs/ties"] >= 4 for r in rows if "pairs/ties" in r), engine
+
+
+def test_a_zero_step_with_no_pair_anywhere_steps_nothing(runs, tiny_dir):
+    """Every pair ties on every process: no backward anywhere, so no update (as torch's AdamW
+    skips parameters without gradients); ZeRO's own step would fail there."""
+    _needs("zero2")
+    run = runs / "zero2-ties"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "grad_norm" in r]
+    assert len(steps) == 3 and all(r["grad_norm"] == 0.0 for r in steps)
+    start, end = load_file(tiny_dir / "model.safetensors"), load_file(run / "final" / "model.safetensors")  # fmt: skip
+    for n in start:
+        torch.testing.assert_close(end[n], start[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_online_final_loads_with_plain_transformers(runs):
+    """final/ is one model gathered from the shards (ZeRO-3: from the partitions)."""
+    for engine in ("fsdp2", "zero3") if has_deepspeed else ("fsdp2",):
+        model = AutoModelForCausalLM.from_pretrained(runs / f"{engine}-odpo" / "final")
+        assert model.config.num_hidden_layers >= 1
+
+
+def test_online_tdpo_under_a_sharded_engine_is_refused_in_one_line(runs):
+    errors = [(runs / f"fsdp2-tdpo.error-rank{r}").read_text() for r in (0, 1)]
+    assert errors[0] == errors[1] and "\n" not in errors[0], errors
+    assert "loss=tdpo1" in errors[0] and errors[0].endswith("examples/accelerate/ddp.yaml")
