@@ -1,8 +1,8 @@
 """Online methods under FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (2 CPU processes over gloo) equal the
 same runs under DDP: per-step losses and gradient norms of online DPO, a process whose pairs all
 tie (it trains nothing and pads its micro-batches with zero-loss ones, grad_accum 2), GRPO, and,
-under FSDP2 and ZeRO-3, IPO-MD (the mixture sampler reads the sharded reference) and ReMax; RSO
-(samples of the reference) under FSDP2. DDP is the comparison rather than one process because
+under FSDP2 and ZeRO-3, IPO-MD (the mixture sampler reads the sharded reference), ReMax and
+online DPO with LoRA; RSO (samples of the reference) under FSDP2. DDP is the comparison rather than one process because
 each process samples its own prompts with its own generator; under DDP those 2 processes were
 checked to stay in sync (tests/test_distributed.py). Generation runs on weights gathered whole,
 so every engine samples the same tokens from the same weights, and the losses after step 1
@@ -10,6 +10,9 @@ so every engine samples the same tokens from the same weights, and the losses af
 (float32, AVX-512 host): losses within 1.7e-7 relative, except GRPO's near-zero ones (8.7e-4)
 within 7.5e-9 absolute; gradient norms within 4.1e-5 relative (ReMax under ZeRO-3, norms of
 10-13; 2.5e-6 elsewhere). Bounds: losses 1e-5 relative or 1e-7 absolute, norms 1e-4 relative.
+
+An online DPO run under FSDP2 and under ZeRO-3 killed with SIGKILL after a checkpoint and resumed
+ends bit-equal to an uninterrupted one (each process's generator comes back with its shard).
 
 Also: a ZeRO-2 run where every pair ties everywhere steps nothing (ZeRO would fail on a step
 without gradients) and ends with its starting weights; an online TDPO run under a sharded
@@ -28,7 +31,7 @@ import torch
 from run_helpers import tiny_run_args
 from safetensors.torch import load_file
 from test_deepspeed import DS_ENV, zero_env
-from test_distributed import ENV, FSDP, _launch, _losses
+from test_distributed import ENV, FSDP, RESUMED, _killed_after_checkpoint_2, _launch, _losses
 from transformers import AutoModelForCausalLM
 
 ONLINE = {"dtype": "float32", "max_steps": 3, "num_eval": 0, "max_new_tokens": 6,
@@ -46,11 +49,13 @@ JOBS = {
     "ipo_md": {"method": "ipo_md", "loss": "ipo"},
     "remax": {"method": "remax"},
     "rso": {"method": "rso", "rso_num_candidates": 4, "rso_num_samples": 2},
+    # the reference: under DDP the adapter-off policy, sharded the base model loaded again
+    "lora": {"method": "online_dpo", "lora": True, "lora_r": 4, "share_prefix": False},
 }
 ENGINES = {  # engine -> (its env, the jobs run under it)
-    "fsdp2": (FSDP, ["odpo", "idle", "grpo", "ipo_md", "remax", "rso"]),
+    "fsdp2": (FSDP, ["odpo", "idle", "grpo", "ipo_md", "remax", "rso", "lora"]),
     "zero2": (zero_env(2), ["odpo", "idle", "grpo"]),
-    "zero3": (zero_env(3), ["odpo", "idle", "grpo", "ipo_md", "remax"]),
+    "zero3": (zero_env(3), ["odpo", "idle", "grpo", "ipo_md", "remax", "lora"]),
 }
 CASES = [(engine, name) for engine, (_, names) in ENGINES.items() for name in names]
 has_deepspeed = importlib.util.find_spec("deepspeed") is not None
@@ -105,7 +110,7 @@ def test_online_under_a_sharded_engine_equals_ddp(runs, engine, name):
         assert len(a) == len(b) == 3
         for x, y in zip(a, b):
             assert math.isclose(x, y, rel_tol=rel, abs_tol=tol), (key, a, b)
-    if name in ("odpo", "idle", "ipo_md", "rso"):
+    if name in ("odpo", "idle", "ipo_md", "rso", "lora"):
         assert _losses(ddp, "pairs/trained") == _losses(run, "pairs/trained")
         assert sum(_losses(run, "pairs/trained")) > 0
 
@@ -144,3 +149,26 @@ def test_online_tdpo_under_a_sharded_engine_is_refused_in_one_line(runs):
     errors = [(runs / f"fsdp2-tdpo.error-rank{r}").read_text() for r in (0, 1)]
     assert errors[0] == errors[1] and "\n" not in errors[0], errors
     assert "loss=tdpo1" in errors[0] and errors[0].endswith("examples/accelerate/ddp.yaml")
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_online_killed_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, engine):
+    """Online DPO, a checkpoint at every step: SIGKILL to both processes after checkpoint 2,
+    then a resume; the same per-step losses and final/ bit-equal to the uninterrupted run
+    (measured: equal to the bit, so the bound is 0). The pairs of steps 3-5 are sampled after
+    the resume, from each process's restored generator."""
+    _needs(engine)
+    env, launch_env = (FSDP, ENV) if engine == "fsdp2" else (ENGINES["zero3"][0], DS_ENV)
+    full = [_job(tiny_dir, tmp_path, "full", env, **JOBS["odpo"], **RESUMED)]
+    _run(tmp_path, "full", full, launch_env)
+    job = [_job(tiny_dir, tmp_path, "killed", env, **JOBS["odpo"], **RESUMED)]
+    _killed_after_checkpoint_2(tmp_path, "killed", job, launch_env)
+    resume = [{"kind": "online", "env": env, "args": {"resume": str(tmp_path / "killed")}}]
+    _run(tmp_path, "resume", resume, launch_env)
+    assert not list(tmp_path.glob("killed.error-rank*"))
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+    assert len(_losses(tmp_path / "full")) == RESUMED["max_steps"]
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")
