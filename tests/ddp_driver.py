@@ -66,7 +66,11 @@ def local_sizes(trainer, seen: dict) -> dict:
     params = [p for p in trainer.policy.parameters() if p.requires_grad]
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     moments = [v for st in inner.state.values() for v in st.values() if v.dim() > 0]
-    return {"params": local_numel(params), "optimizer": local_numel(moments), **seen}
+    sizes = {"params": local_numel(params), "optimizer": local_numel(moments), **seen}
+    ref = getattr(trainer.reference, "model", None)
+    if ref is not None and ref is not trainer.policy:  # a frozen copy; ZeRO-3: its partition
+        sizes["reference"] = local_numel([getattr(p, "ds_tensor", p) for p in ref.parameters()])
+    return sizes
 
 
 def main(path: str) -> None:

@@ -201,7 +201,7 @@ class BaseTrainer:
             self.scheduler,
             t.max_grad_norm,
             self.in_backward,
-            sharded=self.sharding.enabled,
+            sharding=self.sharding,
         )
 
     def _say_engine(self) -> None:

@@ -17,9 +17,10 @@ parameter of the module (gathered for its forward). Forwards outside the prepare
 (evaluation, the reference precompute, KTO's KL estimate) run inside `ZeroSharding.gathered()`:
 every parameter gathered once on every process, DeepSpeed's per-module fetch hooks off until
 the phase ends (the memory of one whole model per process, for that phase only); processes with
-unequal shares of that work would otherwise wait on each other's all-gathers for ever. An online
-run's reference is partitioned the same way (`zero.Init` on the loaded model) and gathered with
-the policy in those phases: generation and each step's reference log-probs.
+unequal shares of that work would otherwise wait on each other's all-gathers for ever. A frozen
+reference is partitioned too (`zero.Init` on the loaded model) and gathered with the policy in
+those phases (an online run's generation and reference log-probs); TDPO and KTO, which read it
+beside each policy forward, gather it whole for each micro-batch (`ZeroSharding.micro_batch`).
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class ZeroSharding(Sharding):
         super().__init__(True)
         self.stage = stage
         self.acc = self.engine = None  # the Accelerator and DeepSpeedEngine, once prepared
+        self.beside: list[torch.nn.Parameter] = []  # a reference read beside each forward
 
     @property
     def name(self) -> str:
@@ -206,27 +208,35 @@ class ZeroSharding(Sharding):
         """A frozen reference in the dtype DeepSpeed gave the policy (bf16 casts it). ZeRO-2
         keeps the policy's parameters whole on every process, so the reference is too. ZeRO-3
         shards the policy: the reference is partitioned over the processes (`zero.Init` on the
-        loaded model) and read whole inside `gathered()` only, which the online methods do
-        (generation and the step's reference log-probs); the offline losses that read it beside
-        each policy forward (TDPO, KTO) are refused there."""
+        loaded model) and gathered whole where it is read: in `gathered()` phases (an online
+        run's generation and reference log-probs; evaluation) and, unless `gathered_only`, for
+        each training micro-batch (`micro_batch`: TDPO and KTO read it beside the policy)."""
         dtype = next(self.engine.module.parameters()).dtype
         model = model.to(dtype)
         if self.stage != 3:
             return model
-        if not gathered_only:
-            raise TrainingError(
-                "DeepSpeed ZeRO-3 shards the policy and preftune cannot shard a frozen reference "
-                "read beside each policy forward (TDPO, KTO) there yet (one whole copy per process "
-                "would undo it); use a loss with a precomputed reference (dpo, ipo, ...) or ZeRO-2 "
-                "/ FSDP2"
-            )
         from deepspeed import zero
 
         config = self.acc.state.deepspeed_plugin.deepspeed_config
         # mem_efficient_linear would patch torch's linear for the rest of the process
         zero.Init(module=model, config_dict_or_path=config, dtype=dtype, mem_efficient_linear=False)
         self.modules.append(model)
+        if not gathered_only:
+            self.beside.extend(model.parameters())
         return model
+
+    def micro_batch(self):
+        """ZeRO-3 with a frozen reference read beside the policy (TDPO, KTO): the reference
+        gathered whole for the micro-batch's forward and backward (TDPO's KL recomputes the
+        reference's logits from its LM head in backward), partitioned again after it; one
+        all-gather per micro-batch, which every process runs as many of (offline steps). The
+        memory of one whole reference per process for that time; the policy, its gradients and
+        optimizer state stay partitioned."""
+        if not self.beside:
+            return contextlib.nullcontext()
+        from deepspeed import zero
+
+        return zero.GatheredParameters(self.beside)
 
     def _params(self) -> list[torch.nn.Parameter]:
         """The policy's parameters and those of any reference partitioned with it."""

@@ -109,6 +109,11 @@ class Sharding:
         self.modules.append(model)
         return model
 
+    def micro_batch(self):
+        """What each training micro-batch runs inside (its forward and backward): nothing here;
+        DeepSpeed ZeRO-3 gathers a partitioned frozen reference (train/deepspeed.py)."""
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
     def gathered(self):
         """Every sharded parameter whole on every process until the block ends (see the module

@@ -65,7 +65,7 @@ class StepEngine:
     """One optimizer step: see the module docstring."""
 
     def __init__(
-        self, acc, engine, optimizer, scheduler, max_grad_norm, in_backward=None, sharded=False
+        self, acc, engine, optimizer, scheduler, max_grad_norm, in_backward=None, sharding=None
     ):
         self.acc, self.engine = acc, engine
         self.optimizer, self.scheduler = optimizer, scheduler
@@ -73,9 +73,11 @@ class StepEngine:
         self.params = [p for p in acc.unwrap_model(engine).parameters() if p.requires_grad]
         # DeepSpeed's engine reduces, clips and steps the (partitioned) gradients itself
         self.deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        sharding = sharding or Sharding(False)
         # FSDP2 and DeepSpeed: every forward and backward is a collective (all-gathers, reduce-
         # scatters, ZeRO's reduction at each backward), not only the last micro-batch's
-        self.sharded = sharded
+        self.sharded = sharding.enabled
+        self.micro_context = sharding.micro_batch  # what each micro-batch runs inside
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Backward of one micro-batch; the gradients are synchronised after the `last` one.
@@ -110,7 +112,8 @@ class StepEngine:
         for i, mb in enumerate(work):
             last = i == len(work) - 1
             quiet = last or self.deepspeed  # DeepSpeed: the boundary flag (backward)
-            with contextlib.nullcontext() if quiet else self.acc.no_sync(self.engine):
+            sync = contextlib.nullcontext() if quiet else self.acc.no_sync(self.engine)
+            with self.micro_context(), sync:
                 loss_sum, n = micro_loss(mb)
                 # x P: the wrapper averages gradients over processes, the loss is a global mean
                 loss = loss_sum * P / n_global
