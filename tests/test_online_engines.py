@@ -81,6 +81,8 @@ def runs(tiny_dir, tmp_path_factory):
     env, names = ENGINES["fsdp2"]
     plain += [_job(tiny_dir, out, f"fsdp2-{n}", env, **JOBS[n]) for n in names]
     plain.append(_job(tiny_dir, out, "fsdp2-tdpo", env, method="online_dpo", loss="tdpo1"))
+    # the uninterrupted runs a killed one is compared with, a checkpoint at every step
+    plain.append(_job(tiny_dir, out, "fsdp2-full", env, **JOBS["odpo"], **RESUMED))
     _run(out, "plain", plain, ENV)
     if has_deepspeed:
         zero = [
@@ -90,6 +92,7 @@ def runs(tiny_dir, tmp_path_factory):
         ]
         zero.append(_job(tiny_dir, out, "zero2-ties", zero_env(2), method="online_dpo",
                          judge="online_helpers:all_tie", save_every=1))  # fmt: skip
+        zero.append(_job(tiny_dir, out, "zero3-full", zero_env(3), **JOBS["odpo"], **RESUMED))
         _run(out, "zero", zero, DS_ENV)
     return out
 
@@ -116,13 +119,15 @@ def test_online_under_a_sharded_engine_equals_ddp(runs, engine, name):
 
 
 def test_a_process_without_pairs_pads_its_micro_batches(runs):
-    """Process 1's pairs all tie (grad_accum 2): it trains nothing, runs as many zero-loss
-    micro-batches as process 0 runs real ones (every forward and backward of a sharded engine
-    is a collective), and the run ends: no hang, 3 steps."""
-    for engine in ("fsdp2", "zero2", "zero3") if has_deepspeed else ("fsdp2",):
-        rows = [json.loads(x) for x in (runs / f"{engine}-idle" / "metrics.jsonl").read_text().splitlines()]  # fmt: skip
-        assert len([r for r in rows if "grad_norm" in r]) == 3, engine
-        assert all(r["pairs/ties"] >= 4 for r in rows if "pairs/ties" in r), engine
+    """Process 1's pairs all tie (grad_accum 2, 4 prompts per process): it trains nothing.
+    Under a sharded engine every forward and backward is a collective, so it runs as many
+    zero-loss micro-batches as process 0 runs real ones (2 per step); under DDP, which syncs
+    at the last backward only, one. The run ends: no hang, 3 steps."""
+    engines = ("ddp", "fsdp2", "zero2", "zero3") if has_deepspeed else ("ddp", "fsdp2")
+    for engine in engines:
+        idle = _losses(runs / f"{engine}-idle", "idle_micro_batches")
+        assert idle == [1, 1, 1] if engine == "ddp" else [2, 2, 2], (engine, idle)
+        assert _losses(runs / f"{engine}-idle", "pairs/trained") == [4, 4, 4], engine
 
 
 def test_a_zero_step_with_no_pair_anywhere_steps_nothing(runs, tiny_dir):
@@ -152,23 +157,22 @@ def test_online_tdpo_under_a_sharded_engine_is_refused_in_one_line(runs):
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
-def test_online_killed_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, engine):
+def test_online_killed_and_resumed_equals_uninterrupted(runs, tiny_dir, engine):
     """Online DPO, a checkpoint at every step: SIGKILL to both processes after checkpoint 2,
     then a resume; the same per-step losses and final/ bit-equal to the uninterrupted run
     (measured: equal to the bit, so the bound is 0). The pairs of steps 3-5 are sampled after
     the resume, from each process's restored generator."""
     _needs(engine)
     env, launch_env = (FSDP, ENV) if engine == "fsdp2" else (ENGINES["zero3"][0], DS_ENV)
-    full = [_job(tiny_dir, tmp_path, "full", env, **JOBS["odpo"], **RESUMED)]
-    _run(tmp_path, "full", full, launch_env)
-    job = [_job(tiny_dir, tmp_path, "killed", env, **JOBS["odpo"], **RESUMED)]
-    _killed_after_checkpoint_2(tmp_path, "killed", job, launch_env)
-    resume = [{"kind": "online", "env": env, "args": {"resume": str(tmp_path / "killed")}}]
-    _run(tmp_path, "resume", resume, launch_env)
-    assert not list(tmp_path.glob("killed.error-rank*"))
-    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
-    assert len(_losses(tmp_path / "full")) == RESUMED["max_steps"]
-    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "killed" / "final" / "model.safetensors")
+    full, name = runs / f"{engine}-full", f"{engine}-killed"
+    job = [_job(tiny_dir, runs, name, env, **JOBS["odpo"], **RESUMED)]
+    _killed_after_checkpoint_2(runs, name, job, launch_env)
+    resume = [{"kind": "online", "env": env, "args": {"resume": str(runs / name)}}]
+    _run(runs, f"{name}-resume", resume, launch_env)
+    assert not list(runs.glob(f"{name}.error-rank*"))
+    assert _losses(runs / name) == _losses(full)
+    assert len(_losses(full)) == RESUMED["max_steps"]
+    a = load_file(full / "final" / "model.safetensors")
+    b = load_file(runs / name / "final" / "model.safetensors")
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")

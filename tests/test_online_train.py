@@ -435,3 +435,36 @@ SLOW_ARGS = {
     "quiet": True,
     "report_to": "none",
 }
+
+
+def test_the_step_reference_table_holds_each_pairs_own_log_probs(tiny_dir, tmp_path):
+    """Online DPO computes the reference's log-probs of a step's pairs before the step (one
+    gathered phase under FSDP2/DeepSpeed): what `_loss` reads from that table, micro-batch by
+    micro-batch (grad_accum 2, pairs of unequal lengths, so the layouts differ), equals the
+    reference model's own log-probs of the same batch to the bit, and each pair's entry equals
+    the pair scored alone (float64; 1e-12)."""
+    from preftune.online.base import split_even
+    from preftune.train.entry import ONLINE_METHODS
+    from preftune.train.rundir import resolve
+
+    args = online_args(tiny_dir, tmp_path, "table", dtype="float64", grad_accum=2)
+    trainer = ONLINE_METHODS["online_dpo"](resolve(args))
+    pairs = [
+        {"prompt_ids": [5 + i] * (3 + i), "chosen_ids": [40 + i] * (2 + 2 * i),
+         "rejected_ids": [70 + i] * (4 + i % 3)}
+        for i in range(5)
+    ]  # fmt: skip
+    micro = split_even(list(range(len(pairs))), 2)
+    table = trainer._step_reference(pairs, micro)
+    device = trainer.acc.device
+    for idx in micro:
+        b = trainer._pair_batch(pairs, idx)
+        tokens = b.tokens.to(device)
+        want = trainer.reference.logps(tokens, (b.index, len(idx)))
+        assert torch.equal(table.logps(tokens, (b.index, len(idx))), want)
+    for i in range(len(pairs)):
+        b = trainer._pair_batch(pairs, [i])
+        alone = trainer.reference.logps(b.tokens.to(device), (b.index, 1))
+        got = torch.stack([table.chosen[i], table.rejected[i]])
+        torch.testing.assert_close(got, alone, rtol=0, atol=1e-12)
+    trainer.rundir.release()

@@ -117,13 +117,12 @@ class BaseTrainer:
             ],
             **ds,
         )
-        # the engine the launch asks for, decided once; online methods are refused under sharding
-        # before the model and data load
+        # the engine the launch asks for, decided once
         if deepspeed_requested():
             self.sharding = ZeroSharding(zero_stage())
         else:
             self.sharding = Sharding(fsdp_requested(self.acc))
-        self._refuse_sharded_online()
+        self._check_engine()
         torch.manual_seed(cfg.train.seed)
         self.quiet = cfg.train.quiet or not self.acc.is_main_process
         self.log_line(self.precision.line)
@@ -156,19 +155,8 @@ class BaseTrainer:
         self.guard = DivergenceGuard(t.divergence_factor)
         self.step = 0
 
-    def _refuse_sharded_online(self) -> None:
-        """Under FSDP2 and DeepSpeed an online run reads its reference only in gathered phases
-        (generation, the step's reference log-probs): a pairwise loss that reads the
-        reference's distributions beside each policy forward (TDPO) is refused there."""
-        if not self.sharding.enabled or not getattr(self, "pairwise", False):
-            return
-        if self.spec.needs_seq_kl:
-            raise TrainingError(
-                f"{self.method} with loss={self.cfg.loss.loss} reads the reference's "
-                f"distributions in every micro-batch, which an online run under "
-                f"{self.sharding.name} does not keep; use another loss or launch it with "
-                f"examples/accelerate/ddp.yaml"
-            )
+    def _check_engine(self) -> None:
+        """What a trainer refuses under the launch's engine, before the model and data load."""
 
     def _setup_step(self, cfg: Config) -> None:
         """Optimizer, schedule, the prepared engine module and the step engine."""

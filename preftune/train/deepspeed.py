@@ -204,23 +204,25 @@ class ZeroSharding(Sharding):
         self.acc, self.engine = acc, prepared
         return prepared, optimizer
 
-    def shard_frozen(self, model: torch.nn.Module, gathered_only: bool = False) -> torch.nn.Module:
-        """A frozen reference in the dtype DeepSpeed gave the policy (bf16 casts it). ZeRO-2
-        keeps the policy's parameters whole on every process, so the reference is too. ZeRO-3
-        shards the policy: the reference is partitioned over the processes (`zero.Init` on the
-        loaded model) and gathered whole where it is read: in `gathered()` phases (an online
-        run's generation and reference log-probs; evaluation) and, unless `gathered_only`, for
-        each training micro-batch (`micro_batch`: TDPO and KTO read it beside the policy)."""
+    def shard_frozen(self, model: torch.nn.Module, device, gathered_only: bool = False):
+        """A frozen reference (on the CPU) in the dtype DeepSpeed gave the policy (bf16 casts
+        it). ZeRO-2 keeps the policy's parameters whole on every process, so the reference is
+        too, on `device`. ZeRO-3 shards the policy: the reference is partitioned over the
+        processes (`zero.Init` on the loaded model, which moves each parameter to the device
+        and keeps its share) and gathered whole where it is read: in `gathered()` phases (an
+        online run's generation and reference log-probs; evaluation) and, unless
+        `gathered_only`, for each training micro-batch (`micro_batch`: TDPO and KTO read it
+        beside the policy). (Like the policy's engine, zero.Init swaps torch's linear for
+        DeepSpeed's memory-efficient one, process-wide: ZeRO-3's own choice, kept.)"""
         dtype = next(self.engine.module.parameters()).dtype
         model = model.to(dtype)
         if self.stage != 3:
-            return model
+            return model.to(device)
         from deepspeed import zero
 
         config = self.acc.state.deepspeed_plugin.deepspeed_config
-        # mem_efficient_linear would patch torch's linear for the rest of the process
-        zero.Init(module=model, config_dict_or_path=config, dtype=dtype, mem_efficient_linear=False)
-        self.modules.append(model)
+        zero.Init(module=model, config_dict_or_path=config, dtype=dtype)
+        self.frozen.append(model)
         if not gathered_only:
             self.beside.extend(model.parameters())
         return model
@@ -238,28 +240,28 @@ class ZeroSharding(Sharding):
 
         return zero.GatheredParameters(self.beside)
 
-    def _params(self) -> list[torch.nn.Parameter]:
-        """The policy's parameters and those of any reference partitioned with it."""
-        mine = list(self.engine.module.parameters()) if self.engine is not None else []
-        return mine + [p for m in self.modules for p in m.parameters()]
-
     @contextlib.contextmanager
-    def gathered(self):
-        """ZeRO-3: every parameter whole on every process until the block ends, DeepSpeed's
-        fetch hooks off meanwhile (a forward would otherwise release and re-gather each module's
-        parameters: a collective per module). Every process must enter it at the same point."""
+    def gathered(self, policy: bool = True, reference: bool = True):
+        """ZeRO-3: every parameter (of the policy, of the partitioned references: as asked)
+        whole on every process until the block ends, the policy's fetch hooks off meanwhile (a
+        forward would otherwise release and re-gather each module's parameters: a collective
+        per module). Every process must enter it at the same point."""
         if self.stage != 3 or self.engine is None:
             yield
             return
         from deepspeed import zero
 
+        params = list(self.engine.module.parameters()) if policy else []
+        params += [p for m in self.frozen for p in m.parameters()] if reference else []
         offload = self.engine.optimizer.parameter_offload
-        with zero.GatheredParameters(self._params()):
-            offload._remove_module_hooks()  # no public call turns them off
+        with zero.GatheredParameters(params):
+            if policy:
+                offload._remove_module_hooks()  # no public call turns them off
             try:
                 yield
             finally:
-                offload.setup_zero_stage3_hooks()
+                if policy:
+                    offload.setup_zero_stage3_hooks()
 
     def plain_copy(self, engine, policy):
         """On the main process, an unsharded model holding the trained weights (ZeRO-3:

@@ -85,7 +85,9 @@ def save_zero(acc, ckpt_root: Path, step: int, engine, optimizer, scheduler, sta
     first = base.state.get(flats[0], {})  # every flat group has taken the same steps
     if not first and not isinstance(base, torch.optim.SGD) and engine.global_steps > 0:
         # only plain SGD keeps no state after a step (no moments, no step count); AdamW's would
-        # be lost. Before any (an online run whose pairs all tied) there is none to keep
+        # be lost. Before any step of this process's engine (an online run whose pairs all tied;
+        # global_steps counts this process's steps, a resumed run's from 0 with its state
+        # loaded) there is none to keep
         raise ckpt.CheckpointError(
             f"{type(base).__name__} holds no state to checkpoint at step {step}; checkpoints "
             f"are written after an optimizer step"

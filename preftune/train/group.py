@@ -126,6 +126,9 @@ class GroupTrainer(ReMaxTrainer):
         denominator = aggregation_denominator(self.aggregation, n_seq, n_tok, o.max_new_tokens)
         beta_in_loss = o.kl_coef if self.method == "grpo" else 0.0
         kept: dict[int, tuple] = {}  # micro-batch -> (old logps, ref logps, advantages, kl)
+        groups = split_even(list(range(n_prompts)), t.grad_accum)  # whole groups per micro-batch
+        micro = [[g * k + j for g in gs for j in range(k)] for gs in groups]
+        ref_toks = self._reference_tokens(samples, micro, k)
 
         def micro_loss(idx):
             chosen = [samples[i] for i in idx]
@@ -147,9 +150,6 @@ class GroupTrainer(ReMaxTrainer):
             out["clipped"].append(((ratio - 1).abs() > o.clip_epsilon)[mask.bool()].double())
             return v.sum(), sum(len(s.prompt_token_ids) + len(s.token_ids) for s in chosen)
 
-        groups = split_even(list(range(n_prompts)), t.grad_accum)  # whole groups per micro-batch
-        micro = [[g * k + j for g in gs for j in range(k)] for gs in groups]
-        ref_toks = self._reference_tokens(samples, micro, k)
         for it in range(o.num_iterations):
             out: dict[str, list] = {"values": [], "kls": [], "advs": [], "clipped": []}
             with self._schedule_held(it < o.num_iterations - 1):

@@ -36,7 +36,7 @@ from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
 from preftune.train import checkpoint as ckpt
 from preftune.train.metrics import record, summarise
 from preftune.train.reference import CachedReference, ModelReference
-from preftune.train.setup import Datasets, resolve_task
+from preftune.train.setup import Datasets, TrainingError, resolve_task
 from preftune.train.trainer import Trainer
 
 
@@ -93,6 +93,18 @@ class OnlineTrainer(Trainer):
         problems = arithmetic.test_prompts()[: d.num_task_eval] if task == "arithmetic" else []
         return Datasets(ps.prompts, evald, problems, arithmetic.verify if task else None, ps.notes)
 
+    def _check_engine(self) -> None:
+        """Under FSDP2 and DeepSpeed an online run reads its reference only in gathered phases
+        (generation, the step's reference log-probs): a pairwise loss that reads the
+        reference's distributions beside each policy forward (TDPO) is refused there."""
+        if self.sharding.enabled and self.pairwise and self.spec.needs_seq_kl:
+            raise TrainingError(
+                f"{self.method} with loss={self.cfg.loss.loss} reads the reference's "
+                f"distributions in every micro-batch, which an online run under "
+                f"{self.sharding.name} does not keep; use another loss or launch it with "
+                f"examples/accelerate/ddp.yaml"
+            )
+
     def needs_reference(self) -> bool:
         """Whether reference=none is an error."""
         return True
@@ -142,9 +154,10 @@ class OnlineTrainer(Trainer):
                 ctx = model.disable_adapter()
             else:
                 model = self.reference.model
-        # FSDP2 / ZeRO-3: the weights gathered whole for the phase (processes stop at EOS after
-        # different numbers of forwards, which per-layer all-gathers could not follow)
-        with self.sharding.gathered(), ctx, self.acc.autocast():
+        # FSDP2 / ZeRO-3: the sampling model gathered whole for the phase (processes stop at
+        # EOS after different numbers of forwards, which per-layer all-gathers could not follow)
+        own = model is self.policy
+        with self.sharding.gathered(policy=own, reference=not own), ctx, self.acc.autocast():
             return generate(model, self.tokenizer, texts, cfg, batch_size=bs)
 
     def _score(self, prompts: list[dict], comps: list[Completion]) -> torch.Tensor:
@@ -160,6 +173,8 @@ class OnlineTrainer(Trainer):
         rec: dict[str, list] = {k: [] for k in ("loss", "chosen", "rejected", "lp_c", "lp_r")}
         extra: dict[str, list] = {}
         log_ratios: list[torch.Tensor] = []
+        micro = split_even(list(range(len(pairs))), self.cfg.train.grad_accum)
+        reference = self._step_reference(pairs, micro)
 
         def micro_loss(idx):
             out, logps, n = self._loss(pairs, idx, reference, train=True)
@@ -173,8 +188,6 @@ class OnlineTrainer(Trainer):
                 )
             return out.losses.sum(), n
 
-        micro = split_even(list(range(len(pairs))), self.cfg.train.grad_accum)
-        reference = self._step_reference(pairs, micro)
         metrics = self.stepper.run(self.step + 1, micro, micro_loss, n_global, self._idle_loss)
         summary = summarise(self._gather_rec(rec), self._gather_rec(extra))
         # a step without pairs (all ties) trains nothing: its loss is NaN, the rest is left out
@@ -196,7 +209,7 @@ class OnlineTrainer(Trainer):
         if self.reference is None or self.spec.needs_seq_kl:
             return self.reference
         chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
-        with self.sharding.gathered(), self.acc.autocast():
+        with self.sharding.gathered(policy=False), self.acc.autocast():
             for idx in (mb for mb in micro if len(mb)):
                 b = self._pair_batch(pairs, idx)
                 values = self.reference.logps(b.tokens.to(self.acc.device), (b.index, len(idx)))

@@ -136,7 +136,7 @@ class ReMaxTrainer(OnlineTrainer):
         if self.reference is None:  # kl_ctl = 0 and reference=none: the KL term is zero
             return {}
         out, pad, chunk = {}, self.tokenizer.pad_token_id, self.cfg.train.chunk_size
-        with self.sharding.gathered(), self.acc.autocast():
+        with self.sharding.gathered(policy=False), self.acc.autocast():
             for idx in (mb for mb in micro if len(mb)):
                 batch, _ = sample_batch([samples[i] for i in idx], k, pad, self.layout)
                 batch = batch.to(self.acc.device)
@@ -170,6 +170,8 @@ class ReMaxTrainer(OnlineTrainer):
         t, o = self.cfg.train, self.cfg.online
         n_tok = sum(self._gather_list([sum(len(s.token_ids) for s in samples)]))
         surrogate, kls, advantages = [], [], []
+        micro = split_even(list(range(len(samples))), t.grad_accum)
+        ref_toks = self._reference_tokens(samples, micro)
 
         def micro_loss(idx):
             chosen = [samples[i] for i in idx]
@@ -185,8 +187,6 @@ class ReMaxTrainer(OnlineTrainer):
             advantages.append((r - rb).clamp(-o.remax_clip_reward, o.remax_clip_reward))
             return seq_losses.sum(), sum(len(s.prompt_token_ids) + len(s.token_ids) for s in chosen)
 
-        micro = split_even(list(range(len(samples))), t.grad_accum)
-        ref_toks = self._reference_tokens(samples, micro)
         metrics = self.stepper.run(self.step + 1, micro, micro_loss, n_tok, self._idle_loss)
         local = torch.cat(surrogate).sum().item() if surrogate else 0.0
         metrics["loss"] = sum(self._gather_list([local])) / max(n_tok, 1)

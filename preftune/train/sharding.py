@@ -79,7 +79,8 @@ class Sharding:
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.modules: list[torch.nn.Module] = []  # each model sharded: the policy's engine, refs
+        self.policy: list[torch.nn.Module] = []  # the policy's sharded engine (FSDP2)
+        self.frozen: list[torch.nn.Module] = []  # each sharded reference
 
     def place(self, acc, engine: torch.nn.Module, build_optimizer):
         """(sharded engine, optimizer built on its sharded parameters). Not given to accelerate's
@@ -97,16 +98,18 @@ class Sharding:
         # the first module to run forward becomes FSDP's root; gathered() phases call the
         # decoder layers directly, so make the engine the root now (torch has no public call)
         engine._get_fsdp_state()._lazy_init()
-        self.modules.append(engine)
+        self.policy.append(engine)
 
-    def shard_frozen(self, model: torch.nn.Module, gathered_only: bool = False) -> torch.nn.Module:
-        """A frozen reference, sharded per decoder layer; its embedding, norm and LM head stay
-        whole on every process (TDPO reads the reference's LM head inside the policy's
-        forward). Each layer gathers its parameters in its forward, as the policy's do, and
-        `gathered()` gathers them all (`gathered_only`: a run that reads it only there)."""
+    def shard_frozen(self, model: torch.nn.Module, device, gathered_only: bool = False):
+        """A frozen reference, moved to `device` and sharded per decoder layer; its embedding,
+        norm and LM head stay whole on every process (TDPO reads the reference's LM head inside
+        the policy's forward). Each layer gathers its parameters in its forward, as the
+        policy's do, and `gathered()` gathers them all (`gathered_only`: a run that reads it
+        only there; the same sharding serves both)."""
+        model.to(device)
         for layer in decoder_layers(model):
             fully_shard(layer, reshard_after_forward=True)
-        self.modules.append(model)
+        self.frozen.append(model)
         return model
 
     def micro_batch(self):
@@ -115,13 +118,15 @@ class Sharding:
         return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def gathered(self):
-        """Every sharded parameter whole on every process until the block ends (see the module
-        docstring). Every process must enter it at the same point: it all-gathers."""
+    def gathered(self, policy: bool = True, reference: bool = True):
+        """Every sharded parameter (of the policy, of the references: as asked) whole on every
+        process until the block ends (see the module docstring). Every process must enter it
+        at the same point: it all-gathers."""
         if not self.enabled:
             yield
             return
-        fsdp = [m for root in self.modules for m in root.modules() if isinstance(m, FSDPModule)]
+        roots = (self.policy if policy else []) + (self.frozen if reference else [])
+        fsdp = [m for root in roots for m in root.modules() if isinstance(m, FSDPModule)]
         for m in fsdp:
             m.unshard()
             m.set_reshard_after_forward(False, recurse=False)

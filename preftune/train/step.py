@@ -102,12 +102,15 @@ class StepEngine:
         the examples of the whole step over all processes, so accumulation over micro-batches
         and averaging over processes give the full batch's mean. A process with nothing to
         train this step still joins the gradient sync through `idle_loss()` (a forward
-        through the engine, multiplied by 0)."""
+        through the engine, multiplied by 0), and under a sharded engine a process pads its
+        micro-batches with such zero-loss ones to the busiest process's count (`_idle_counts`);
+        the metrics then hold `idle_micro_batches`, summed over the processes."""
         P, start, ntok = self.acc.num_processes, time.perf_counter(), 0
         work = [mb for mb in micro if len(mb)]
-        idle = self._idle_count(len(work), n_global, idle_loss is not None)
-        for i in range(idle):  # (no pairs anywhere: no gradients, as 1 process)
-            self.backward(idle_loss() * 0.0, last=i == idle - 1 and not work)
+        idle, idle_total = self._idle_counts(len(work), n_global, idle_loss is not None)
+        for i in range(idle):
+            with self.micro_context():
+                self.backward(idle_loss() * 0.0, last=i == idle - 1 and not work)
         bad = None
         for i, mb in enumerate(work):
             last = i == len(work) - 1
@@ -139,26 +142,31 @@ class StepEngine:
         self.scheduler.step()
         elapsed = time.perf_counter() - start
         tokens = self.acc.reduce(torch.tensor(float(ntok), device=self.acc.device), "sum")
-        return {
+        metrics = {
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens_per_second": float(tokens) / max(elapsed, 1e-9),
             "step_time": elapsed,
         }
+        if idle_total is not None:
+            metrics["idle_micro_batches"] = idle_total
+        return metrics
 
-    def _idle_count(self, mine: int, n_global: int, can_idle: bool) -> int:
-        """Backwards of `idle_loss` this process adds before its own: one where it has nothing
-        to train and the others wait in the gradient sync (DDP syncs at the last backward
-        only); under a sharded engine as many as it has fewer micro-batches than the busiest
-        process, since there every forward and backward is a collective. Online steps only:
-        offline micro-batches are equal everywhere (`can_idle` is False there)."""
+    def _idle_counts(self, mine: int, n_global: int, can_idle: bool) -> tuple[int, int | None]:
+        """(backwards of `idle_loss` this process runs before its own, their sum over the
+        processes; None where no process could idle). One where this process has nothing to
+        train while others wait in the gradient sync (DDP syncs at the last backward only);
+        under a sharded engine as many as it has fewer micro-batches than the busiest process,
+        since there every forward and backward is a collective. Online steps only: offline
+        micro-batches are equal everywhere (`can_idle` is False there)."""
         P = self.acc.num_processes
-        if P == 1 or n_global == 0 or not can_idle:
-            return 0
-        if not self.sharded:
-            return 1 if mine == 0 else 0
-        most = self.acc.reduce(torch.tensor(mine, device=self.acc.device), "max")
-        return int(most) - mine
+        if P == 1 or not can_idle:
+            return 0, None
+        if n_global == 0:  # no pairs anywhere: no gradients, as on one process
+            return 0, 0
+        counts = self.acc.gather(torch.tensor([mine], device=self.acc.device)).tolist()
+        pads = [max(counts) - c if self.sharded else int(c == 0) for c in counts]
+        return pads[self.acc.process_index], sum(pads)
 
     def clip_and_check(self, step: int) -> float:
         """The gradient norm (before clipping) of the finished gradients, clipped to

@@ -84,22 +84,21 @@ class Trainer(BaseTrainer):
 
     def _sharded_reference(self, mode: str, gathered_only: bool) -> ModelReference:
         """The reference under FSDP2 or DeepSpeed: sharded too, never whole per process where
-        the policy is sharded. LoRA's adapter-off forward would run outside the sharded module,
-        so its reference is the base model loaded again (the same weights: the adapter starts
-        at zero). `gathered_only`: the run reads it only inside `sharding.gathered()` phases."""
+        the policy is sharded (ZeRO-2 keeps both whole). LoRA's adapter-off forward would run
+        outside the sharded module, so its reference is the base model loaded again (the same
+        weights: the adapter starts at zero). `gathered_only`: the run reads it only inside
+        `sharding.gathered()` phases."""
         if mode == "lora":
-            self.log_line(
-                f"reference: under {self.sharding.name}, the base model loaded again and sharded"
-            )
-        frozen = self.sharding.shard_frozen(self._load_frozen(), gathered_only)
+            self.log_line(f"reference: under {self.sharding.name}, the base model loaded again")
+        frozen = self.sharding.shard_frozen(self._load_frozen(), self.acc.device, gathered_only)
         return ModelReference(frozen, "same", self.cfg.train.chunk_size)
 
     def _load_frozen(self):
         """The reference under sharding: the policy's starting weights, loaded again (a
-        sharded policy cannot be copied), frozen."""
+        sharded policy cannot be copied) on the CPU, frozen; `shard_frozen` places it."""
         m = self.cfg.model
         model = load_causal_lm(m.model, getattr(torch, m.dtype), m.trust_remote_code)
-        return model.to(self.acc.device).eval().requires_grad_(False)
+        return model.eval().requires_grad_(False)
 
     def _precompute(self) -> dict[str, torch.Tensor]:
         d, t = self.cfg.data, self.cfg.train
