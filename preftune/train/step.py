@@ -131,15 +131,7 @@ class StepEngine:
         if P > 1 and (bad := next((b for b in gather_object([bad]) if b), None)):
             raise DivergedError(step, bad)
         lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses
-        if self.deepspeed and n_global == 0:  # no backward anywhere: nothing to step, as torch's
-            grad_norm = 0.0  # optimizers skip parameters without gradients (ZeRO would fail)
-        elif self.deepspeed:
-            grad_norm = self.deepspeed_step(step)
-        else:
-            grad_norm = self.clip_and_check(step)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        grad_norm = self.update(step, trained=n_global > 0)
         elapsed = time.perf_counter() - start
         tokens = self.acc.reduce(torch.tensor(float(ntok), device=self.acc.device), "sum")
         metrics = {
@@ -167,6 +159,22 @@ class StepEngine:
         counts = self.acc.gather(torch.tensor([mine], device=self.acc.device)).tolist()
         pads = [max(counts) - c if self.sharded else int(c == 0) for c in counts]
         return pads[self.acc.process_index], sum(pads)
+
+    def update(self, step: int, trained: bool) -> float:
+        """The optimizer and scheduler step on the finished gradients; their norm before
+        clipping. A step where no process `trained` anything runs no backward: under DeepSpeed
+        nothing is stepped (ZeRO would fail without gradients), as torch's optimizers skip
+        parameters without gradients."""
+        if self.deepspeed and not trained:
+            grad_norm = 0.0
+        elif self.deepspeed:
+            grad_norm = self.deepspeed_step(step)
+        else:
+            grad_norm = self.clip_and_check(step)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return grad_norm
 
     def clip_and_check(self, step: int) -> float:
         """The gradient norm (before clipping) of the finished gradients, clipped to
