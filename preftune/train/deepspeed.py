@@ -18,9 +18,10 @@ parameter of the module (gathered for its forward). Forwards outside the prepare
 every parameter gathered once on every process, DeepSpeed's per-module fetch hooks off until
 the phase ends (the memory of one whole model per process, for that phase only); processes with
 unequal shares of that work would otherwise wait on each other's all-gathers for ever. A frozen
-reference is partitioned too (`zero.Init` on the loaded model) and gathered with the policy in
-those phases (an online run's generation and reference log-probs); TDPO and KTO, which read it
-beside each policy forward, gather it whole for each micro-batch (`ZeroSharding.micro_batch`).
+reference is partitioned too (`zero.Init` on the loaded model) and gathered in those phases, alone
+where only it is read (an online step's reference log-probs; generation gathers the model it
+samples); TDPO and KTO, which read it beside each policy forward, gather it whole for each
+micro-batch (`ZeroSharding.micro_batch`).
 """
 
 from __future__ import annotations
@@ -204,7 +205,9 @@ class ZeroSharding(Sharding):
         self.acc, self.engine = acc, prepared
         return prepared, optimizer
 
-    def shard_frozen(self, model: torch.nn.Module, device, gathered_only: bool = False):
+    def shard_frozen(
+        self, model: torch.nn.Module, device: torch.device, gathered_only: bool = False
+    ) -> torch.nn.Module:
         """A frozen reference (on the CPU) in the dtype DeepSpeed gave the policy (bf16 casts
         it). ZeRO-2 keeps the policy's parameters whole on every process, so the reference is
         too, on `device`. ZeRO-3 shards the policy: the reference is partitioned over the
@@ -220,6 +223,8 @@ class ZeroSharding(Sharding):
             return model.to(device)
         from deepspeed import zero
 
+        for b in model.buffers():  # zero.Init moves the parameters only (rotary tables stay)
+            b.data = b.data.to(device)
         config = self.acc.state.deepspeed_plugin.deepspeed_config
         zero.Init(module=model, config_dict_or_path=config, dtype=dtype)
         self.frozen.append(model)

@@ -100,7 +100,9 @@ class Sharding:
         engine._get_fsdp_state()._lazy_init()
         self.policy.append(engine)
 
-    def shard_frozen(self, model: torch.nn.Module, device, gathered_only: bool = False):
+    def shard_frozen(
+        self, model: torch.nn.Module, device: torch.device, gathered_only: bool = False
+    ) -> torch.nn.Module:
         """A frozen reference, moved to `device` and sharded per decoder layer; its embedding,
         norm and LM head stay whole on every process (TDPO reads the reference's LM head inside
         the policy's forward). Each layer gathers its parameters in its forward, as the
@@ -127,6 +129,7 @@ class Sharding:
             return
         roots = (self.policy if policy else []) + (self.frozen if reference else [])
         fsdp = [m for root in roots for m in root.modules() if isinstance(m, FSDPModule)]
+        frozen = {id(m) for root in self.frozen for m in root.modules()}
         for m in fsdp:
             m.unshard()
             m.set_reshard_after_forward(False, recurse=False)
@@ -135,8 +138,8 @@ class Sharding:
         finally:
             reshard = _reshard_after_forward()
             for m in fsdp:
-                m.reshard()
-                m.set_reshard_after_forward(reshard, recurse=False)
+                m.reshard()  # a reference's layers reshard after each forward (shard_frozen)
+                m.set_reshard_after_forward(id(m) in frozen or reshard, recurse=False)
                 # FSDP records each forward's order for the next backward's prefetch and clears
                 # it after that backward; these forwards have none, and processes with unequal
                 # shares would prefetch different all-gathers there (a hang). No public call.
