@@ -25,6 +25,7 @@ import torch
 from preftune.compiling import eager
 from preftune.layouts import shared_prefix_length
 from preftune.logps import cache_argument
+from preftune.prepacked import prepacked_linears
 
 
 @dataclass(frozen=True)
@@ -176,16 +177,19 @@ def generate(
     was_training = model.training
     model.eval()
     out: list[Completion] = []
+    # compile=true: decoding with a KV cache stays uncompiled; on CPU the linear layers run on
+    # weights prepacked for oneDNN (preftune/prepacked.py), packed once for the call
+    hint = min(step, len(prompts)) * cfg.num_return_sequences
     try:
-        for start in range(0, len(prompts), step):
-            rows = encoded[start : start + step]
-            with eager():  # compile=true: decoding with a KV cache stays uncompiled
+        with eager(), prepacked_linears([model], hint):
+            for start in range(0, len(prompts), step):
+                rows = encoded[start : start + step]
                 new = _generate_rows(model, rows, cfg, eos, pad_id)
-            for j, toks in enumerate(new):
-                local = j // cfg.num_return_sequences  # HF repeats each prompt n times in place
-                kept, has_eos = truncate_at_eos(toks, eos)
-                text = tokenizer.decode(kept, skip_special_tokens=True)
-                out.append(Completion(text, kept, has_eos, start + local, list(rows[local])))
+                for j, toks in enumerate(new):
+                    local = j // cfg.num_return_sequences  # HF repeats each prompt n times
+                    kept, has_eos = truncate_at_eos(toks, eos)
+                    text = tokenizer.decode(kept, skip_special_tokens=True)
+                    out.append(Completion(text, kept, has_eos, start + local, list(rows[local])))
     finally:
         model.train(was_training)
     return out

@@ -29,6 +29,7 @@ from preftune.generation import (
 )
 from preftune.logps import cache_argument
 from preftune.online.mixture import filter_logprobs, mixture_logprobs
+from preftune.prepacked import prepacked_linears
 
 
 class _Stream:
@@ -132,17 +133,20 @@ def generate_mixture(
     for m in models:
         m.eval()
     step, k, out = batch_size or len(prompts), cfg.num_return_sequences, []
+    hint = min(step, len(prompts)) * k
     try:
-        for start in range(0, len(prompts), step):
-            rows = encoded[start : start + step]
-            with eager():  # compile=true: decoding with a KV cache stays uncompiled
+        # compile=true: decoding with a KV cache stays uncompiled; on CPU both models' linear
+        # layers run on weights prepacked for oneDNN (preftune/prepacked.py)
+        with eager(), prepacked_linears(models, hint):
+            for start in range(0, len(prompts), step):
+                rows = encoded[start : start + step]
                 new, _ = mixture_rows(
                     policy, reference, rows, cfg, mixture_beta, eos, pad_id, reference_context
                 )
-            for j, toks in enumerate(new.tolist()):
-                kept, has_eos = truncate_at_eos(toks, eos)
-                text = tokenizer.decode(kept, skip_special_tokens=True)
-                out.append(Completion(text, kept, has_eos, start + j // k, list(rows[j // k])))
+                for j, toks in enumerate(new.tolist()):
+                    kept, has_eos = truncate_at_eos(toks, eos)
+                    text = tokenizer.decode(kept, skip_special_tokens=True)
+                    out.append(Completion(text, kept, has_eos, start + j // k, list(rows[j // k])))
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)

@@ -1,0 +1,126 @@
+"""Decoding on weights prepacked for oneDNN (preftune/prepacked.py): the packed layers compute
+F.linear's products (fp32, and bf16 under CPU autocast), the layers are restored after the
+call, generation returns the tokens of an unpacked call, and what must not be packed is not."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from online_helpers import EOS, PAD, word_tokenizer
+
+from preftune import prepacked
+from preftune.generation import SamplingConfig, generate
+from preftune.generation_mixture import generate_mixture
+from preftune.models import tiny_causal_lm
+from preftune.prepacked import prepacked_linears
+
+pytestmark = pytest.mark.skipif(
+    not prepacked.available(), reason="this torch has no oneDNN prepacked linear ops"
+)
+
+PROMPTS = ["a", "one plus two equals", "b c d e f g h"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_causal_lm(
+        len(tok), seed=0, hidden_size=32, layers=2, heads=2, eos_token_id=EOS, pad_token_id=PAD
+    )
+
+
+def _linears(model):
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_layer_computes_f_linear(bias):
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 80, bias=bias)
+    for shape in [(5, 48), (2, 7, 48), (1, 48)]:  # 2-D, 3-D, and row counts other than the hint
+        x = torch.randn(*shape)
+        with prepacked_linears([layer], rows=16) as n:
+            got = layer(x)
+        assert n == 1
+        torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert "forward" not in layer.__dict__  # the class's forward again
+
+
+def test_packed_layer_under_bf16_autocast_computes_what_autocast_would():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = layer(x)
+        with prepacked_linears([layer], rows=3):
+            got = layer(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    # the same bf16 operands, products summed in fp32 in another order: one bf16 rounding apart
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_what_is_packed_and_what_is_not(model, monkeypatch):
+    with prepacked_linears([model, model], rows=4) as n:  # a module listed twice packs once
+        assert n == len(_linears(model)) > 0
+        assert all("forward" in m.__dict__ for m in _linears(model))
+    assert not any("forward" in m.__dict__ for m in _linears(model))
+    wide = torch.nn.Linear(4, 4).double()  # fp64 stays on the plain call
+    with prepacked_linears([wide], rows=4) as n:
+        assert n == 0
+    monkeypatch.setenv(prepacked.ENV, "0")
+    with prepacked_linears([model], rows=4) as n:
+        assert n == 0
+
+
+def test_layers_are_restored_when_the_call_fails(model):
+    with pytest.raises(RuntimeError, match="boom"):
+        with prepacked_linears([model], rows=4):
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in _linears(model))
+
+
+def _greedy_gaps(model, tok, prompts, steps):
+    """The smallest gap between the two largest logits over plain greedy decoding: the packed
+    call must give the same tokens only where no two logits tie to within fp32 rounding."""
+    gaps = []
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        for _ in range(steps):
+            with torch.no_grad():
+                top = model(torch.tensor([ids])).logits[0, -1].topk(2).values
+            gaps.append(float(top[0] - top[1]))
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return min(gaps)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generation_gives_the_tokens_of_an_unpacked_call(model, tok, monkeypatch, do_sample):
+    cfg = SamplingConfig(
+        do_sample=do_sample, max_new_tokens=6, num_return_sequences=2 if do_sample else 1
+    )
+    if not do_sample:
+        assert _greedy_gaps(model, tok, PROMPTS, 6) > 1e-4
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(prepacked.ENV, flag)
+        torch.manual_seed(3)
+        runs[flag] = [c.token_ids for c in generate(model, tok, PROMPTS, cfg)]
+    assert runs["0"] == runs["1"]
+    assert not any("forward" in m.__dict__ for m in _linears(model))
+
+
+def test_mixture_sampler_gives_the_tokens_of_an_unpacked_call(model, tok, monkeypatch):
+    reference = tiny_causal_lm(
+        len(tok), seed=1, hidden_size=32, layers=2, heads=2, eos_token_id=EOS, pad_token_id=PAD
+    )
+    cfg = SamplingConfig(max_new_tokens=5, num_return_sequences=2)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(prepacked.ENV, flag)
+        torch.manual_seed(4)
+        got = generate_mixture(model, reference, tok, PROMPTS, cfg, mixture_beta=0.25)
+        runs[flag] = [c.token_ids for c in got]
+    assert runs["0"] == runs["1"]
