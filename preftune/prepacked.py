@@ -1,31 +1,36 @@
 """Decoding on CPU with each linear layer's weight prepacked for oneDNN.
 
 A decode step multiplies a few rows (the batch: 16-32 in W5) by every weight once per token.
-At that shape torch's default CPU GEMM for fp32 (MKL) runs far below the machine's matmul
-rate; oneDNN with the weight reordered once into its blocked layout runs it ~2x faster, the
-LM head ~3x (measured on the AMD EPYC hosts of these sessions, docs/online.md). The pair of
-ops is torch's own, the one its CPU inference passes use for a frozen linear layer
-(`torch.ops.mkldnn._reorder_linear_weight`, `torch.ops.mkldnn._linear_pointwise`).
+At that shape torch's default CPU GEMM for fp32 (MKL) runs well below the machine's matmul
+rate on the AMD hosts measured (docs/online.md "Generation", `benchmarks/decode_ab.py`);
+oneDNN with the weight reordered once into its blocked layout runs it faster, the LM head
+most. The pair of ops is torch's own, the one its CPU inference passes use for a frozen linear
+layer (`torch.ops.mkldnn._reorder_linear_weight`, `torch.ops.mkldnn._linear_pointwise`).
 
 The weights change after every optimizer step, so `prepacked_linears` packs them for one
-generation call and releases them after it (one packed copy of the linear weights lives for
-the call: ~0.2 s to pack SmolLM2-135M). The products are the same fp32 (or, under CPU bf16
+generation call and releases them after it: for the call, one more copy of the linear weights
+(fp32; bf16 under bf16 autocast) is held. The products are the same fp32 (or, under CPU bf16
 autocast, the same bf16) products as `F.linear`'s, in another summation order: the sampled
-tokens equal an unpacked call's unless two logits tie to within fp32 rounding
+tokens equal an unpacked call's unless two logits tie to within that rounding
 (tests/test_prepacked.py).
 
-It applies on CPU to plain `nn.Linear` modules (peft's base layers included) whose weights are
-whole local fp32 tensors; anything else (CUDA, fp64, a sharded DTensor or a ZeRO-3 partition,
-a torch without these ops) keeps the plain call. `PREFTUNE_PREPACK=0` switches it off.
+It applies on CPU to plain `nn.Linear` modules (peft's base and adapter layers included) whose
+weights are whole local fp32 tensors: on one process, under DDP, and inside the gathered phase
+in which FSDP2 and ZeRO-3 generate (there the gathered weights are packed; outside it a DTensor
+shard or a ZeRO-3 partition is left alone). The plain call stays for CUDA, fp64, autocast in
+another dtype than bf16 or on a CPU without oneDNN bf16, a call that needs gradients, an
+autocast state other than the one packed for, a module whose `forward` was set on the instance
+(accelerate's hooks, an outer call), and a torch without these ops. `PREFTUNE_PREPACK=0`
+(false/no/off) switches it off.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from torch import nn
 
 ENV = "PREFTUNE_PREPACK"
@@ -33,15 +38,15 @@ ENV = "PREFTUNE_PREPACK"
 
 def available() -> bool:
     """Whether this torch has the oneDNN prepacked linear ops and they are not switched off."""
-    if os.environ.get(ENV, "1") == "0" or not torch.backends.mkldnn.is_available():
+    if not parse_flag_from_env(ENV, default=True) or not torch.backends.mkldnn.is_available():
         return False
     ops = torch.ops.mkldnn
     return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
 
 
 def _packable(module: nn.Module) -> bool:
-    if type(module) is not nn.Linear:
-        return False
+    if type(module) is not nn.Linear or "forward" in module.__dict__:
+        return False  # a forward set on the instance (accelerate's hooks, an outer call) stays
     w = module.weight
     return (
         type(w) in (nn.Parameter, torch.Tensor)
@@ -54,21 +59,30 @@ def _packable(module: nn.Module) -> bool:
     )
 
 
+def _autocast() -> torch.dtype | None:
+    """The CPU autocast dtype in force, or None."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+
 @contextlib.contextmanager
 def prepacked_linears(models: Iterable[nn.Module], rows: int) -> Iterator[int]:
     """Inside: every packable linear layer of `models` runs on its weight packed for `rows`-row
-    products (a layout hint; other row counts give the same results). Yields how many layers
-    were packed (0 where it does not apply). Not for training: the packed forward has no
-    gradient and reads the weights as they were when packing."""
+    products (a layout hint; other row counts give the same results), under the CPU autocast
+    state in force on entry. Yields how many layers were packed (0 where it does not apply).
+    For calls without gradient: one that needs them takes the plain call; the packed weights
+    are the weights as they were on entry."""
+    low = _autocast()
+    bf16_ok = low is None or (
+        low == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
     layers = []
-    if available():
+    if bf16_ok and available():
         seen = set()
         for model in models:
             for m in model.modules():
                 if id(m) not in seen and _packable(m):
                     seen.add(id(m))
                     layers.append(m)
-    low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
     try:
         for m in layers:
             m.forward = _pack(m, rows, low)
@@ -78,7 +92,9 @@ def prepacked_linears(models: Iterable[nn.Module], rows: int) -> Iterator[int]:
             m.__dict__.pop("forward", None)
 
 
-def _pack(m: nn.Linear, rows: int, low: torch.dtype | None):
+def _pack(
+    m: nn.Linear, rows: int, low: torch.dtype | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     weight = m.weight.detach()
     bias = None if m.bias is None else m.bias.detach()
     if low is not None:  # autocast: the products autocast would run, in its dtype
@@ -86,11 +102,14 @@ def _pack(m: nn.Linear, rows: int, low: torch.dtype | None):
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, max(1, rows))
     linear = torch.ops.mkldnn._linear_pointwise
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if low is not None:
-            x = x.to(low)
-        elif x.dtype != torch.float32:  # the plain call decides (F.linear refuses mixed dtypes)
-            return nn.Linear.forward(m, x)
-        return linear(x, packed, bias, "none", [], "")
+    def forward(input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name
+        plain = (
+            _autocast() != low  # autocast switched inside the call
+            or (low is None and input.dtype != torch.float32)  # F.linear decides (mixed dtypes)
+            or (torch.is_grad_enabled() and (input.requires_grad or m.weight.requires_grad))
+        )
+        if plain:
+            return nn.Linear.forward(m, input)
+        return linear(input if low is None else input.to(low), packed, bias, "none", [], "")
 
     return forward

@@ -32,6 +32,16 @@ def model(tok):
     )
 
 
+REAL_PACK = prepacked._pack
+
+
+def _count_packing(monkeypatch) -> list:
+    """A list that gets one entry per layer packed from now on."""
+    calls: list = []
+    monkeypatch.setattr(prepacked, "_pack", lambda *a: calls.append(a) or REAL_PACK(*a))
+    return calls
+
+
 def _linears(model):
     return [m for m in model.modules() if type(m) is torch.nn.Linear]
 
@@ -70,9 +80,43 @@ def test_what_is_packed_and_what_is_not(model, monkeypatch):
     wide = torch.nn.Linear(4, 4).double()  # fp64 stays on the plain call
     with prepacked_linears([wide], rows=4) as n:
         assert n == 0
-    monkeypatch.setenv(prepacked.ENV, "0")
+
+
+def test_calls_the_packing_does_not_fit_take_the_plain_call():
+    """With gradients wanted, or autocast switched inside the call, the layer computes what the
+    plain layer would, gradients included."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 6)
+    x = torch.randn(3, 8, requires_grad=True)
+    with prepacked_linears([layer], rows=3):
+        layer(x).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = layer(x.detach())
+    assert x.grad is not None and layer.weight.grad is not None
+    torch.testing.assert_close(layer.weight.grad, x.detach().sum(0).expand(6, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(inside, layer(x.detach()))  # bf16, as autocast's own
+
+
+@pytest.mark.parametrize("value", ["0", "false", "off"])
+def test_the_switch_turns_packing_off(model, monkeypatch, value):
+    monkeypatch.setenv(prepacked.ENV, value)
     with prepacked_linears([model], rows=4) as n:
         assert n == 0
+
+
+def test_a_forward_set_on_the_instance_is_left_alone(model):
+    """accelerate's hooks set `forward` on the instance; a nested call finds the outer's."""
+    hooked = torch.nn.Linear(4, 4)
+    hooked.forward = own = lambda x: x
+    with prepacked_linears([hooked], rows=2) as n:
+        assert n == 0 and hooked.forward is own
+    assert hooked.forward is own
+    with prepacked_linears([model], rows=4) as outer:
+        with prepacked_linears([model], rows=4) as inner:
+            assert inner == 0
+        assert all("forward" in m.__dict__ for m in _linears(model))  # the outer's, still there
+    assert outer > 0 and not any("forward" in m.__dict__ for m in _linears(model))
 
 
 def test_layers_are_restored_when_the_call_fails(model):
@@ -103,12 +147,15 @@ def test_generation_gives_the_tokens_of_an_unpacked_call(model, tok, monkeypatch
     )
     if not do_sample:
         assert _greedy_gaps(model, tok, PROMPTS, 6) > 1e-4
-    runs = {}
+    runs, packed = {}, {}
     for flag in ("0", "1"):
         monkeypatch.setenv(prepacked.ENV, flag)
+        calls = _count_packing(monkeypatch)
         torch.manual_seed(3)
         runs[flag] = [c.token_ids for c in generate(model, tok, PROMPTS, cfg)]
+        packed[flag] = len(calls)
     assert runs["0"] == runs["1"]
+    assert packed == {"0": 0, "1": len(_linears(model))}  # the packed call did run packed
     assert not any("forward" in m.__dict__ for m in _linears(model))
 
 
@@ -117,10 +164,33 @@ def test_mixture_sampler_gives_the_tokens_of_an_unpacked_call(model, tok, monkey
         len(tok), seed=1, hidden_size=32, layers=2, heads=2, eos_token_id=EOS, pad_token_id=PAD
     )
     cfg = SamplingConfig(max_new_tokens=5, num_return_sequences=2)
-    runs = {}
+    runs, packed = {}, {}
     for flag in ("0", "1"):
         monkeypatch.setenv(prepacked.ENV, flag)
+        calls = _count_packing(monkeypatch)
         torch.manual_seed(4)
         got = generate_mixture(model, reference, tok, PROMPTS, cfg, mixture_beta=0.25)
         runs[flag] = [c.token_ids for c in got]
+        packed[flag] = len(calls)
     assert runs["0"] == runs["1"]
+    assert packed == {"0": 0, "1": len(_linears(model)) + len(_linears(reference))}
+
+
+def test_lora_generation_gives_the_tokens_of_an_unpacked_call(tok, monkeypatch):
+    peft = pytest.importorskip("peft")
+    base = tiny_causal_lm(
+        len(tok), seed=2, hidden_size=32, layers=2, heads=2, eos_token_id=EOS, pad_token_id=PAD
+    )
+    lora = peft.get_peft_model(
+        base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
+    cfg = SamplingConfig(max_new_tokens=5, num_return_sequences=2)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(prepacked.ENV, flag)
+        torch.manual_seed(5)
+        runs[flag] = [c.token_ids for c in generate(lora, tok, PROMPTS, cfg)]
+        with lora.disable_adapter():
+            torch.manual_seed(5)
+            runs[flag + "off"] = [c.token_ids for c in generate(lora, tok, PROMPTS, cfg)]
+    assert runs["0"] == runs["1"] and runs["0off"] == runs["1off"]
