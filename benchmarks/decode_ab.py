@@ -1,6 +1,6 @@
 """Decoding on prepacked oneDNN weights against the plain linear layers (preftune/prepacked.py).
 
-    python benchmarks/decode_ab.py [--reps 3] [--threads 2] [--ks 2,4]
+    python benchmarks/decode_ab.py [--reps 3] [--threads 2] [--ks 2,4] [--bf16]
 
 Two in-process A/Bs, each alternating the two settings after a warm-up (ratios within one run,
 BENCHMARK.md; not a W-workload figure):
@@ -12,6 +12,8 @@ BENCHMARK.md; not a W-workload figure):
 2. `preftune.generation.generate` on W5's first 8 prompts (the bundled arithmetic training
    prompts), k samples each, 16 new tokens, temperature 0.9, `PREFTUNE_PREPACK=0` against 1 under
    the same seed per repetition: median seconds a call, and whether the tokens are equal.
+`--bf16` runs both under CPU bf16 autocast (what `bf16=auto` gives on a CPU with bf16 units).
+It also prints what packing the model's linear layers once costs (median of the repetitions).
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def generate_ab(reps: int, ks: list[int]) -> None:
     tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir)
     spec = {"model": model_dir, "steps": 1, "prompts_per_step": 8}
     texts = [p["text"] for p in _prompts(spec)]
+    costs = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        with prepacked.prepacked_linears([model], 16) as n:
+            costs.append(time.perf_counter() - t)
+    print(f"packing the model's {n} linear layers: {statistics.median(costs):.3f} s")
     for k in ks:
         cfg = SamplingConfig(temperature=0.9, max_new_tokens=16, num_return_sequences=k)
         times: dict[str, list[float]] = {"0": [], "1": []}
@@ -102,12 +110,14 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ks", default="2,4", help="samples per prompt, comma-separated")
+    ap.add_argument("--bf16", action="store_true", help="under CPU bf16 autocast")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not prepacked.available():
         sys.exit("this torch has no oneDNN prepacked linear ops (or PREFTUNE_PREPACK=0)")
-    layer_ab(args.reps)
-    generate_ab(args.reps, [int(k) for k in args.ks.split(",")])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        layer_ab(args.reps)
+        generate_ab(args.reps, [int(k) for k in args.ks.split(",")])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from preftune.data.tokenize import render_prompt
 from preftune.diagnostics import segment_changes, segment_sums, shared_lengths
 from preftune.generation import SamplingConfig, generate
 from preftune.logps import token_logps
+from preftune.prepacked import prepacked_linears
 
 
 def greedy_completions(
@@ -28,10 +29,11 @@ def greedy_completions(
     cfg = SamplingConfig(max_new_tokens=max_new_tokens).greedy()
     texts = [render_prompt(tokenizer, p) for p in prompts]
     out: list[str] = []
-    for s in tqdm(
-        range(0, len(texts), batch_size), desc=desc, disable=quiet or desc is None, leave=False
-    ):
-        out += [c.text for c in generate(model, tokenizer, texts[s : s + batch_size], cfg)]
+    with prepacked_linears([model], batch_size):  # packed once, not once per batch
+        for s in tqdm(
+            range(0, len(texts), batch_size), desc=desc, disable=quiet or desc is None, leave=False
+        ):
+            out += [c.text for c in generate(model, tokenizer, texts[s : s + batch_size], cfg)]
     return out
 
 

@@ -15,33 +15,60 @@ tokens equal an unpacked call's unless two logits tie to within that rounding
 (tests/test_prepacked.py).
 
 It applies on CPU to plain `nn.Linear` modules (peft's base and adapter layers included) whose
-weights are whole local fp32 tensors: on one process, under DDP, and inside the gathered phase
-in which FSDP2 and ZeRO-3 generate (there the gathered weights are packed; outside it a DTensor
-shard or a ZeRO-3 partition is left alone). The plain call stays for CUDA, fp64, autocast in
-another dtype than bf16 or on a CPU without oneDNN bf16, a call that needs gradients, an
-autocast state other than the one packed for, a module whose `forward` was set on the instance
-(accelerate's hooks, an outer call), and a torch without these ops. `PREFTUNE_PREPACK=0`
-(false/no/off) switches it off.
+weights are whole local fp32 tensors: on one process, under DDP and DeepSpeed ZeRO-2, and inside
+the gathered phase in which FSDP2 generates (its unsharded weights are plain tensors then, and
+are packed). A ZeRO-3 parameter (it keeps its `ds_id` when gathered) and a DTensor shard are
+left alone. The plain call stays for CUDA, fp64, autocast in another dtype than bf16 or on a
+CPU without oneDNN bf16, a call that needs gradients (the input's, the weight's or the bias's),
+an autocast state other than the one packed for, a module whose `forward` was set on the
+instance (accelerate's hooks, an outer call), and a torch without these ops.
+`PREFTUNE_PREPACK=0` (or false/no/off) switches it off; a value that is not a switch is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from accelerate.utils import parse_flag_from_env
 from torch import nn
+
+from preftune.errors import ConfigError
 
 ENV = "PREFTUNE_PREPACK"
 
 
+OFF, ON = ("0", "false", "no", "off"), ("", "1", "true", "yes", "on")
+
+
+def switched_on() -> bool:
+    """`PREFTUNE_PREPACK`: unset or 1/true/yes/on packs, 0/false/no/off does not."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value not in OFF + ON:
+        raise ConfigError(
+            f"{ENV}={os.environ[ENV]!r} is not a switch, in the environment; "
+            f"set it to 1 (pack the weights for decoding, the default) or 0 (plain layers)"
+        )
+    return value in ON
+
+
 def available() -> bool:
-    """Whether this torch has the oneDNN prepacked linear ops and they are not switched off."""
-    if not parse_flag_from_env(ENV, default=True) or not torch.backends.mkldnn.is_available():
+    """Whether decoding packs: switched on, and this torch has the oneDNN prepacked linear ops."""
+    if not switched_on() or not torch.backends.mkldnn.is_available():
         return False
     ops = torch.ops.mkldnn
     return hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")
+
+
+def describe(device: torch.device) -> str:
+    """One line for a run's log: how its decoding runs the linear layers on `device`."""
+    if device.type != "cpu":
+        return f"decoding: plain linear layers ({device.type})"
+    if not available():
+        why = f"{ENV}={os.environ.get(ENV)}" if not switched_on() else "no oneDNN linear ops"
+        return f"decoding: plain linear layers ({why})"
+    return f"decoding: linear layers prepacked for oneDNN per call ({ENV}=0: plain)"
 
 
 def _packable(module: nn.Module) -> bool:
@@ -72,11 +99,10 @@ def prepacked_linears(models: Iterable[nn.Module], rows: int) -> Iterator[int]:
     For calls without gradient: one that needs them takes the plain call; the packed weights
     are the weights as they were on entry."""
     low = _autocast()
-    bf16_ok = low is None or (
-        low == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
     layers = []
-    if bf16_ok and available():
+    if available() and (
+        low is None or (low == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    ):
         seen = set()
         for model in models:
             for m in model.modules():
@@ -101,12 +127,13 @@ def _pack(
         weight, bias = weight.to(low), None if bias is None else bias.to(low)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, max(1, rows))
     linear = torch.ops.mkldnn._linear_pointwise
+    wants_grad = [t for t in (m.weight, m.bias) if t is not None]
 
     def forward(input: torch.Tensor) -> torch.Tensor:  # nn.Linear's argument name
         plain = (
             _autocast() != low  # autocast switched inside the call
             or (low is None and input.dtype != torch.float32)  # F.linear decides (mixed dtypes)
-            or (torch.is_grad_enabled() and (input.requires_grad or m.weight.requires_grad))
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in wants_grad + [input]))
         )
         if plain:
             return nn.Linear.forward(m, input)

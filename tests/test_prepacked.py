@@ -59,27 +59,47 @@ def test_packed_layer_computes_f_linear(bias):
     assert "forward" not in layer.__dict__  # the class's forward again
 
 
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="this CPU has no oneDNN bf16"
+)
 def test_packed_layer_under_bf16_autocast_computes_what_autocast_would():
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 96)
     x = torch.randn(3, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = layer(x)
-        with prepacked_linears([layer], rows=3):
+        with prepacked_linears([layer], rows=3) as n:
             got = layer(x)
+    assert n == 1
     assert got.dtype == want.dtype == torch.bfloat16
     # the same bf16 operands, products summed in fp32 in another order: one bf16 rounding apart
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_what_is_packed_and_what_is_not(model, monkeypatch):
+def test_what_is_packed_and_what_is_not(model):
     with prepacked_linears([model, model], rows=4) as n:  # a module listed twice packs once
         assert n == len(_linears(model)) > 0
         assert all("forward" in m.__dict__ for m in _linears(model))
     assert not any("forward" in m.__dict__ for m in _linears(model))
     wide = torch.nn.Linear(4, 4).double()  # fp64 stays on the plain call
-    with prepacked_linears([wide], rows=4) as n:
+    zero3 = torch.nn.Linear(4, 4)
+    zero3.weight.ds_id = 0  # a DeepSpeed ZeRO-3 parameter keeps its id when gathered
+    with prepacked_linears([wide, zero3], rows=4) as n:
         assert n == 0
+    with torch.autocast("cpu", dtype=torch.float16), prepacked_linears([model], rows=4) as n:
+        assert n == 0  # fp16 autocast: the plain call (oneDNN fp16 needs CPU features)
+
+
+def test_the_switch_is_checked_and_the_run_says_how_it_decodes(monkeypatch):
+    from preftune.errors import ConfigError
+
+    assert "prepacked for oneDNN" in prepacked.describe(torch.device("cpu"))
+    assert "plain" in prepacked.describe(torch.device("cuda"))
+    monkeypatch.setenv(prepacked.ENV, "0")
+    assert "PREFTUNE_PREPACK=0" in prepacked.describe(torch.device("cpu"))
+    monkeypatch.setenv(prepacked.ENV, "disable")
+    with pytest.raises(ConfigError, match="PREFTUNE_PREPACK='disable' is not a switch"):
+        prepacked.available()
 
 
 def test_calls_the_packing_does_not_fit_take_the_plain_call():
@@ -94,6 +114,10 @@ def test_calls_the_packing_does_not_fit_take_the_plain_call():
             inside = layer(x.detach())
     assert x.grad is not None and layer.weight.grad is not None
     torch.testing.assert_close(layer.weight.grad, x.detach().sum(0).expand(6, 8))
+    layer.weight.requires_grad_(False)  # a frozen weight with a trained bias (BitFit)
+    with prepacked_linears([layer], rows=3):
+        layer(x.detach()).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, torch.full((6,), 6.0))  # 3 rows, two backwards
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(inside, layer(x.detach()))  # bf16, as autocast's own
 
@@ -134,9 +158,9 @@ def _greedy_gaps(model, tok, prompts, steps):
         ids = tok(p, add_special_tokens=False)["input_ids"]
         for _ in range(steps):
             with torch.no_grad():
-                top = model(torch.tensor([ids])).logits[0, -1].topk(2).values
-            gaps.append(float(top[0] - top[1]))
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+                top = model(torch.tensor([ids])).logits[0, -1].topk(2)
+            gaps.append(float(top.values[0] - top.values[1]))
+            ids.append(int(top.indices[0]))
     return min(gaps)
 
 
@@ -185,12 +209,15 @@ def test_lora_generation_gives_the_tokens_of_an_unpacked_call(tok, monkeypatch):
         base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     )
     cfg = SamplingConfig(max_new_tokens=5, num_return_sequences=2)
-    runs = {}
+    runs, packed = {}, {}
     for flag in ("0", "1"):
         monkeypatch.setenv(prepacked.ENV, flag)
+        calls = _count_packing(monkeypatch)
         torch.manual_seed(5)
         runs[flag] = [c.token_ids for c in generate(lora, tok, PROMPTS, cfg)]
         with lora.disable_adapter():
             torch.manual_seed(5)
             runs[flag + "off"] = [c.token_ids for c in generate(lora, tok, PROMPTS, cfg)]
+        packed[flag] = len(calls)
     assert runs["0"] == runs["1"] and runs["0off"] == runs["1off"]
+    assert packed["0"] == 0 and packed["1"] == 2 * len(_linears(lora))  # base and adapters

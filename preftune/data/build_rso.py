@@ -26,6 +26,7 @@ from preftune.generation import SamplingConfig, generate
 from preftune.judges import load_judge
 from preftune.models import load_causal_lm, load_tokenizer
 from preftune.online.rso_data import RSOSelection, apply_eos_penalty, as_record, select_rso_pairs
+from preftune.prepacked import prepacked_linears
 from preftune.validation import validate_online
 
 
@@ -53,18 +54,20 @@ def generate_rso_dataset(cfg, out_path: Path) -> dict:
     step = o.generation_batch_size or 8
     counts = {"prompts": len(prompts.prompts), "pairs": 0, "ties": 0, "empty": 0}
     scores, records = [], []
-    for s in tqdm(
+    batches = tqdm(
         range(0, len(prompts.prompts), step), desc="rso", disable=cfg.train.quiet, leave=False
-    ):
-        batch = prompts.prompts[s : s + step]
-        sel, raw = _select_for_batch(model, tokenizer, judge, batch, o, gen)
-        scores += raw.tolist()
-        counts["ties"] += sel.num_ties
-        for (c, r), sc, sr in zip(sel.pairs, sel.chosen_scores, sel.rejected_scores):
-            if not c.text.strip() or not r.text.strip():
-                counts["empty"] += 1  # an empty text is not a valid record
-                continue
-            records.append(as_record(batch[c.prompt_index]["prompt"], c.text, r.text, sc, sr))
+    )
+    with prepacked_linears([model], step * o.rso_num_candidates):  # packed once, not per batch
+        for s in batches:
+            batch = prompts.prompts[s : s + step]
+            sel, raw = _select_for_batch(model, tokenizer, judge, batch, o, gen)
+            scores += raw.tolist()
+            counts["ties"] += sel.num_ties
+            for (c, r), sc, sr in zip(sel.pairs, sel.chosen_scores, sel.rejected_scores):
+                if not c.text.strip() or not r.text.strip():
+                    counts["empty"] += 1  # an empty text is not a valid record
+                    continue
+                records.append(as_record(batch[c.prompt_index]["prompt"], c.text, r.text, sc, sr))
     counts["pairs"] = len(records)
     counts["reward_mean"] = sum(scores) / max(len(scores), 1)
     out_path.parent.mkdir(parents=True, exist_ok=True)

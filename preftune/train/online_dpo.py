@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from preftune import prepacked
 from preftune.config import Config, ConfigError
 from preftune.data import arithmetic
 from preftune.data.prompts import load_prompts, user_text
@@ -77,6 +78,7 @@ class OnlineTrainer(Trainer):
         self.sample_rng = torch.Generator().manual_seed(cfg.train.seed)  # RSO's uniforms
         self.samples_path = self.run_dir / "samples.jsonl"
         self.log_line(f"{self.method}: judge {o.judge}, {len(self.data.train)} prompts")
+        self.log_line(prepacked.describe(self.acc.device))
 
     # ---- setup -----------------------------------------------------------------------------
     def load_data(self, tokenizer) -> Datasets:
