@@ -1,6 +1,6 @@
 """Decoding on prepacked oneDNN weights against the plain linear layers (preftune/prepacked.py).
 
-    python benchmarks/decode_ab.py [--reps 3] [--threads 2] [--ks 2,4] [--bf16]
+    python benchmarks/decode_ab.py [--reps 3] [--threads 2] [--ks 2,4] [--new-tokens 16] [--bf16]
 
 Two in-process A/Bs, each alternating the two settings after a warm-up (ratios within one run,
 BENCHMARK.md; not a W-workload figure):
@@ -10,7 +10,7 @@ BENCHMARK.md; not a W-workload figure):
    per shape (a decode step reads each weight from memory, not from cache), under `no_grad` as
    generation runs; median microseconds per product over the repetitions;
 2. `preftune.generation.generate` on W5's first 8 prompts (the bundled arithmetic training
-   prompts), k samples each, 16 new tokens, temperature 0.9, `PREFTUNE_PREPACK=0` against 1 under
+   prompts), k samples each, 16 new tokens (`--new-tokens`), temperature 0.9, `PREFTUNE_PREPACK=0` against 1 under
    the same seed per repetition: median seconds a call, and whether the tokens are equal.
 `--bf16` runs both under CPU bf16 autocast (what `bf16=auto` gives on a CPU with bf16 units).
 It also prints what packing the model's linear layers once costs (median of the repetitions).
@@ -71,7 +71,7 @@ def layer_ab(reps: int) -> None:
             print(f"{rows:4d}  {k:5d} -> {n:5d}  {count:6d}  {p:8.0f}  {q:9.0f}  x{p / q:.2f}")
 
 
-def generate_ab(reps: int, ks: list[int]) -> None:
+def generate_ab(reps: int, ks: list[int], new_tokens: int) -> None:
     model_dir = default_model()
     tok, model = load_tokenizer(model_dir), load_causal_lm(model_dir)
     spec = {"model": model_dir, "steps": 1, "prompts_per_step": 8}
@@ -83,7 +83,7 @@ def generate_ab(reps: int, ks: list[int]) -> None:
             costs.append(time.perf_counter() - t)
     print(f"packing the model's {n} linear layers: {statistics.median(costs):.3f} s")
     for k in ks:
-        cfg = SamplingConfig(temperature=0.9, max_new_tokens=16, num_return_sequences=k)
+        cfg = SamplingConfig(temperature=0.9, max_new_tokens=new_tokens, num_return_sequences=k)
         times: dict[str, list[float]] = {"0": [], "1": []}
         same = []
         for r in range(reps + 1):
@@ -98,7 +98,7 @@ def generate_ab(reps: int, ks: list[int]) -> None:
             same.append(tokens["0"] == tokens["1"])
         p, q = (statistics.median(times[f]) for f in ("0", "1"))
         print(
-            f"generate 8 prompts x {k}: plain {p:.2f} s, prepacked {q:.2f} s (x{p / q:.2f}); "
+            f"generate 8 prompts x {k}, {new_tokens} new tokens: plain {p:.2f} s, prepacked {q:.2f} s (x{p / q:.2f}); "
             f"each repetition {' '.join(f'{a:.2f}/{b:.2f}' for a, b in zip(times['0'], times['1']))}"
             f"; same tokens {same}"
         )
@@ -111,13 +111,16 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ks", default="2,4", help="samples per prompt, comma-separated")
     ap.add_argument("--bf16", action="store_true", help="under CPU bf16 autocast")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--no-layers", action="store_true", help="the generate A/B only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not prepacked.available():
         sys.exit("this torch has no oneDNN prepacked linear ops (or PREFTUNE_PREPACK=0)")
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-        layer_ab(args.reps)
-        generate_ab(args.reps, [int(k) for k in args.ks.split(",")])
+        if not args.no_layers:
+            layer_ab(args.reps)
+        generate_ab(args.reps, [int(k) for k in args.ks.split(",")], args.new_tokens)
 
 
 if __name__ == "__main__":
