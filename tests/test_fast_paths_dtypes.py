@@ -209,18 +209,10 @@ def test_tolerances_separate_wrong_tokens(dtype_name):
     assert ((right_lp - wrong_lp).abs() > 2 * dtype.logp_atol).all(), (right_lp, wrong_lp)
 
 
-@pytest.mark.parametrize("widen_rows", [1024, 64], ids=["one-block", "blocks"])
-def test_the_head_fast_path_equals_the_generic_one_under_bf16_autocast(widen_rows, monkeypatch):
+def test_the_head_fast_path_equals_the_generic_one_under_bf16_autocast(monkeypatch):
     """Under CPU bf16 autocast both heads multiply bf16 operands into bf16 products and take the
     log-softmax in fp32: values to 1e-5, hidden and weight gradients to 1% of their largest
-    entry (bf16 products summed in another order), and the weight's gradient stays fp32,
-    widened from the bf16 products in one block or in several (the last one partial)."""
-    monkeypatch.setattr(head_module, "WIDEN_ROWS", widen_rows)
-    widened = []
-    real_widen = head_module.widen_into
-    monkeypatch.setattr(
-        head_module, "widen_into", lambda d, s, add: widened.append(add) or real_widen(d, s, add)
-    )
+    entry (bf16 products summed in another order), and the weight's gradient stays fp32."""
     torch.manual_seed(0)
     head = torch.nn.Linear(32, 300, bias=False)
     hidden0 = torch.randn(50, 32)
@@ -239,26 +231,8 @@ def test_the_head_fast_path_equals_the_generic_one_under_bf16_autocast(widen_row
     calls = _spy(monkeypatch, head_module.HeadLogpsIntoGrad)
     fast = run(True)
     assert calls == [1] and fast[0].dtype == torch.float32 and fast[2].dtype == torch.float32
-    assert widened == [False, True, True, True]  # 50 rows in chunks of 16: set, then add
     generic = run(False)
     assert calls == [1]  # the generic path did not take it
     torch.testing.assert_close(fast[0], generic[0], rtol=0, atol=1e-5)
     for a, b in zip(fast[1:], generic[1:]):
         torch.testing.assert_close(a, b, rtol=0, atol=0.01 * float(b.abs().max()))
-
-
-@pytest.mark.parametrize("rows", [1, 7, 64])
-def test_widen_into_is_the_mixed_dtype_add_and_cast(rows, monkeypatch):
-    """`widen_into` (the head's bf16 weight-gradient products into the fp32 gradient, through a
-    small fp32 block) gives bit for bit what the mixed-dtype `add_` and `.to` give, for blocks
-    that divide the rows, that do not (a partial last block), and one row each."""
-    monkeypatch.setattr(head_module, "WIDEN_ROWS", rows)
-    torch.manual_seed(0)
-    src = torch.randn(50, 12).bfloat16()
-    base = torch.randn(50, 12)
-    got = base.clone()
-    head_module.widen_into(got, src, add=True)
-    assert torch.equal(got, base.clone().add_(src))
-    assert not torch.equal(got, base)
-    head_module.widen_into(got, src, add=False)
-    assert torch.equal(got, src.to(torch.float32))

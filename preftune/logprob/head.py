@@ -116,40 +116,17 @@ class HeadLogpsIntoGrad(torch.autograd.Function):
                 d = scratch.mm_into("logits", h.to(w.dtype), w.t(), buf[: h.shape[0]])
                 d.sub_(lse[s : s + chunk, None]).exp_().mul_(-g[:, None])  # -g softmax
             d[rows, t] += g  # + g onehot
-            # autocast: bf16 operands, as autograd's would be (d cast into a reused buffer)
-            d, h = scratch.cast("d", d, w.dtype), h.to(w.dtype)
+            d, h = d.to(w.dtype), h.to(w.dtype)  # autocast: bf16 operands, as autograd's would be
             if want_h:
                 scratch.mm_into("dh", d, w, dh[s : s + chunk])
             if want_w:
-                if w is weight:
-                    if weight.grad is None:
-                        weight.grad = torch.mm(d.t(), h)
-                    else:
-                        weight.grad.addmm_(d.t(), h)
+                if weight.grad is None:
+                    weight.grad = torch.mm(d.t(), h).to(weight.dtype)
+                elif w is weight:
+                    weight.grad.addmm_(d.t(), h)
                 else:  # no mixed-dtype addmm on CPU: through one (V, H) bf16 scratch
-                    first = weight.grad is None
-                    if first:
-                        weight.grad = torch.empty_like(weight)
-                    widen_into(weight.grad, scratch.mm("dw", d.t(), h), add=not first)
+                    weight.grad.add_(scratch.mm("dw", d.t(), h))
         return dh, None, None, None, None
-
-
-WIDEN_ROWS = 1024  # rows of fp32 a block (2.4 MB at H = 576: stays in cache)
-
-
-def widen_into(dst: torch.Tensor, src: torch.Tensor, add: bool) -> None:
-    """`dst += src` (or `dst = src`) for a low-precision `src` and an fp32 `dst`, block by block
-    through one small fp32 buffer: the same numbers as `dst.add_(src)` / `src.to(dst.dtype)`
-    (tests/test_logps.py), but the mixed-dtype `add_` and `.to` of torch's CPU kernels ran the
-    LM head's (V, H) gradient 6x slower than a same-dtype copy and add (185 ms a call in W6's
-    bf16 step; docs/benchmarks.md, W6)."""
-    if not add:
-        dst.copy_(src)  # a copy into an existing buffer is the fast conversion
-        return
-    rows = WIDEN_ROWS
-    block = dst.new_empty(min(rows, dst.shape[0]), *dst.shape[1:])
-    for s in range(0, dst.shape[0], rows):
-        dst[s : s + rows].add_(block[: min(rows, dst.shape[0] - s)].copy_(src[s : s + rows]))
 
 
 class _Scratch:
@@ -164,16 +141,6 @@ class _Scratch:
         if buf is None or buf.shape[1] != b.shape[1] or buf.shape[0] < a.shape[0]:
             buf = self.bufs[role] = a.new_empty(a.shape[0], b.shape[1])
         return torch.mm(a, b, out=buf[: a.shape[0]])
-
-    def cast(self, role: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """`x.to(dtype)` into a buffer reused for every chunk of the pass (no fresh chunk x V
-        allocation a chunk); `x` itself when it has that dtype already."""
-        if x.dtype == dtype:
-            return x
-        buf = self.bufs.get(role)
-        if buf is None or buf.shape[1:] != x.shape[1:] or buf.shape[0] < x.shape[0]:
-            buf = self.bufs[role] = x.new_empty(x.shape, dtype=dtype)
-        return buf[: x.shape[0]].copy_(x)
 
     def mm_into(self, role: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor):
         """out = a @ b; bf16 operands (autocast) are multiplied in bf16 and rounded up into
