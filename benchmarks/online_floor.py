@@ -75,7 +75,8 @@ def shape(model: torch.nn.Module) -> dict:
         if isinstance(m, torch.nn.Linear) and m.weight is not head
     )
     c = model.config
-    width = c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    width = c.num_attention_heads * head_dim
     return {"params": sum(unique.values()), "linear": lin, "head": head.numel(),
             "attn": c.num_hidden_layers * width}  # fmt: skip
 

@@ -37,8 +37,9 @@ def _prompts(spec: dict) -> list[dict]:
     return load_prompts(cfg, tok).prompts[: spec["steps"] * spec["prompts_per_step"]]
 
 
-def preftune_trainer(spec: dict):
-    """preftune's online trainer for `spec`, built as `preftune online` builds it."""
+def preftune_trainer(spec: dict, overrides: list[str] = ()):
+    """preftune's online trainer for `spec`, built as `preftune online` builds it (`overrides`:
+    more `key=value` settings, for the profiling scripts)."""
     from preftune.config import build_config
     from preftune.train.entry import ONLINE_METHODS
 
@@ -72,7 +73,8 @@ def preftune_trainer(spec: dict):
             "report_to": "none",
             "output_dir": str(Path(spec["workdir"]) / "runs"),
             "run_name": "bench",
-        }
+        },
+        list(overrides),
     )
     return ONLINE_METHODS[spec["method"]](cfg)
 

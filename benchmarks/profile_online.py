@@ -1,6 +1,7 @@
 """Where one W5 step of preftune's online trainers spends its time, by phase.
 
     python benchmarks/profile_online.py [--method online_dpo|grpo] [--steps 3] [--threads 2]
+                                        [--set gradient_checkpointing=true ...]
 
 Builds the trainer exactly as benchmarks/online_worker.py does (the embedded model, W5's
 prompts, samples, new tokens and settings) and wraps its phases in timers: generation (the
@@ -62,13 +63,14 @@ def main(argv=None) -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--set", nargs="*", default=[], help="more preftune keys: key=value ...")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     spec = dict(model=default_model(), steps=args.steps, prompts_per_step=args.prompts, k=args.k,
                 new_tokens=args.new_tokens, lr=1e-6, kl_coef=0.04, beta=0.1, temperature=0.9,
                 seed=0, method=args.method, workdir=tempfile.mkdtemp(prefix="w5-prof-"))  # fmt: skip
-    trainer = preftune_trainer(spec)
+    trainer = preftune_trainer(spec, args.set)
     ph = Phases()
     ph.wrap(trainer, "_generate", "generate")
     ph.wrap(trainer, "_score", "judge")

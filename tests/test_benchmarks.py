@@ -108,3 +108,31 @@ def test_w6_records_are_chat_pairs_with_long_unrelated_answers(tokenizer):
         assert r["chosen"][0]["content"][:20] != r["rejected"][0]["content"][:20]
         for key in ("chosen_ids", "rejected_ids"):
             assert 50 <= len(e[key]) <= 300, (key, len(e[key]))
+
+
+def test_online_floor_counts_the_step_s_unavoidable_work(tiny_dir):
+    """W5's floor (benchmarks/online_floor.py): sampling feeds every prompt token once and every
+    generated token but the last, scores every sampled token; each scoring pass reads the prompt
+    once and every completion, with causal attention; reference forward + policy forward +
+    backward = 4 scoring passes. The model's counts: linear weights without the head, the head,
+    layers x attention width."""
+    import torch
+    from online_floor import floor_flops, shape
+
+    from preftune.models import load_causal_lm
+
+    # one prompt of 3 tokens, two samples of 2 and 1 tokens; linear 10, head 5, attention 2
+    tok = {"prompts": [3], "rows": [(3, 2), (3, 1)]}
+    sample = 2 * 10 * (3 + 3 - 2) + 2 * 5 * 3
+    pairs = 3 * 4 // 2 + (2 * 3 + 3) + (1 * 3 + 1)  # prompt's causal pairs, then each sample's
+    score = 2 * 10 * (3 + 3) + 2 * 5 * 3 + 4 * 2 * pairs
+    assert floor_flops(tok, {"linear": 10, "head": 5, "attn": 2}) == sample + 4 * score
+    model = load_causal_lm(str(tiny_dir))
+    m, c = shape(model), model.config
+    head = model.get_output_embeddings().weight.numel()
+    assert m["head"] == head == c.vocab_size * c.hidden_size
+    assert m["params"] == sum(p.numel() for p in model.parameters())  # a tied head counted once
+    assert m["linear"] == sum(
+        x.weight.numel() for x in model.model.layers.modules() if isinstance(x, torch.nn.Linear)
+    )
+    assert m["attn"] == c.num_hidden_layers * model.model.layers[0].self_attn.q_proj.out_features
