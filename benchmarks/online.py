@@ -5,7 +5,8 @@
 
 Same prompts (preftune's bundled arithmetic training prompts, in order), same samples per prompt
 (GRPO: `--k`; online DPO: 2), same new-token budget, temperature 0.9, top-p 1, the same judge
-(the last-integer verifier), AdamW at the same constant lr, clip 1.0, fp32, 2 torch threads, KL
+(the last-integer verifier), AdamW at the same constant lr, clip 1.0, fp32 (`--precision bf16`:
+both under bf16 autocast), 2 torch threads, KL
 to a frozen reference in both GRPO runs (`--kl-coef`, TRL's `beta`), TRL GRPO with
 `loss_type="grpo"`, `scale_rewards="group"` (preftune's GRPO defaults). Each (tool, method) runs
 in a fresh process (`online_worker.py`); reported: generated tokens/s, optimizer steps/s and
@@ -54,13 +55,21 @@ def main(argv=None) -> None:
     p.add_argument("--kl-coef", type=float, default=0.04)
     p.add_argument("--beta", type=float, default=0.1, help="online DPO's beta")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="both tools in fp32, or both under bf16 autocast over fp32 weights (each tool's "
+        "default on a CPU with bf16 units: preftune's bf16=auto, TRL 1.16's bf16=True)",
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
     args = p.parse_args(argv)
     model = _model(args)
     base = dict(model=model, steps=args.steps, prompts_per_step=args.prompts, k=args.k,
                 new_tokens=args.new_tokens, lr=args.lr, kl_coef=args.kl_coef, beta=args.beta,
-                temperature=0.9, threads=args.threads, seed=0)  # fmt: skip
+                temperature=0.9, threads=args.threads, seed=0,
+                bf16=args.precision == "bf16")  # fmt: skip
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeats):
         for method in args.methods.split(","):

@@ -23,7 +23,7 @@ could reach here, from quantities measured in this invocation:
   optimizer step: the policy, the reference, the gradients (clipping needs their total norm
   before any update) and AdamW's two moments. Activations, KV caches and data are left out.
 
-Both bounds are set against TRL's online DPO in the W5 records of benchmarks/results.jsonl
+Both bounds are set against TRL's online DPO in the fp32 W5 records of benchmarks/results.jsonl
 taken on a machine with this CPU and instruction sets (its fastest step and its largest peak,
 the figures most favourable to the target).
 """
@@ -142,7 +142,8 @@ def trl_records() -> list[dict]:
         st = (r.get("stats") or {}).get("trl/online_dpo")
         m = r.get("machine") or {}
         same = (m.get("cpu"), m.get("isa")) == (here["cpu"], here["isa"])
-        if r.get("workload") == "w5" and st and same:
+        fp32 = (r.get("args") or {}).get("precision", "fp32") == "fp32"
+        if r.get("workload") == "w5" and st and same and fp32:
             rows.append({"date": r["date"], "steps_per_s": st["steps_per_s"]["median"],
                          "peak_rss": st["peak_rss"]["median"]})  # fmt: skip
     return rows

@@ -60,7 +60,7 @@ def preftune_trainer(spec: dict, overrides: list[str] = ()):
             "scheduler": "constant",
             "warmup_ratio": 0.0,
             "max_grad_norm": 1.0,
-            "bf16": False,  # as the TRL side (bf16=False): the same precision, never auto
+            "bf16": spec.get("bf16", False),  # as the TRL side: the same precision, never auto
             "temperature": spec["temperature"],
             "top_p": 1.0,
             "max_new_tokens": spec["new_tokens"],
@@ -135,7 +135,7 @@ def run_trl(spec: dict) -> dict:
     common = dict(
         output_dir=str(work / "trl"), max_steps=spec["steps"], learning_rate=spec["lr"],
         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=spec["seed"],
+        report_to="none", save_strategy="no", use_cpu=True, bf16=spec.get("bf16", False), seed=spec["seed"],
         gradient_checkpointing=False, disable_dropout=True, temperature=spec["temperature"],
         top_p=1.0, dataloader_num_workers=0,
     )  # fmt: skip
