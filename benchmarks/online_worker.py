@@ -17,6 +17,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -37,7 +38,17 @@ def _prompts(spec: dict) -> list[dict]:
     return load_prompts(cfg, tok).prompts[: spec["steps"] * spec["prompts_per_step"]]
 
 
-def preftune_trainer(spec: dict, overrides: list[str] = ()):
+# W5's settings (benchmarks/online.py's defaults): prompts per step, samples, tokens, optimizer
+W5 = dict(steps=8, prompts_per_step=8, k=4, new_tokens=16, lr=1e-6, kl_coef=0.04, beta=0.1,
+          temperature=0.9, threads=2, seed=0, bf16=False)  # fmt: skip
+
+
+def w5_spec(model: str, method: str, **changes) -> dict:
+    """A W5 spec for `method` on `model` (W5's settings, then `changes`)."""
+    return {**W5, "model": model, "method": method, **changes}
+
+
+def preftune_trainer(spec: dict, overrides: Sequence[str] = ()):
     """preftune's online trainer for `spec`, built as `preftune online` builds it (`overrides`:
     more `key=value` settings, for the profiling scripts)."""
     from preftune.config import build_config

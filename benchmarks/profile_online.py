@@ -3,10 +3,11 @@
     python benchmarks/profile_online.py [--method online_dpo|grpo] [--steps 3] [--threads 2]
                                         [--set gradient_checkpointing=true ...]
 
-Builds the trainer exactly as benchmarks/online_worker.py does (the embedded model, W5's
-prompts, samples, new tokens and settings) and wraps its phases in timers: generation (the
-sampler: prefill and per-token loop), judging, the policy forward, the reference forward, the
-backward, the optimizer step, and the rest of the step. Prints each phase's share of the step,
+Builds the trainer as benchmarks/online_worker.py does (the embedded model, W5's prompts,
+samples, new tokens and settings; `--set` changes any preftune setting on top) and wraps its
+phases in timers: generation (the sampler: prefill and per-token loop), judging, the policy
+forward, the reference forward, the backward, the optimizer step, and the rest of the step.
+Prints each phase's share of the step,
 the median over the steps after the first (warm-up), and the process's peak RSS. The shares
 are ratios within one process: on a loaded machine they show where the time goes, not W5
 figures.
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from online_worker import preftune_trainer  # noqa: E402
+from online_worker import preftune_trainer, w5_spec  # noqa: E402
 from workloads import default_model  # noqa: E402
 
 
@@ -67,9 +68,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    spec = dict(model=default_model(), steps=args.steps, prompts_per_step=args.prompts, k=args.k,
-                new_tokens=args.new_tokens, lr=1e-6, kl_coef=0.04, beta=0.1, temperature=0.9,
-                seed=0, method=args.method, workdir=tempfile.mkdtemp(prefix="w5-prof-"))  # fmt: skip
+    spec = w5_spec(default_model(), args.method, steps=args.steps, prompts_per_step=args.prompts,
+                   k=args.k, new_tokens=args.new_tokens, workdir=tempfile.mkdtemp(prefix="w5-prof-"))  # fmt: skip
     trainer = preftune_trainer(spec, args.set)
     ph = Phases()
     ph.wrap(trainer, "_generate", "generate")

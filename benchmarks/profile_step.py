@@ -28,14 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import matmul_rate  # noqa: E402
-from workloads import (  # noqa: E402
-    W1_DATA,
-    batch_order,
-    conversational_pairs,
-    default_model,
-    dpo_config,
-    write_jsonl,
-)
+from workloads import diagnostic_trainer  # noqa: E402
 
 MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
 
@@ -72,22 +65,11 @@ def main(argv=None) -> None:
     ap.add_argument("--set", nargs="*", default=[], help="more preftune keys: key=value ...")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    from preftune.config import build_config
-    from preftune.models import load_tokenizer
-    from preftune.train.trainer import Trainer
-
     n = args.steps + args.warmup
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     with tempfile.TemporaryDirectory() as work:
-        data = W1_DATA
-        if args.workload == "w6":
-            pairs = conversational_pairs(load_tokenizer(default_model()), 8 * n)
-            data = str(write_jsonl(pairs, Path(work) / "w6.jsonl"))
-        cfg = dpo_config(default_model(), data, 8 * n, n, work, "profile", bf16=args.bf16)
-        cfg = build_config(cfg, args.set)
         rates = matmul_rate(dtype=dtype)
-        trainer = Trainer(cfg)
-        batches = batch_order(len(trainer.data.train), 8, 0, n)
+        trainer, batches = diagnostic_trainer(args.workload, n, work, args.bf16, args.set)
         for b in batches[: args.warmup]:
             trainer.train_step(b)
         timer, steps = OpTimer(), []

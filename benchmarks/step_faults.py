@@ -24,14 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workloads import (  # noqa: E402
-    W1_DATA,
-    batch_order,
-    conversational_pairs,
-    default_model,
-    dpo_config,
-    write_jsonl,
-)
+from workloads import diagnostic_trainer  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -42,19 +35,9 @@ def main(argv=None) -> None:
     ap.add_argument("--set", nargs="*", default=[], help="more preftune keys: key=value ...")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    from preftune.config import build_config
-    from preftune.models import load_tokenizer
-    from preftune.train.trainer import Trainer
-
-    n = args.steps
     with tempfile.TemporaryDirectory() as work:
-        data = W1_DATA
-        if args.workload == "w6":
-            pairs = conversational_pairs(load_tokenizer(default_model()), 8 * n)
-            data = str(write_jsonl(pairs, Path(work) / "w6.jsonl"))
-        cfg = dpo_config(default_model(), data, 8 * n, n, work, "faults", bf16=args.bf16)
-        trainer = Trainer(build_config(cfg, args.set))
-        for i, batch in enumerate(batch_order(len(trainer.data.train), 8, 0, n)):
+        trainer, batches = diagnostic_trainer(args.workload, args.steps, work, args.bf16, args.set)
+        for i, batch in enumerate(batches):
             before = resource.getrusage(resource.RUSAGE_SELF)
             t = time.perf_counter()
             trainer.train_step(batch)

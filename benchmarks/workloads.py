@@ -210,3 +210,20 @@ def sequence_lengths(examples: list[dict], batches: list[list[int]]) -> tuple[in
             counted += p + c + r
             seqs += [p + c, p + r]
     return counted, seqs
+
+
+def diagnostic_trainer(workload: str, steps: int, work, bf16: bool, overrides=()):
+    """preftune's Trainer on W1's edit pairs or W6's chat pairs (8 pairs a step for `steps`
+    steps, data written under `work`), and the order of its batches: what the in-process
+    diagnostics (profile_step.py, step_faults.py) run."""
+    from preftune.config import build_config
+    from preftune.models import load_tokenizer
+    from preftune.train.trainer import Trainer
+
+    data = W1_DATA
+    if workload == "w6":
+        pairs = conversational_pairs(load_tokenizer(default_model()), 8 * steps)
+        data = str(write_jsonl(pairs, Path(work) / "w6.jsonl"))
+    cfg = dpo_config(default_model(), data, 8 * steps, steps, work, workload, bf16=bf16)
+    trainer = Trainer(build_config(cfg, list(overrides)))
+    return trainer, batch_order(len(trainer.data.train), 8, 0, steps)

@@ -12,9 +12,8 @@ noise (docs/benchmarks.md, "Allocator").
 `keep_freed_memory()` turns both off with `mallopt`: no mmap for large blocks, no trimming below
 2 GB free. Freed memory is then reused by the next step without faults when the step's blocks
 are the same from step to step. Where they change (W6's answers differ in length from batch to
-batch), freed blocks do not always fit the next step's, so the heap grows and faults for the
-first steps: W6's bf16 steps 1-4 took 981k, 82k, 82k, 3k faults and 5.4, 2.3, 1.9, 0.2 s of
-system time (`benchmarks/step_faults.py`, docs/benchmarks.md W6). Peak resident memory is
+batch), freed blocks do not always fit the next step's, so the heap grows, and faults, for the
+first steps (`benchmarks/step_faults.py`; docs/benchmarks.md, W6). Peak resident memory is
 about the same as with glibc's defaults (the peak is reached inside a step either way); the
 process keeps its peak until it exits. The opposite setting, a fixed small mmap threshold that
 hands every freed block back, leaves no free memory resident at the peak but faults every block

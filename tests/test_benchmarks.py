@@ -111,28 +111,29 @@ def test_w6_records_are_chat_pairs_with_long_unrelated_answers(tokenizer):
 
 
 def test_online_floor_counts_the_step_s_unavoidable_work(tiny_dir):
-    """W5's floor (benchmarks/online_floor.py): sampling feeds every prompt token once and every
-    generated token but the last, scores every sampled token; each scoring pass reads the prompt
-    once and every completion, with causal attention; reference forward + policy forward +
-    backward = 4 scoring passes. The model's counts: linear weights without the head, the head,
-    layers x attention width."""
+    """W5's floor (benchmarks/online_floor.py), one pass over a step's samples: the prompt fed
+    once for its samples and every sampled token but the last; the LM head wherever a sampled
+    token is predicted (a prompt's last position once for both samples); the last layer's
+    queries, output and MLP skipped at prompt positions that predict nothing. The model's
+    counts: linear weights without the head, the head, the last layer's non-key/value weights."""
     import torch
-    from online_floor import floor_flops, shape
+    from online_floor import pass_flops, shape
 
     from preftune.models import load_causal_lm
 
-    # one prompt of 3 tokens, two samples of 2 and 1 tokens; linear 10, head 5, attention 2
-    tok = {"prompts": [3], "rows": [(3, 2), (3, 1)]}
-    sample = 2 * 10 * (3 + 3 - 2) + 2 * 5 * 3
-    pairs = 3 * 4 // 2 + (2 * 3 + 3) + (1 * 3 + 1)  # prompt's causal pairs, then each sample's
-    score = 2 * 10 * (3 + 3) + 2 * 5 * 3 + 4 * 2 * pairs
-    assert floor_flops(tok, {"linear": 10, "head": 5, "attn": 2}) == sample + 4 * score
+    # one prompt of 3 tokens, samples of 2 and 1 tokens; linear 10, head 5, last layer 4
+    tok = {"prompts": [3], "samples": [2, 1]}
+    fed, predicting, idle = 3 + 3 - 2, 3 - 2 + 1, 3 - 1
+    want = 2 * (10 * fed + 5 * predicting - 4 * idle)
+    assert pass_flops(tok, {"linear": 10, "head": 5, "last_not_kv": 4}) == want
     model = load_causal_lm(str(tiny_dir))
     m, c = shape(model), model.config
     head = model.get_output_embeddings().weight.numel()
     assert m["head"] == head == c.vocab_size * c.hidden_size
     assert m["params"] == sum(p.numel() for p in model.parameters())  # a tied head counted once
-    assert m["linear"] == sum(
-        x.weight.numel() for x in model.model.layers.modules() if isinstance(x, torch.nn.Linear)
-    )
-    assert m["attn"] == c.num_hidden_layers * model.model.layers[0].self_attn.q_proj.out_features
+    layers = model.model.layers
+    lin = [x.weight.numel() for x in layers.modules() if isinstance(x, torch.nn.Linear)]
+    assert m["linear"] == sum(lin)
+    attn = layers[-1].self_attn
+    kv = attn.k_proj.weight.numel() + attn.v_proj.weight.numel()
+    assert m["last_not_kv"] == sum(lin) // len(layers) - kv > 0
