@@ -142,7 +142,7 @@ def main(argv=None) -> None:
     m = shape(trainer.policy)
     rate = max(max(matmul_rate(n)) for n in (1024, 2048, 4096)) * 1e9
     optimizer_s = 5 * 4 * m["params"] / read_bandwidth()
-    torch.manual_seed(spec["seed"])  # the steps sample as online_worker's do
+    torch.manual_seed(spec["seed"])  # W5's seed for the steps' sampling
     steps = step_tokens(trainer, args.steps, spec["prompts_per_step"])
     report(args, m, rate, optimizer_s, steps, trl, imports)
 
