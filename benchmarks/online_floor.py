@@ -10,19 +10,24 @@ implementation of the step could reach with W5's settings (fp32, AdamW, clipping
 frozen fp32 reference) from the tokens preftune's steps sampled:
 
 - **time**: the matrix products no implementation can skip, at the best fp32 rate of 1024^3,
-  2048^3 and 4096^3 products. One pass over a step's samples feeds each prompt once (a prompt
-  shared by its two samples) and every sampled token but the last through the decoder's linear
-  layers (the last layer only needs keys and values at prompt positions that predict nothing),
-  and the LM head at every position that predicts a sampled token. Sampling is one pass, the
-  reference one, the policy's forward one and its backward two. Attention, norms, the sampler,
-  Python: left out. Two designs: scoring with a separate policy forward after sampling without
-  gradients (preftune, TRL): 5 passes; sampling under autograd, its forward reused for the
-  loss: 4. Plus the optimizer's reads (clipping's norm over the gradients; AdamW reading
-  parameters, gradients and both moments) at the best read bandwidth.
+  2048^3 and 4096^3 products. A pass over a step's rows computes the decoder's linear layers
+  once for every distinct token prefix that predicts something or feeds one that does
+  (prefixes the rows share, such as the chat template's system prompt or a prompt shared by
+  its two samples, once; a sample's last token feeds nothing; the last layer only keys and
+  values where nothing is predicted) and the LM head once for every distinct prefix that
+  predicts a sampled token. Sampling is one pass over all rows; scoring (the reference's
+  forward, the policy's forward, its backward = two) one pass each over the pairs whose two
+  samples differ (an identical pair's gradient is zero). Attention, norms, the sampler and
+  Python are left out. Designs: (A) a separate scoring forward after sampling without
+  gradients, all gradients held for clipping: what preftune and TRL do; (B) the policy's
+  forward reused from sampling under autograd; (C) as A, but clipping without storing
+  gradients (a first backward for the norm, a second that updates, the graph kept). Plus the
+  optimizer's reads (AdamW reading the parameters and both moments) at the best read
+  bandwidth.
 - **memory**: a fresh process importing torch and transformers and building the model's class
-  on the meta device, plus five fp32 copies of the parameters that preftune and TRL both hold
-  at the optimizer step: policy, reference, gradients (clipping reads their total norm before
-  any update) and AdamW's two moments. Activations, KV caches and data: left out.
+  on the meta device, plus the fp32 copies of the parameters held at the optimizer step:
+  policy, reference, AdamW's two moments, and (A, B) the gradients. Activations, KV caches
+  and data are left out.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import machine, matmul_rate, run_worker  # noqa: E402
-from online_worker import preftune_trainer, w5_spec  # noqa: E402
+from online_worker import W5, preftune_trainer, w5_spec  # noqa: E402
 from workloads import default_model  # noqa: E402
 
 _IMPORTS = """
@@ -57,7 +62,8 @@ def import_rss(model: str) -> int:
     model's class on the meta device (no weights)."""
     out = subprocess.run([sys.executable, "-c", _IMPORTS, model], capture_output=True, text=True)
     if out.returncode != 0:
-        raise SystemExit(f"measuring the imports failed:\n{out.stderr[-2000:]}")
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"online_floor: importing torch and transformers failed: {last}")
     return int(out.stdout.split()[-1])
 
 
@@ -91,7 +97,7 @@ def read_bandwidth(mib: int = 512, reps: int = 5) -> float:
 
 
 def step_tokens(trainer, steps: int, prompts: int) -> list[dict]:
-    """Prompt and sample lengths of `steps` real online DPO steps, with their wall times."""
+    """Each step's rows (prompt ids, sample ids; two rows a prompt) and its wall time."""
     seen: list = []
     real = trainer._generate
 
@@ -105,30 +111,33 @@ def step_tokens(trainer, steps: int, prompts: int) -> list[dict]:
         t = time.perf_counter()
         trainer.train_step(list(range(s * prompts, (s + 1) * prompts)))
         trainer.step += 1
-        plen = {c.prompt_index: len(c.prompt_token_ids) for c in seen[-1]}
-        out.append(
-            {
-                "seconds": time.perf_counter() - t,
-                "prompts": list(plen.values()),
-                "samples": [len(c.token_ids) for c in seen[-1]],
-            }
-        )
+        rows = [(tuple(c.prompt_token_ids), tuple(c.token_ids)) for c in seen[-1]]
+        out.append({"seconds": time.perf_counter() - t, "rows": rows})
     return out
 
 
-def pass_flops(tok: dict, m: dict) -> int:
-    """Matrix-product FLOPs of one pass over a step's prompts and samples (module docstring)."""
-    p, n = sum(tok["prompts"]), len(tok["prompts"])
-    c, rows = sum(tok["samples"]), len(tok["samples"])
-    fed = p + c - rows  # a sample's last token predicts nothing
-    predicting = c - rows + n  # each sampled token's distribution; a prompt's last shared
-    idle = p - n  # prompt positions whose last-layer queries, output and MLP nobody reads
-    return 2 * (m["linear"] * fed + m["head"] * predicting - m["last_not_kv"] * idle)
+def pass_flops(rows: list[tuple], m: dict) -> int:
+    """Matrix-product FLOPs of one pass over `rows` (module docstring)."""
+    fed, predicting = set(), set()
+    for prompt, sample in rows:
+        full = prompt + sample
+        for i in range(len(full) - 1):  # position i predicts token i + 1
+            fed.add(full[: i + 1])
+            if i >= len(prompt) - 1:
+                predicting.add(full[: i + 1])
+    idle = len(fed) - len(predicting)
+    return 2 * (m["linear"] * len(fed) + m["head"] * len(predicting) - m["last_not_kv"] * idle)
+
+
+def differing(rows: list[tuple]) -> list[tuple]:
+    """The rows of the pairs (rows 2i, 2i + 1) whose two samples differ."""
+    pairs = [rows[i : i + 2] for i in range(0, len(rows), 2)]
+    return [r for a, b in pairs if a[1] != b[1] for r in (a, b)]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=W5["steps"])
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -136,38 +145,45 @@ def main(argv=None) -> None:
     spec = w5_spec(model, "online_dpo", steps=args.steps, threads=args.threads)
     trl = run_worker({**spec, "tool": "trl"}, script="online_worker.py")
     if not trl["ok"]:
-        raise SystemExit(f"TRL's run failed:\n{trl['log_tail']}")
+        last = (trl["log_tail"].strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"online_floor: TRL's run failed ({trl['error']}): {last}")
     imports = import_rss(model)
     trainer = preftune_trainer({**spec, "workdir": tempfile.mkdtemp(prefix="w5-floor-")})
     m = shape(trainer.policy)
     rate = max(max(matmul_rate(n)) for n in (1024, 2048, 4096)) * 1e9
-    optimizer_s = 5 * 4 * m["params"] / read_bandwidth()
+    optimizer_s = 3 * 4 * m["params"] / read_bandwidth()  # parameters and both moments
     torch.manual_seed(spec["seed"])  # W5's seed for the steps' sampling
     steps = step_tokens(trainer, args.steps, spec["prompts_per_step"])
     report(args, m, rate, optimizer_s, steps, trl, imports)
 
 
-def report(args, m, rate, optimizer_s, steps, trl, imports) -> None:
-    one = statistics.mean(pass_flops(s, m) for s in steps)
-    bound = {k: k * one / rate + optimizer_s for k in (5, 4)}
+def report(args, m: dict, rate: float, optimizer_s: float, steps: list, trl: dict, imports: int):
+    sample = statistics.mean(pass_flops(s["rows"], m) for s in steps)
+    score = statistics.mean(pass_flops(differing(s["rows"]), m) for s in steps)
     mine = statistics.mean(s["seconds"] for s in steps)
     theirs = trl["train_s"] / args.steps
-    gib, state = 2**30, 5 * 4 * m["params"]
+    gib, copy = 2**30, 4 * m["params"]
+    sampled = sum(len(r[1]) for s in steps for r in s["rows"])
     print(f"{machine()['cpu']}, {args.threads} threads, {args.steps} W5 online DPO steps; fp32 "
           f"matmul {rate / 1e9:.1f} GFLOP/s (best of 1024^3-4096^3), optimizer reads >= "
-          f"{optimizer_s:.2f} s")  # fmt: skip
-    print(f"preftune: {sum(sum(s['prompts']) for s in steps)} prompt + "
-          f"{sum(sum(s['samples']) for s in steps)} sampled tokens, mean step {mine:.2f} s, "
-          f"{one / 1e9:.0f} GFLOP a pass; TRL: {trl['gen_tokens']} sampled tokens, mean step "
-          f"{theirs:.2f} s, peak RSS {trl['peak_rss'] / gib:.2f} GiB")  # fmt: skip
-    for k, design in ((5, "separate scoring forward (preftune, TRL)"),
-                      (4, "policy forward shared with sampling under autograd")):  # fmt: skip
-        print(f"bound, {design}: {bound[k]:.2f} s a step = x{theirs / bound[k]:.2f} TRL's "
-              f"steps/s (preftune's step is {bound[k] / mine:.0%} of this bound's speed)")  # fmt: skip
-    floor = imports + state
-    print(f"memory: imports {imports / gib:.2f} GiB + 5 x {4 * m['params'] / gib:.3f} GiB "
-          f"({m['params'] / 1e6:.1f} M parameters) = {floor / gib:.2f} GiB = "
-          f"x{floor / trl['peak_rss']:.2f} TRL's peak (targets: >= x3 steps/s, <= x0.6)")  # fmt: skip
+          f"{optimizer_s:.2f} s; a pass {sample / 1e9:.0f} GFLOP sampling, {score / 1e9:.0f} "
+          f"scoring (means over the steps)")  # fmt: skip
+    print(f"preftune: {sampled} sampled tokens, mean step {mine:.2f} s; TRL: "
+          f"{trl['gen_tokens']} sampled tokens, mean step {theirs:.2f} s, peak RSS "
+          f"{trl['peak_rss'] / gib:.2f} GiB; preftune x{theirs / mine:.2f} TRL's steps/s")  # fmt: skip
+    designs = (
+        ("A: separate scoring forward, gradients held (preftune, TRL)", 4, 5),
+        ("B: policy forward reused from sampling, gradients held", 3, 5),
+        ("C: as A, clipping by a second backward, no gradients held", 6, 4),
+    )
+    for name, passes, copies in designs:
+        bound = (sample + passes * score) / rate + optimizer_s
+        floor = imports + copies * copy
+        print(f"{name}: step >= {bound:.2f} s = x{theirs / bound:.2f} TRL's steps/s (3x needs "
+              f">= {3 * bound / theirs:.0%} of the best rate throughout; preftune's step ran "
+              f"at {bound / mine:.0%} of the bound's speed); memory >= {imports / gib:.2f} + "
+              f"{copies} x {copy / gib:.3f} = {floor / gib:.2f} GiB = x{floor / trl['peak_rss']:.2f} "
+              f"TRL's peak")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -126,8 +126,11 @@ class _Counter:
         self.__name__ = "verifier"
 
     def __call__(self, prompts, completions, completion_ids=None, **kw):
-        if completion_ids is not None:
-            self.tokens += sum(len(c) for c in completion_ids)
+        if completion_ids is not None:  # rows padded after the EOS: count up to it
+            eos = self.tokenizer.eos_token_id
+            for ids in completion_ids:
+                ids = [int(t) for t in ids]
+                self.tokens += ids.index(eos) + 1 if eos in ids else len(ids)
         else:
             texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
             self.tokens += sum(len(self.tokenizer(t)["input_ids"]) + 1 for t in texts)

@@ -111,21 +111,25 @@ def test_w6_records_are_chat_pairs_with_long_unrelated_answers(tokenizer):
 
 
 def test_online_floor_counts_the_step_s_unavoidable_work(tiny_dir):
-    """W5's floor (benchmarks/online_floor.py), one pass over a step's samples: the prompt fed
-    once for its samples and every sampled token but the last; the LM head wherever a sampled
-    token is predicted (a prompt's last position once for both samples); the last layer's
-    queries, output and MLP skipped at prompt positions that predict nothing. The model's
-    counts: linear weights without the head, the head, the last layer's non-key/value weights."""
+    """W5's floor (benchmarks/online_floor.py), one pass: the decoder once for every distinct
+    prefix that predicts or feeds (prompts sharing a head, samples sharing a start, a sample's
+    last token feeding nothing), the LM head once for every distinct prefix predicting a sampled
+    token, the last layer's non-key/value weights skipped where nothing is predicted; scoring
+    drops a pair of identical samples. The model's counts: linear weights without the head, the
+    head, the last layer's non-key/value weights."""
     import torch
-    from online_floor import pass_flops, shape
+    from online_floor import differing, pass_flops, shape
 
     from preftune.models import load_causal_lm
 
-    # one prompt of 3 tokens, samples of 2 and 1 tokens; linear 10, head 5, last layer 4
-    tok = {"prompts": [3], "samples": [2, 1]}
-    fed, predicting, idle = 3 + 3 - 2, 3 - 2 + 1, 3 - 1
-    want = 2 * (10 * fed + 5 * predicting - 4 * idle)
-    assert pass_flops(tok, {"linear": 10, "head": 5, "last_not_kv": 4}) == want
+    # prompts (1, 2, 3) and (1, 2, 9); samples (4, 5), (4, 6) of the first, (8,) twice of the
+    # second. Prefixes fed: (1) (1,2) (1,2,3) (1,2,3,4) (1,2,9); predicting a sampled token:
+    # (1,2,3) (1,2,3,4) (1,2,9); (1) and (1,2) predict nothing. Linear 10, head 5, last layer 4.
+    rows = [((1, 2, 3), (4, 5)), ((1, 2, 3), (4, 6)), ((1, 2, 9), (8,)), ((1, 2, 9), (8,))]
+    m = {"linear": 10, "head": 5, "last_not_kv": 4}
+    assert pass_flops(rows, m) == 2 * (10 * 5 + 5 * 3 - 4 * 2) == 114
+    assert differing(rows) == rows[:2]
+    assert pass_flops(differing(rows), m) == 2 * (10 * 4 + 5 * 2 - 4 * 2) == 84
     model = load_causal_lm(str(tiny_dir))
     m, c = shape(model), model.config
     head = model.get_output_embeddings().weight.numel()
