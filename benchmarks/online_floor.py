@@ -10,20 +10,21 @@ implementation of the step could reach with W5's settings (fp32, AdamW, clipping
 frozen fp32 reference) from the tokens preftune's steps sampled:
 
 - **time**: the matrix products no implementation can skip, at the best fp32 rate of 1024^3,
-  2048^3 and 4096^3 products. A pass over a step's rows computes the decoder's linear layers
-  once for every distinct token prefix that predicts something or feeds one that does
-  (prefixes the rows share, such as the chat template's system prompt or a prompt shared by
-  its two samples, once; a sample's last token feeds nothing; the last layer only keys and
-  values where nothing is predicted) and the LM head once for every distinct prefix that
-  predicts a sampled token. Sampling is one pass over all rows; scoring (the reference's
-  forward, the policy's forward, its backward = two) one pass each over the pairs whose two
-  samples differ (an identical pair's gradient is zero). Attention, norms, the sampler and
-  Python are left out. Designs: (A) a separate scoring forward after sampling without
-  gradients, all gradients held for clipping: what preftune and TRL do; (B) the policy's
-  forward reused from sampling under autograd; (C) as A, but clipping without storing
-  gradients (a first backward for the norm, a second that updates, the graph kept). Plus the
-  optimizer's reads (AdamW reading the parameters and both moments) at the best read
-  bandwidth.
+  2048^3 and 4096^3 products. A pass computes the decoder's linear layers once for every
+  distinct token prefix that predicts a needed token or feeds one that does (prefixes the rows
+  share, such as the chat template's system prompt or a prompt shared by its two samples,
+  once; a sample's last token feeds nothing; the last layer only keys and values where nothing
+  is predicted) and the LM head once for every distinct prefix predicting a needed token.
+  Sampling needs every sampled token; scoring only those after the point where a pair's two
+  samples part (the log-probs of a common start cancel in DPO's log-ratio difference, and an
+  identical pair has no gradient). Attention, norms, the sampler and Python are left out.
+  Designs: (A) sampling without gradients, then the reference's forward, the policy's forward
+  and its backward (two passes: input and weight gradients), all gradients held for clipping:
+  what preftune and TRL do; (B) as A, the policy's forward reused from sampling under
+  autograd; (C) as A, clipping without holding gradients: the first backward only measures
+  the norm, a second pass recomputes the weight gradients from kept output gradients and
+  updates; (D) B and C together. Plus AdamW's reads (the parameters and both moments; the
+  held gradients too in A and B) at the best read bandwidth.
 - **memory**: a fresh process importing torch and transformers and building the model's class
   on the meta device, plus the fp32 copies of the parameters held at the optimizer step:
   policy, reference, AdamW's two moments, and (A, B) the gradients. Activations, KV caches
@@ -111,28 +112,41 @@ def step_tokens(trainer, steps: int, prompts: int) -> list[dict]:
         t = time.perf_counter()
         trainer.train_step(list(range(s * prompts, (s + 1) * prompts)))
         trainer.step += 1
-        rows = [(tuple(c.prompt_token_ids), tuple(c.token_ids)) for c in seen[-1]]
+        comps = seen[-1]
+        assert [c.prompt_index for c in comps] == [i // 2 for i in range(len(comps))]  # pairs
+        rows = [(tuple(c.prompt_token_ids), tuple(c.token_ids)) for c in comps]
         out.append({"seconds": time.perf_counter() - t, "rows": rows})
     return out
 
 
 def pass_flops(rows: list[tuple], m: dict) -> int:
-    """Matrix-product FLOPs of one pass over `rows` (module docstring)."""
+    """Matrix-product FLOPs of one pass over `rows` (prompt ids, sample ids, first sample
+    position whose prediction is needed; module docstring)."""
     fed, predicting = set(), set()
-    for prompt, sample in rows:
+    for prompt, sample, start in rows:
         full = prompt + sample
         for i in range(len(full) - 1):  # position i predicts token i + 1
             fed.add(full[: i + 1])
-            if i >= len(prompt) - 1:
+            if i >= len(prompt) - 1 + start:
                 predicting.add(full[: i + 1])
     idle = len(fed) - len(predicting)
     return 2 * (m["linear"] * len(fed) + m["head"] * len(predicting) - m["last_not_kv"] * idle)
 
 
-def differing(rows: list[tuple]) -> list[tuple]:
-    """The rows of the pairs (rows 2i, 2i + 1) whose two samples differ."""
-    pairs = [rows[i : i + 2] for i in range(0, len(rows), 2)]
-    return [r for a, b in pairs if a[1] != b[1] for r in (a, b)]
+def sampling_rows(rows: list[tuple]) -> list[tuple]:
+    """Sampling predicts every sampled token."""
+    return [(p, s, 0) for p, s in rows]
+
+
+def scoring_rows(rows: list[tuple]) -> list[tuple]:
+    """Scoring a pair (rows 2i, 2i + 1) needs its tokens from where its samples part; none for
+    an identical pair."""
+    out = []
+    for (p, a), (_, b) in zip(rows[0::2], rows[1::2]):
+        if a != b:
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            out += [(p, a, same), (p, b, same)]
+    return out
 
 
 def main(argv=None) -> None:
@@ -151,39 +165,41 @@ def main(argv=None) -> None:
     trainer = preftune_trainer({**spec, "workdir": tempfile.mkdtemp(prefix="w5-floor-")})
     m = shape(trainer.policy)
     rate = max(max(matmul_rate(n)) for n in (1024, 2048, 4096)) * 1e9
-    optimizer_s = 3 * 4 * m["params"] / read_bandwidth()  # parameters and both moments
+    read_s = 4 * m["params"] / read_bandwidth()  # one fp32 pass over the parameters
     torch.manual_seed(spec["seed"])  # W5's seed for the steps' sampling
     steps = step_tokens(trainer, args.steps, spec["prompts_per_step"])
-    report(args, m, rate, optimizer_s, steps, trl, imports)
+    report(args, m, rate, read_s, steps, trl, imports)
 
 
-def report(args, m: dict, rate: float, optimizer_s: float, steps: list, trl: dict, imports: int):
-    sample = statistics.mean(pass_flops(s["rows"], m) for s in steps)
-    score = statistics.mean(pass_flops(differing(s["rows"]), m) for s in steps)
+DESIGNS = (  # name, scoring passes, fp32 copies held (AdamW reads every one but the reference)
+    ("A: sampling without gradients, then score; gradients held (preftune, TRL)", 4, 5),
+    ("B: as A, the policy's forward reused from sampling", 3, 5),
+    ("C: as A, clipping from a first backward; no gradients held", 5, 4),
+    ("D: B and C", 4, 4),
+)
+
+
+def report(args, m: dict, rate: float, read_s: float, steps: list, trl: dict, imports: int):
+    sample = statistics.mean(pass_flops(sampling_rows(s["rows"]), m) for s in steps)
+    score = statistics.mean(pass_flops(scoring_rows(s["rows"]), m) for s in steps)
     mine = statistics.mean(s["seconds"] for s in steps)
     theirs = trl["train_s"] / args.steps
     gib, copy = 2**30, 4 * m["params"]
     sampled = sum(len(r[1]) for s in steps for r in s["rows"])
-    print(f"{machine()['cpu']}, {args.threads} threads, {args.steps} W5 online DPO steps; fp32 "
-          f"matmul {rate / 1e9:.1f} GFLOP/s (best of 1024^3-4096^3), optimizer reads >= "
-          f"{optimizer_s:.2f} s; a pass {sample / 1e9:.0f} GFLOP sampling, {score / 1e9:.0f} "
-          f"scoring (means over the steps)")  # fmt: skip
+    print(f"{machine()['cpu']}, {args.threads} threads, {args.steps} W5 online DPO steps, one "
+          f"invocation; fp32 matmul {rate / 1e9:.1f} GFLOP/s (best of 1024^3-4096^3); a pass "
+          f"{sample / 1e9:.0f} GFLOP sampling, {score / 1e9:.0f} scoring (means over the steps)")  # fmt: skip
     print(f"preftune: {sampled} sampled tokens, mean step {mine:.2f} s; TRL: "
           f"{trl['gen_tokens']} sampled tokens, mean step {theirs:.2f} s, peak RSS "
           f"{trl['peak_rss'] / gib:.2f} GiB; preftune x{theirs / mine:.2f} TRL's steps/s")  # fmt: skip
-    designs = (
-        ("A: separate scoring forward, gradients held (preftune, TRL)", 4, 5),
-        ("B: policy forward reused from sampling, gradients held", 3, 5),
-        ("C: as A, clipping by a second backward, no gradients held", 6, 4),
-    )
-    for name, passes, copies in designs:
-        bound = (sample + passes * score) / rate + optimizer_s
+    for name, passes, copies in DESIGNS:
+        bound = (sample + passes * score) / rate + (copies - 1) * read_s
         floor = imports + copies * copy
+        mine_part = f"; preftune's step ran at {bound / mine:.0%} of it" if name[0] == "A" else ""
         print(f"{name}: step >= {bound:.2f} s = x{theirs / bound:.2f} TRL's steps/s (3x needs "
-              f">= {3 * bound / theirs:.0%} of the best rate throughout; preftune's step ran "
-              f"at {bound / mine:.0%} of the bound's speed); memory >= {imports / gib:.2f} + "
-              f"{copies} x {copy / gib:.3f} = {floor / gib:.2f} GiB = x{floor / trl['peak_rss']:.2f} "
-              f"TRL's peak")  # fmt: skip
+              f">= {3 * bound / theirs:.0%} of the best rate throughout{mine_part}); memory >= "
+              f"{imports / gib:.2f} + {copies} x {copy / gib:.3f} = {floor / gib:.2f} GiB = "
+              f"x{floor / trl['peak_rss']:.2f} TRL's peak")  # fmt: skip
 
 
 if __name__ == "__main__":

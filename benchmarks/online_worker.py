@@ -123,14 +123,15 @@ class _Counter:
 
     def __init__(self, tokenizer):
         self.tokenizer, self.tokens = tokenizer, 0
+        self.stop_ids: set[int] = set()  # TRL's: the tokenizer's and the generation config's
         self.__name__ = "verifier"
 
     def __call__(self, prompts, completions, completion_ids=None, **kw):
-        if completion_ids is not None:  # rows padded after the EOS: count up to it
-            eos = self.tokenizer.eos_token_id
+        if completion_ids is not None:  # rows padded after the first stop id: count up to it
             for ids in completion_ids:
                 ids = [int(t) for t in ids]
-                self.tokens += ids.index(eos) + 1 if eos in ids else len(ids)
+                stops = [i for i, t in enumerate(ids) if t in self.stop_ids]
+                self.tokens += stops[0] + 1 if stops else len(ids)
         else:
             texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
             self.tokens += sum(len(self.tokenizer(t)["input_ids"]) + 1 for t in texts)
@@ -140,6 +141,8 @@ class _Counter:
 def run_trl(spec: dict) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.generation import eos_token_ids
 
     prompts = _prompts(spec)
     data = Dataset.from_list([{"prompt": p["prompt"]} for p in prompts])
@@ -155,6 +158,7 @@ def run_trl(spec: dict) -> dict:
     )  # fmt: skip
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    counter.stop_ids = set(eos_token_ids(model, tok))
     if spec["method"] == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 

@@ -113,12 +113,13 @@ def test_w6_records_are_chat_pairs_with_long_unrelated_answers(tokenizer):
 def test_online_floor_counts_the_step_s_unavoidable_work(tiny_dir):
     """W5's floor (benchmarks/online_floor.py), one pass: the decoder once for every distinct
     prefix that predicts or feeds (prompts sharing a head, samples sharing a start, a sample's
-    last token feeding nothing), the LM head once for every distinct prefix predicting a sampled
-    token, the last layer's non-key/value weights skipped where nothing is predicted; scoring
-    drops a pair of identical samples. The model's counts: linear weights without the head, the
-    head, the last layer's non-key/value weights."""
+    last token feeding nothing), the LM head once for every distinct prefix predicting a needed
+    token, the last layer's non-key/value weights skipped where nothing is predicted. Sampling
+    needs every sampled token; scoring a pair only those after its samples part, none for an
+    identical pair. The model's counts: linear weights without the head, the head, the last
+    layer's non-key/value weights."""
     import torch
-    from online_floor import differing, pass_flops, shape
+    from online_floor import pass_flops, sampling_rows, scoring_rows, shape
 
     from preftune.models import load_causal_lm
 
@@ -127,9 +128,14 @@ def test_online_floor_counts_the_step_s_unavoidable_work(tiny_dir):
     # (1,2,3) (1,2,3,4) (1,2,9); (1) and (1,2) predict nothing. Linear 10, head 5, last layer 4.
     rows = [((1, 2, 3), (4, 5)), ((1, 2, 3), (4, 6)), ((1, 2, 9), (8,)), ((1, 2, 9), (8,))]
     m = {"linear": 10, "head": 5, "last_not_kv": 4}
-    assert pass_flops(rows, m) == 2 * (10 * 5 + 5 * 3 - 4 * 2) == 114
-    assert differing(rows) == rows[:2]
-    assert pass_flops(differing(rows), m) == 2 * (10 * 4 + 5 * 2 - 4 * 2) == 84
+    assert pass_flops(sampling_rows(rows), m) == 2 * (10 * 5 + 5 * 3 - 4 * 2) == 114
+    # scoring: the second pair is identical; the first parts after its shared 4: only (1,2,3,4)
+    # predicts a needed token, of the 4 prefixes fed
+    assert scoring_rows(rows) == [((1, 2, 3), (4, 5), 1), ((1, 2, 3), (4, 6), 1)]
+    assert pass_flops(scoring_rows(rows), m) == 2 * (10 * 4 + 5 * 1 - 4 * 3) == 66
+    # a prompt that is a prefix of another: (1,2) predicts for the first, feeds the second
+    nested = [((1, 2), (3,)), ((1, 2), (4,)), ((1, 2, 3), (5,)), ((1, 2, 3), (6,))]
+    assert pass_flops(sampling_rows(nested), m) == 2 * (10 * 3 + 5 * 2 - 4 * 1) == 72
     model = load_causal_lm(str(tiny_dir))
     m, c = shape(model), model.config
     head = model.get_output_embeddings().weight.numel()
