@@ -179,7 +179,7 @@ DESIGNS = (  # name, scoring passes, fp32 copies held (AdamW reads every one but
 )
 
 
-def report(args, m: dict, rate: float, read_s: float, steps: list, trl: dict, imports: int):
+def report(args, m: dict, rate: float, read_s: float, steps: list, trl: dict, imports: int) -> None:
     sample = statistics.mean(pass_flops(sampling_rows(s["rows"]), m) for s in steps)
     score = statistics.mean(pass_flops(scoring_rows(s["rows"]), m) for s in steps)
     mine = statistics.mean(s["seconds"] for s in steps)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 W1_DATA = "arithmetic_edit"
@@ -212,7 +213,9 @@ def sequence_lengths(examples: list[dict], batches: list[list[int]]) -> tuple[in
     return counted, seqs
 
 
-def diagnostic_trainer(workload: str, steps: int, work, bf16: bool, overrides=()):
+def diagnostic_trainer(
+    workload: str, steps: int, work: str | Path, bf16: bool, overrides: Sequence[str] = ()
+):
     """preftune's Trainer on W1's edit pairs or W6's chat pairs (8 pairs a step for `steps`
     steps, data written under `work`), and the order of its batches: what the in-process
     diagnostics (profile_step.py, step_faults.py) run."""
