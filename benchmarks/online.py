@@ -31,6 +31,7 @@ from common import (
     run_worker,
     summary,
 )
+from online_worker import W5, w5_spec
 
 
 def _model(args) -> str:
@@ -47,14 +48,14 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--methods", default="online_dpo,grpo")
     p.add_argument("--tools", default="preftune,trl")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step")
-    p.add_argument("--k", type=int, default=4, help="GRPO samples per prompt")
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-6)
-    p.add_argument("--kl-coef", type=float, default=0.04)
-    p.add_argument("--beta", type=float, default=0.1, help="online DPO's beta")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=W5["steps"])
+    p.add_argument("--prompts", type=int, default=W5["prompts_per_step"], help="prompts a step")
+    p.add_argument("--k", type=int, default=W5["k"], help="GRPO samples per prompt")
+    p.add_argument("--new-tokens", type=int, default=W5["new_tokens"])
+    p.add_argument("--lr", type=float, default=W5["lr"])
+    p.add_argument("--kl-coef", type=float, default=W5["kl_coef"])
+    p.add_argument("--beta", type=float, default=W5["beta"], help="online DPO's beta")
+    p.add_argument("--threads", type=int, default=W5["threads"])
     p.add_argument(
         "--precision",
         choices=["fp32", "bf16"],
@@ -66,15 +67,14 @@ def main(argv=None) -> None:
     p.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
     args = p.parse_args(argv)
     model = _model(args)
-    base = dict(model=model, steps=args.steps, prompts_per_step=args.prompts, k=args.k,
-                new_tokens=args.new_tokens, lr=args.lr, kl_coef=args.kl_coef, beta=args.beta,
-                temperature=0.9, threads=args.threads, seed=0,
-                bf16=args.precision == "bf16")  # fmt: skip
+    settings = dict(steps=args.steps, prompts_per_step=args.prompts, k=args.k,
+                    new_tokens=args.new_tokens, lr=args.lr, kl_coef=args.kl_coef, beta=args.beta,
+                    threads=args.threads, bf16=args.precision == "bf16")  # fmt: skip
     runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.repeats):
         for method in args.methods.split(","):
             for tool in args.tools.split(","):
-                spec = {**base, "tool": tool, "method": method}
+                spec = {**w5_spec(model, method, **settings), "tool": tool}
                 r = run_worker(spec, script="online_worker.py")
                 if not r["ok"]:
                     print(f"{tool} {method} failed: {r['error']}\n{r['log_tail']}", file=sys.stderr)

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from online_worker import preftune_trainer, w5_spec  # noqa: E402
+from online_worker import W5, preftune_trainer, w5_spec  # noqa: E402
 from workloads import default_model  # noqa: E402
 
 
@@ -61,9 +61,9 @@ def main(argv=None) -> None:
     p.add_argument("--method", default="online_dpo")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--prompts", type=int, default=W5["prompts_per_step"])
+    p.add_argument("--k", type=int, default=W5["k"])
+    p.add_argument("--new-tokens", type=int, default=W5["new_tokens"])
     p.add_argument("--set", nargs="*", default=[], help="more preftune keys: key=value ...")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
