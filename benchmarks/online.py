@@ -2,6 +2,7 @@
 
     python benchmarks/online.py                          # the embedded model, 8 steps each
     python benchmarks/online.py --steps 2 --prompts 2 --k 2 --new-tokens 4 --tiny   # smoke test
+    python benchmarks/online.py --tools preftune,preftune-set,trl --set reference_offload=disk
 
 Same prompts (preftune's bundled arithmetic training prompts, in order), same samples per prompt
 (GRPO: `--k`; online DPO: 2), same new-token budget, temperature 0.9, top-p 1, the same judge
@@ -63,6 +64,15 @@ def main(argv=None) -> None:
         help="both tools in fp32, or both under bf16 autocast over fp32 weights (each tool's "
         "default on a CPU with bf16 units: preftune's bf16=auto, TRL 1.16's bf16=True)",
     )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="preftune settings for the `preftune-set` tool, which runs beside plain preftune "
+        "and TRL when --tools names it (e.g. --tools preftune,preftune-set,trl --set "
+        "reference_offload=disk)",
+    )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
     args = p.parse_args(argv)
@@ -75,6 +85,8 @@ def main(argv=None) -> None:
         for method in args.methods.split(","):
             for tool in args.tools.split(","):
                 spec = {**w5_spec(model, method, **settings), "tool": tool}
+                if tool == "preftune-set":  # preftune with `--set` on top
+                    spec.update(tool="preftune", overrides=args.set)
                 r = run_worker(spec, script="online_worker.py")
                 if not r["ok"]:
                     print(f"{tool} {method} failed: {r['error']}\n{r['log_tail']}", file=sys.stderr)
@@ -98,7 +110,7 @@ def _report(args, runs: dict) -> None:
     }
     rows = []
     for (tool, method), s in stats.items():
-        peer = stats.get(("trl", method)) if tool == "preftune" else None
+        peer = stats.get(("trl", method)) if tool.startswith("preftune") else None
         rows.append([
             method, tool,
             fmt_range(s["gen_tokens_per_s"]), fmt_range(s["steps_per_s"], digits=3),

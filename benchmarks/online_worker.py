@@ -93,7 +93,7 @@ def preftune_trainer(spec: dict, overrides: Sequence[str] = ()):
 def run_preftune(spec: dict) -> dict:
     k = spec["k"]
     t0 = time.perf_counter()
-    trainer = preftune_trainer(spec)
+    trainer = preftune_trainer(spec, spec.get("overrides", ()))
     init_s = time.perf_counter() - t0
     B = spec["prompts_per_step"]
     per_prompt = k if spec["method"] in ("grpo", "rloo") else 2

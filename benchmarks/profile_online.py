@@ -1,7 +1,7 @@
 """Where one W5 step of preftune's online trainers spends its time, by phase.
 
     python benchmarks/profile_online.py [--method online_dpo|grpo] [--steps 3] [--threads 2]
-                                        [--set gradient_checkpointing=true ...]
+                                        [--set gradient_checkpointing=true ...] [--memory]
 
 Builds the trainer as benchmarks/online_worker.py does (the embedded model, W5's prompts,
 samples, new tokens and settings; `--set` changes any preftune setting on top) and wraps its
@@ -29,22 +29,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from memory_phases import PhaseSampler  # noqa: E402
 from online_worker import W5, preftune_trainer, w5_spec  # noqa: E402
 from workloads import default_model  # noqa: E402
 
 
 class Phases:
-    def __init__(self):
+    """Seconds per phase; with a `PhaseSampler` (--memory) also the resident set's peak in each
+    (outside every wrapped phase: "between phases")."""
+
+    def __init__(self, sampler=None):
         self.now: dict[str, float] = defaultdict(float)
-        self.depth = 0
+        self.sampler = sampler
 
     @contextlib.contextmanager
     def timed(self, name: str):
+        if self.sampler is not None:
+            self.sampler.enter(name)
         t = time.perf_counter()
         try:
             yield
         finally:
             self.now[name] += time.perf_counter() - t
+            if self.sampler is not None:
+                self.sampler.enter("between phases")
 
     def wrap(self, owner, attr: str, name: str) -> None:
         real = getattr(owner, attr)
@@ -65,13 +73,19 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=W5["k"])
     p.add_argument("--new-tokens", type=int, default=W5["new_tokens"])
     p.add_argument("--set", nargs="*", default=[], help="more preftune keys: key=value ...")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also the peak resident set in each phase (a 2 ms sampler thread; each phase "
+        "boundary waits 10 ms for it, so the times then include that)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     spec = w5_spec(default_model(), args.method, steps=args.steps, prompts_per_step=args.prompts,
                    k=args.k, new_tokens=args.new_tokens, workdir=tempfile.mkdtemp(prefix="w5-prof-"))  # fmt: skip
     trainer = preftune_trainer(spec, args.set)
-    ph = Phases()
+    ph = Phases(PhaseSampler() if args.memory else None)
     ph.wrap(trainer, "_generate", "generate")
     ph.wrap(trainer, "_score", "judge")
     ref = trainer.reference
@@ -104,6 +118,9 @@ def main(argv=None) -> None:
     print(f"  {'rest':20s} {rest:6.2f} s  {100 * rest / total:5.1f}%")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak RSS {rss:.2f} GiB")
+    if args.memory:
+        print("peak resident set in each phase, over all steps (GB = 1e9 bytes):")
+        ph.sampler.report()
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ class TrainConfig:
     # grad_accum=1, one process (preftune/train/in_backward.py)
     optimizer_in_backward: bool = False
     reference: str = "auto"  # auto | frozen | lora | precompute | none
+    # none | disk: a frozen reference's decoder layers kept in files under the run directory
+    # and read back one layer at a time for its forwards (accelerate's disk offload): the copy's
+    # memory for reading its layers each step (preftune/train/offload.py)
+    reference_offload: str = "none"
     # One row per sequence (or per prompt group), padded; `packed` puts the whole micro-batch
     # in one row with a block-diagonal mask. On CPU, SDPA with a mask materialises the T x T
     # attention of that row, so packing is slower than padding here (docs/benchmarks.md).

@@ -105,6 +105,10 @@ def _value_checks(cfg) -> list[tuple[bool, str]]:
             f"reference must be auto, frozen, lora, precompute or none, got {t.reference!r}",
         ),
         (
+            t.reference_offload in ("none", "disk"),
+            f"reference_offload must be none or disk, got {t.reference_offload!r}",
+        ),
+        (
             t.bf16 in ("auto", True, False),
             f"bf16 must be auto, true or false, got {t.bf16!r}",
         ),
@@ -190,6 +194,11 @@ def _validate_combinations(cfg) -> None:
     if t.reference == "lora" and not cfg.model.lora:
         raise ConfigError(
             "reference=lora needs lora=true (the reference is the LoRA model with its adapter off)"
+        )
+    if t.reference_offload != "none" and t.reference in ("lora", "precompute", "none"):
+        raise ConfigError(
+            f"reference_offload={t.reference_offload} offloads a frozen reference copy, but "
+            f"reference={t.reference} holds none; set reference=frozen or reference_offload=none"
         )
 
 
@@ -279,6 +288,16 @@ def validate_online(cfg, method: str | None = None, rso_data: bool = False) -> N
         check_group(cfg)
     if method == "ipo_md":
         check_ipo_md(cfg)
+    check_online_reference(cfg, method)
+
+
+def check_online_reference(cfg, method: str) -> None:
+    if method in ("rso", "ipo_md") and cfg.train.reference_offload != "none":
+        raise ConfigError(
+            f"reference_offload={cfg.train.reference_offload} with method={method}: it samples "
+            "from the reference, which would read every offloaded layer back for each generated "
+            "token; set reference_offload=none"
+        )
     if cfg.train.reference == "precompute":
         raise ConfigError(
             "reference=precompute cannot serve an online run: its completions are new every "

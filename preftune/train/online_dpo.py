@@ -36,7 +36,7 @@ from preftune.online.labels import label_online_pairs
 from preftune.online.rso_data import apply_eos_penalty, select_rso_pairs
 from preftune.train import checkpoint as ckpt
 from preftune.train.metrics import record, summarise
-from preftune.train.reference import CachedReference, ModelReference
+from preftune.train.reference import CachedReference
 from preftune.train.setup import Datasets, TrainingError, resolve_task
 from preftune.train.trainer import Trainer
 
@@ -135,9 +135,10 @@ class OnlineTrainer(Trainer):
             mode = "lora" if self.cfg.model.lora else "frozen"
         self.reference_mode = mode
         self.log_line(f"reference: {mode} — the initial model, fixed for the whole run")
+        self._check_offload(mode)
         if self.sharding.enabled:  # read only in gathered phases: generation, `_step_reference`
             return self._sharded_reference(mode, gathered_only=True)
-        return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
+        return self._model_reference(mode)
 
     # ---- generation and judging ------------------------------------------------------------
     def _my_prompts(self, batch_idx: list[int]) -> list[dict]:

@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from preftune.errors import ConfigError
 from preftune.layouts import TokenBatch
 from preftune.logps import hidden_at_targets, sequence_logps
+from preftune.train.offload import offloaded_copy
 
 CACHE_VERSION = "preftune-refcache-1"  # bump when log-prob code changes what it computes
 
@@ -55,13 +57,34 @@ def choose_mode(
     )
 
 
-class ModelReference:
-    """A frozen deep copy, or the policy's own base weights with the LoRA adapter disabled."""
+def check_offload(offload: str, mode: str, sharding: str | None) -> None:
+    """Refuse `reference_offload` where there is no frozen copy to offload, or where FSDP2 or
+    DeepSpeed (`sharding`: its name, None without) places the reference itself."""
+    if offload == "none":
+        return
+    if sharding is not None:
+        raise ConfigError(
+            f"reference_offload={offload} under {sharding}: the engine shards the reference "
+            "itself (use its own offload settings); set reference_offload=none"
+        )
+    if mode != "frozen":
+        raise ConfigError(
+            f"reference_offload={offload} offloads a frozen reference copy, but this run's "
+            f"reference is {mode}; set reference=frozen or reference_offload=none"
+        )
 
-    def __init__(self, policy, mode: str, chunk_size: int):
+
+class ModelReference:
+    """A frozen deep copy, or the policy's own base weights with the LoRA adapter disabled.
+    `offload_under`: the frozen copy's decoder layers kept in a folder made there
+    (`reference_offload=disk`, preftune/train/offload.py)."""
+
+    def __init__(self, policy, mode: str, chunk_size: int, offload_under: Path | None = None):
         self.mode = mode
         self.chunk_size = chunk_size
-        if mode == "frozen":
+        if mode == "frozen" and offload_under is not None:
+            self.model = offloaded_copy(policy, offload_under)
+        elif mode == "frozen":
             self.model = copy.deepcopy(policy).eval()
             self.model.requires_grad_(False)
         else:

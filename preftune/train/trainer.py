@@ -43,6 +43,7 @@ from preftune.train.reference import (
     CachedReference,
     ModelReference,
     cache_key,
+    check_offload,
     choose_mode,
     load_or_compute_cache,
     write_cache,
@@ -73,14 +74,34 @@ class Trainer(BaseTrainer):
         )
         self.reference_mode = mode
         self.log_line(f"reference: {mode} — {why}")
+        self._check_offload(mode)
         if mode == "none":
             return None
         if mode in ("frozen", "lora") and self.sharding.enabled:
             return self._sharded_reference(mode, gathered_only=False)
         if mode in ("frozen", "lora"):
-            return ModelReference(self.policy, mode, self.cfg.train.chunk_size)
+            return self._model_reference(mode)
         with self.sharding.gathered():  # each process its share of the batches
             return CachedReference(self._precompute())
+
+    def _check_offload(self, mode: str) -> None:
+        """`reference_offload` refused where it has no frozen copy to offload (one line)."""
+        sharding = self.sharding.name if self.sharding.enabled else None
+        check_offload(self.cfg.train.reference_offload, mode, sharding)
+
+    def _model_reference(self, mode: str) -> ModelReference:
+        """The frozen copy or LoRA's adapter-off base, held by this process; with
+        `reference_offload=disk` the copy's layers in a folder under the run directory."""
+        disk = self.cfg.train.reference_offload == "disk"
+        ref = ModelReference(
+            self.policy, mode, self.cfg.train.chunk_size, self.run_dir if disk else None
+        )
+        if disk:
+            self.log_line(
+                f"reference_offload: the reference's decoder layers in {ref.model.offload_folder}"
+                ", read back for each of its forwards (removed when the run ends)"
+            )
+        return ref
 
     def _sharded_reference(self, mode: str, gathered_only: bool) -> ModelReference:
         """The reference under FSDP2 or DeepSpeed: sharded too, never whole per process where
