@@ -186,3 +186,20 @@ def test_chosen_equal_to_rejected_is_refused_with_an_explicit_prompt_too():
         skip_invalid=True,
     )
     assert len(recs) == 1 and "1 'chosen' and 'rejected' are identical" in report.summary()
+
+
+def test_reading_a_jsonl_or_a_bundled_set_never_imports_datasets(tmp_path):
+    """`datasets` (with pandas and pyarrow, ~0.08 GiB resident) is imported by the sources that
+    need it only; a run on a JSONL file or a bundled set does not hold it."""
+    import subprocess
+    import sys
+
+    p = tmp_path / "pairs.jsonl"
+    p.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    code = (
+        "import sys, preftune.cli, preftune.train.entry\n"
+        "from preftune.data.records import load_records\n"
+        f"load_records({str(p)!r}); load_records('arithmetic_edit')\n"
+        "assert 'datasets' not in sys.modules, 'datasets imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
