@@ -76,6 +76,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--tiny", action="store_true", help="a tiny random model (smoke test)")
     args = p.parse_args(argv)
+    if bool(args.set) != ("preftune-set" in args.tools.split(",")):
+        p.error("--set and --tools preftune-set go together (preftune-set is preftune with --set)")
     model = _model(args)
     settings = dict(steps=args.steps, prompts_per_step=args.prompts, k=args.k,
                     new_tokens=args.new_tokens, lr=args.lr, kl_coef=args.kl_coef, beta=args.beta,

@@ -12,6 +12,7 @@ from preftune.errors import ConfigError
 from preftune.losses import LOSSES, validate_hparams
 from preftune.online.group import AGGREGATIONS
 
+OFFLOAD_MODES = ("none", "disk")  # `reference_offload` (preftune/train/offload.py)
 # the methods of `preftune online`; preftune/train/entry.py maps each to its trainer
 ONLINE_METHOD_NAMES = ("online_dpo", "ipo_md", "rso", "remax", "rloo", "grpo")
 # the policy-gradient methods: no registry loss, so any `loss` key is ignored
@@ -105,7 +106,7 @@ def _value_checks(cfg) -> list[tuple[bool, str]]:
             f"reference must be auto, frozen, lora, precompute or none, got {t.reference!r}",
         ),
         (
-            t.reference_offload in ("none", "disk"),
+            t.reference_offload in OFFLOAD_MODES,
             f"reference_offload must be none or disk, got {t.reference_offload!r}",
         ),
         (
@@ -195,10 +196,34 @@ def _validate_combinations(cfg) -> None:
         raise ConfigError(
             "reference=lora needs lora=true (the reference is the LoRA model with its adapter off)"
         )
-    if t.reference_offload != "none" and t.reference in ("lora", "precompute", "none"):
+    if t.reference in ("lora", "precompute", "none"):  # the rest once the mode is resolved
+        check_reference_offload(t.reference_offload, t.reference, f"reference={t.reference}")
+
+
+# why each reference mode leaves `reference_offload` nothing to offload
+NO_COPY = {
+    "none": "this run loads no reference model",
+    "lora": "the reference is the LoRA model with its adapter off, not a second copy",
+    "precompute": "the reference's log-probs are computed before training and no model is held",
+}
+
+
+def check_reference_offload(offload: str, mode: str, why: str, engine: str | None = None) -> None:
+    """Refuse `reference_offload` where the run holds no frozen copy for it to offload (`mode`:
+    the resolved reference mode, `why`: how it was chosen) or where FSDP2 / DeepSpeed
+    (`engine`) places the reference itself. At config time for an explicit `reference`, and by
+    the trainer once `reference=auto` is resolved, before the model loads."""
+    if offload == "none":
+        return
+    if engine is not None:
         raise ConfigError(
-            f"reference_offload={t.reference_offload} offloads a frozen reference copy, but "
-            f"reference={t.reference} holds none; set reference=frozen or reference_offload=none"
+            f"reference_offload={offload} under {engine}: the engine shards the reference "
+            "itself (use its own offload settings); set reference_offload=none"
+        )
+    if mode in NO_COPY:
+        raise ConfigError(
+            f"reference_offload={offload}, but {NO_COPY[mode]} ({why}): nothing to offload; "
+            "drop reference_offload"
         )
 
 
@@ -292,6 +317,7 @@ def validate_online(cfg, method: str | None = None, rso_data: bool = False) -> N
 
 
 def check_online_reference(cfg, method: str) -> None:
+    """What an online method refuses of the reference settings."""
     if method in ("rso", "ipo_md") and cfg.train.reference_offload != "none":
         raise ConfigError(
             f"reference_offload={cfg.train.reference_offload} with method={method}: it samples "

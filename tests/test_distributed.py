@@ -132,6 +132,9 @@ def two_processes(tiny_dir, tmp_path_factory):
     online = _args(tiny_dir, out, "online", method="online_dpo", num_eval=0, max_new_tokens=6)
     online["judge"] = "online_helpers:length_score"
     jobs.append({"kind": "online", "args": online})
+    # each process keeps its own copy of the reference's layers on disk (reference_offload)
+    disk = {**online, "run_name": "online-disk", "reference_offload": "disk"}
+    jobs.append({"kind": "online", "args": disk})
     jobs.append({"kind": "train", "args": _args(tiny_dir, out, "full", **RESUMED)})
     # rank 1's pairs all tie: it has nothing to train and must still join every collective
     idle = {**online, "run_name": "idle", "judge": "online_helpers:rank_tie"}
@@ -220,6 +223,17 @@ def test_online_dpo_processes_stay_in_sync(two_processes):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("pairs/trained", 0) for r in rows) > 0
     assert len({p.read_text() for p in run.glob("weights-rank*.sha256")}) == 1
+
+
+def test_online_dpo_with_the_reference_on_disk_equals_it_in_memory_in_two_processes(two_processes):
+    """reference_offload=disk under DDP: each process's copy in its own folder, removed at the
+    end; the same losses and weights as the run with the copies in memory."""
+    a, b = two_processes / "online", two_processes / "online-disk"
+    assert _losses(b) == _losses(a)
+    weights = {p.read_text() for run in (a, b) for p in run.glob("weights-rank*.sha256")}
+    assert len(weights) == 1
+    assert not list(b.glob(".reference_offload-*"))
+    assert "reference_offload: disk" in (b / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])

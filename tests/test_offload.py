@@ -19,7 +19,9 @@ from transformers import AutoModelForCausalLM
 from preftune.api import train, train_online
 from preftune.cli import main
 from preftune.logps import hidden_at_targets, sequence_logps
-from preftune.train.offload import named_blocks, offloaded_copy, resident_bytes
+from preftune.train import offload
+from preftune.train import reference as reference_module
+from preftune.train.offload import named_blocks, offloaded_copy
 from preftune.varlen_layout import build_varlen_batch
 
 
@@ -28,10 +30,34 @@ def _no_html_report(monkeypatch):
     monkeypatch.setattr("preftune.report.write_report", lambda run_dir: None)
 
 
+@pytest.fixture
+def copies(monkeypatch):
+    """The folders `offloaded_copy` wrote, each checked to hold the layers when made."""
+    made = []
+
+    def counted(policy, folder):
+        ref = offload.offloaded_copy(policy, folder)
+        assert resident_bytes(ref) < resident_bytes(policy) and any(folder.iterdir())
+        made.append(folder)
+        return ref
+
+    monkeypatch.setattr(reference_module, "offloaded_copy", counted)
+    return made
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of `model`'s parameters held in memory now (meta placeholders hold none)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+
+
 def test_offloaded_copy_scores_as_the_resident_copy_and_holds_no_layer(tmp_path):
     policy = _model(attn="sdpa").float().train()
     frozen = copy.deepcopy(policy).eval().requires_grad_(False)
-    ref = offloaded_copy(policy, tmp_path)
+    folder = tmp_path / ".reference_offload-0"
+    folder.mkdir()
+    (folder / "stale.dat").write_bytes(b"a killed run's file")  # replaced, not mixed in
+    ref = offloaded_copy(policy, folder)
+    assert not (folder / "stale.dat").exists()
     layers = sum(p.numel() * 4 for _, b in named_blocks(policy) for p in b.parameters())
     assert resident_bytes(ref) == resident_bytes(frozen) - layers > 0
     batch = build_varlen_batch(PROMPTS, PAIRS)
@@ -47,8 +73,7 @@ def test_offloaded_copy_scores_as_the_resident_copy_and_holds_no_layer(tmp_path)
         for p in policy.parameters():  # the policy trains on: the reference does not move
             p.add_(0.5)
         torch.testing.assert_close(sequence_logps(ref, batch), want, rtol=0, atol=0)
-    folder = ref.offload_folder
-    assert folder.parent == tmp_path and any(folder.iterdir())
+    assert any(folder.iterdir())
     del ref
     gc.collect()
     assert not folder.exists()
@@ -58,7 +83,7 @@ def _final(run_dir):
     return AutoModelForCausalLM.from_pretrained(run_dir / "final", dtype=torch.float64)
 
 
-def _same_runs(a, b, keys):
+def _same_runs(a, b, keys, copies):
     la = [json.loads(x) for x in (a.run_dir / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (b.run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in la if "loss" in x]
@@ -69,10 +94,11 @@ def _same_runs(a, b, keys):
         _final(a.run_dir).named_parameters(), _final(b.run_dir).named_parameters()
     ):
         assert torch.equal(x, y), n
-    assert not list(b.run_dir.glob(".reference_offload-*"))  # removed when the run ended
+    assert copies == [b.run_dir / ".reference_offload-0"]  # the run with it, and only that one
+    assert not copies[0].exists()  # removed when the run ended
 
 
-def test_online_dpo_with_the_reference_on_disk_equals_it_in_memory(tiny_dir, tmp_path):
+def test_online_dpo_with_the_reference_on_disk_equals_it_in_memory(tiny_dir, tmp_path, copies):
     args = dict(
         model=str(tiny_dir),
         output_dir=str(tmp_path),
@@ -92,18 +118,20 @@ def test_online_dpo_with_the_reference_on_disk_equals_it_in_memory(tiny_dir, tmp
     )
     a = train_online({**args, "run_name": "memory"})
     b = train_online({**args, "run_name": "disk", "reference_offload": "disk"})
-    _same_runs(a, b, ("loss", "kl", "reward/mean", "grad_norm", "logps/chosen"))
+    _same_runs(a, b, ("loss", "kl", "reward/mean", "grad_norm", "logps/chosen"), copies)
 
 
-def test_tdpo_with_the_reference_on_disk_equals_it_in_memory(tiny_dir, tmp_path):
+def test_tdpo_with_the_reference_on_disk_equals_it_in_memory(tiny_dir, tmp_path, copies):
     """TDPO reads the reference's hidden states and its LM head (kept in memory)."""
     extra = dict(loss="tdpo2", reference="frozen", eval_every=1)
     a = train(tiny_run_args(tiny_dir, tmp_path, "memory", **extra))
     b = train(tiny_run_args(tiny_dir, tmp_path, "disk", reference_offload="disk", **extra))
-    _same_runs(a, b, ("loss", "grad_norm", "rewards/margins", "eval/loss"))
+    _same_runs(a, b, ("loss", "grad_norm", "rewards/margins", "eval/loss"), copies)
 
 
 def test_reference_offload_refused_where_no_frozen_copy_is_held(tmp_path, tiny_dir, capsys):
+    """Explicit settings at config time; what `reference=auto` resolves to, and the engine,
+    before the model loads (the run directory released: nothing left behind)."""
     bad = [
         ["train", "reference_offload=cpu"],
         ["train", "reference_offload=disk", "reference=precompute"],
@@ -112,13 +140,24 @@ def test_reference_offload_refused_where_no_frozen_copy_is_held(tmp_path, tiny_d
     ]
     for cmd, *extra in bad:
         assert main([cmd, "model=/nonexistent", f"output_dir={tmp_path}", *extra]) == 2
+    resolved = [  # DPO: auto = precompute; TDPO with LoRA: the adapter off; SimPO: none
+        ("train", {}),
+        ("train", {"lora": "true", "loss": "tdpo2"}),
+        (
+            "online",
+            {"method": "online_dpo", "loss": "simpo", "judge": "online_helpers:length_score"},
+        ),
+    ]
+    for cmd, extra in resolved:
+        args = tiny_run_args(tiny_dir, tmp_path, "auto", reference_offload="disk", **extra)
+        assert main([cmd, *[f"{k}={v}" for k, v in args.items()]]) == 2
     assert not any(tmp_path.iterdir())
-    # reference=auto resolves to precompute for DPO: refused once the choice is made
-    args = tiny_run_args(tiny_dir, tmp_path, "auto", reference_offload="disk")
-    assert main(["train", *[f"{k}={v}" for k, v in args.items()]]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == len(bad) + 1, err
+    assert len(err) == len(bad) + len(resolved), err
+    assert all(e.startswith("preftune: error: reference_offload") for e in err)
     assert "reference_offload must be none or disk, got 'cpu'" in err[0]
-    assert all("reference_offload" in e and e.startswith("preftune: error:") for e in err)
     assert "samples from the reference" in err[2] and "samples from the reference" in err[3]
-    assert "this run's reference is precompute" in err[4]
+    assert "log-probs are computed before training" in err[1] and "reference=precompute" in err[1]
+    assert "log-probs are computed before training" in err[4] and "reference=auto" in err[4]
+    assert "the LoRA model with its adapter off" in err[5]
+    assert "loads no reference model" in err[6]

@@ -14,6 +14,11 @@ folder from the policy's own tensors, before the first step changes them. Log-pr
 resident copy's exactly (tests/test_offload.py): the same weights, the same code, the same
 order of operations.
 
+The folder is the run directory's `.reference_offload-<process index>`: each process of a DDP
+run writes its own copy (the disk it needs: the layers' bytes, once per process), removed when
+the copy is garbage-collected or the process exits; a killed run leaves it, and the same run
+resumed replaces it (the initial weights again: the copy is made before a checkpoint loads).
+
 Only the reference's scoring reads it this way. Sampling from the reference (RSO's proposal,
 IPO-MD's mixture) would read every layer once per generated token, so those methods refuse it,
 as do FSDP2 and DeepSpeed, which shard or offload the reference themselves (their own options).
@@ -23,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import tempfile
 import weakref
 from pathlib import Path
 
@@ -32,8 +36,7 @@ from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_state_dict
 
 from preftune.compiling import decoder_blocks
-
-MODES = ("none", "disk")
+from preftune.errors import UserError
 
 
 def named_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -42,23 +45,21 @@ def named_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if id(m) in blocks]
 
 
-def offloaded_copy(policy: torch.nn.Module, parent: Path) -> torch.nn.Module:
-    """A frozen copy of `policy` whose decoder layers live in a new folder under `parent`,
-    removed when the copy is garbage-collected or the process exits."""
+def offloaded_copy(policy: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    """A frozen copy of `policy` whose decoder layers live in `folder` (replaced if it exists,
+    removed when the copy is garbage-collected or the process exits)."""
     blocks = named_blocks(policy)
     if not blocks:
-        raise ValueError(
-            f"{type(policy).__name__} names no decoder layer class (_no_split_modules), so "
-            "reference_offload=disk has no layers to offload; set reference_offload=none"
+        raise UserError(
+            f"reference_offload=disk: {type(policy).__name__} names no decoder layer class "
+            "(_no_split_modules), so there are no layers to offload; set reference_offload=none"
         )
-    parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=".reference_offload-", dir=parent))
     memo, values = {}, {}
     for name, block in blocks:
         for key, p in block.named_parameters():
             memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), False)
             values[f"{name}.{key}"] = p.detach()
-    offload_state_dict(str(folder), values)
+    _write(folder, values)
     del values
     ref = copy.deepcopy(policy, memo).eval().requires_grad_(False)
     device = next(policy.parameters()).device
@@ -72,10 +73,21 @@ def offloaded_copy(policy: torch.nn.Module, parent: Path) -> torch.nn.Module:
         )
         add_hook_to_module(block, hook)
     weakref.finalize(ref, shutil.rmtree, folder, True)
-    ref.offload_folder = folder
     return ref
 
 
-def resident_bytes(model: torch.nn.Module) -> int:
-    """Bytes of `model`'s parameters held in memory now (meta placeholders hold none)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+def _write(folder: Path, values: dict[str, torch.Tensor]) -> None:
+    """The layers' tensors into `folder` (accelerate's format: one raw file per tensor and an
+    index, nothing that executes on load); a failed write leaves no partial folder."""
+    shutil.rmtree(folder, ignore_errors=True)  # a killed run's copy, replaced
+    try:
+        folder.mkdir(parents=True)
+        offload_state_dict(str(folder), values)
+    except OSError as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        gib = sum(v.numel() * v.element_size() for v in values.values()) / 2**30
+        raise UserError(
+            f"reference_offload=disk: could not write the reference's layers ({gib:.2f} GiB) to "
+            f"{folder}: {e.strerror or e}; free that much space there, or set "
+            "reference_offload=none"
+        ) from None

@@ -99,6 +99,7 @@ class OnlineTrainer(Trainer):
         """Under FSDP2 and DeepSpeed an online run reads its reference only in gathered phases
         (generation, the step's reference log-probs): a pairwise loss that reads the
         reference's distributions beside each policy forward (TDPO) is refused there."""
+        super()._check_engine()
         if self.sharding.enabled and self.pairwise and self.spec.needs_seq_kl:
             raise TrainingError(
                 f"{self.method} with loss={self.cfg.loss.loss} reads the reference's "
@@ -115,7 +116,8 @@ class OnlineTrainer(Trainer):
         """Whether reference=auto loads one (for the `kl` metric even when nothing needs it)."""
         return self.needs_reference()
 
-    def _build_reference(self):
+    def _reference_mode(self) -> tuple[str, str]:
+        """(mode, why): none where nothing reads it, else the initial model."""
         mode = self.cfg.train.reference
         if mode == "precompute":
             raise ConfigError(
@@ -128,14 +130,17 @@ class OnlineTrainer(Trainer):
                     f"reference=none, but {self.method} needs the reference model here; "
                     f"use auto, frozen or lora"
                 )
-            self.reference_mode = "none"
-            self.log_line("reference: none (nothing here reads it)")
-            return None
+            return "none", "nothing here reads it"
         if mode == "auto":
             mode = "lora" if self.cfg.model.lora else "frozen"
+        return mode, "the initial model, fixed for the whole run"
+
+    def _build_reference(self):
+        mode, why = self._reference_mode()
         self.reference_mode = mode
-        self.log_line(f"reference: {mode} — the initial model, fixed for the whole run")
-        self._check_offload(mode)
+        self.log_line(f"reference: {mode} — {why}")
+        if mode == "none":
+            return None
         if self.sharding.enabled:  # read only in gathered phases: generation, `_step_reference`
             return self._sharded_reference(mode, gathered_only=True)
         return self._model_reference(mode)

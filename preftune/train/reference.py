@@ -35,11 +35,11 @@ def choose_mode(
             return "none", f"the loss needs no reference (reference={requested} ignored)"
         return "none", "the loss is reference-free: no reference model is loaded"
     if requested == "none":
-        raise ValueError(
+        raise ConfigError(
             "reference=none, but this loss needs a reference; use auto, frozen, lora or precompute"
         )
     if requested == "precompute" and needs_model:
-        raise ValueError(
+        raise ConfigError(
             "reference=precompute cannot serve this loss: it needs the reference model itself "
             "(full next-token distributions or on-the-fly KL pairs); use frozen or lora"
         )
@@ -57,33 +57,16 @@ def choose_mode(
     )
 
 
-def check_offload(offload: str, mode: str, sharding: str | None) -> None:
-    """Refuse `reference_offload` where there is no frozen copy to offload, or where FSDP2 or
-    DeepSpeed (`sharding`: its name, None without) places the reference itself."""
-    if offload == "none":
-        return
-    if sharding is not None:
-        raise ConfigError(
-            f"reference_offload={offload} under {sharding}: the engine shards the reference "
-            "itself (use its own offload settings); set reference_offload=none"
-        )
-    if mode != "frozen":
-        raise ConfigError(
-            f"reference_offload={offload} offloads a frozen reference copy, but this run's "
-            f"reference is {mode}; set reference=frozen or reference_offload=none"
-        )
-
-
 class ModelReference:
     """A frozen deep copy, or the policy's own base weights with the LoRA adapter disabled.
-    `offload_under`: the frozen copy's decoder layers kept in a folder made there
+    `offload_to`: the folder the frozen copy's decoder layers are kept in
     (`reference_offload=disk`, preftune/train/offload.py)."""
 
-    def __init__(self, policy, mode: str, chunk_size: int, offload_under: Path | None = None):
+    def __init__(self, policy, mode: str, chunk_size: int, offload_to: Path | None = None):
         self.mode = mode
         self.chunk_size = chunk_size
-        if mode == "frozen" and offload_under is not None:
-            self.model = offloaded_copy(policy, offload_under)
+        if mode == "frozen" and offload_to is not None:
+            self.model = offloaded_copy(policy, offload_to)
         elif mode == "frozen":
             self.model = copy.deepcopy(policy).eval()
             self.model.requires_grad_(False)

@@ -48,6 +48,7 @@ RESUMABLE = {
     "keep_freed_memory",
     "chunk_size",
     "compile",
+    "reference_offload",  # where the frozen copy's layers wait, not what they hold
     "log_samples",
     "generation_batch_size",
 }

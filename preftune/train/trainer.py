@@ -43,20 +43,31 @@ from preftune.train.reference import (
     CachedReference,
     ModelReference,
     cache_key,
-    check_offload,
     choose_mode,
     load_or_compute_cache,
     write_cache,
 )
 from preftune.train.setup import Datasets, load_datasets, load_policy
+from preftune.validation import check_reference_offload
 
 
 class Trainer(BaseTrainer):
     """Preference pairs (or KTO's unpaired examples) against a reference, any registry loss."""
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
+    def _setup(self, cfg: Config) -> None:
+        """BaseTrainer's setup, then the reference (inside the run directory's claim: a
+        reference that cannot be built releases it)."""
+        super()._setup(cfg)
         self.reference = self._build_reference()
+
+    def _check_engine(self) -> None:
+        """The reference's mode settled before the model loads, and `reference_offload` checked
+        against it and the engine."""
+        mode, why = self._reference_mode()
+        asked = self.cfg.train.reference
+        where = f"reference={asked}" + ("" if asked == mode else f" chose {mode}: {why}")
+        engine = self.sharding.name if self.sharding.enabled else None
+        check_reference_offload(self.cfg.train.reference_offload, mode, where, engine)
 
     def load_model(self) -> tuple:
         return load_policy(self.cfg)
@@ -65,16 +76,19 @@ class Trainer(BaseTrainer):
         return load_datasets(self.cfg, tokenizer, unpaired=self.spec.unpaired)
 
     # ---- the reference -----------------------------------------------------------------------
-    def _build_reference(self):
-        mode, why = choose_mode(
+    def _reference_mode(self) -> tuple[str, str]:
+        """(mode, why): where the reference comes from (`reference.choose_mode`)."""
+        return choose_mode(
             self.cfg.train.reference,
             needs_reference=self.spec.needs_reference,
             needs_model=self.spec.needs_seq_kl or self.spec.unpaired,
             lora=self.cfg.model.lora,
         )
+
+    def _build_reference(self):
+        mode, why = self._reference_mode()
         self.reference_mode = mode
         self.log_line(f"reference: {mode} — {why}")
-        self._check_offload(mode)
         if mode == "none":
             return None
         if mode in ("frozen", "lora") and self.sharding.enabled:
@@ -84,24 +98,17 @@ class Trainer(BaseTrainer):
         with self.sharding.gathered():  # each process its share of the batches
             return CachedReference(self._precompute())
 
-    def _check_offload(self, mode: str) -> None:
-        """`reference_offload` refused where it has no frozen copy to offload (one line)."""
-        sharding = self.sharding.name if self.sharding.enabled else None
-        check_offload(self.cfg.train.reference_offload, mode, sharding)
-
     def _model_reference(self, mode: str) -> ModelReference:
         """The frozen copy or LoRA's adapter-off base, held by this process; with
-        `reference_offload=disk` the copy's layers in a folder under the run directory."""
-        disk = self.cfg.train.reference_offload == "disk"
-        ref = ModelReference(
-            self.policy, mode, self.cfg.train.chunk_size, self.run_dir if disk else None
-        )
-        if disk:
+        `reference_offload=disk` the copy's layers in a folder of the run directory's."""
+        folder = None
+        if self.cfg.train.reference_offload == "disk":
+            folder = self.run_dir / f".reference_offload-{self.acc.process_index}"
             self.log_line(
-                f"reference_offload: the reference's decoder layers in {ref.model.offload_folder}"
-                ", read back for each of its forwards (removed when the run ends)"
+                f"reference_offload: the reference's decoder layers in {folder}, read back for "
+                "each of its forwards (removed when the run ends; replaced on resume)"
             )
-        return ref
+        return ModelReference(self.policy, mode, self.cfg.train.chunk_size, folder)
 
     def _sharded_reference(self, mode: str, gathered_only: bool) -> ModelReference:
         """The reference under FSDP2 or DeepSpeed: sharded too, never whole per process where
