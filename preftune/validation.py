@@ -107,7 +107,7 @@ def _value_checks(cfg) -> list[tuple[bool, str]]:
         ),
         (
             t.reference_offload in OFFLOAD_MODES,
-            f"reference_offload must be none or disk, got {t.reference_offload!r}",
+            f"reference_offload must be {' or '.join(OFFLOAD_MODES)}, got {t.reference_offload!r}",
         ),
         (
             t.bf16 in ("auto", True, False),
@@ -215,15 +215,15 @@ def check_reference_offload(offload: str, mode: str, why: str, engine: str | Non
     the trainer once `reference=auto` is resolved, before the model loads."""
     if offload == "none":
         return
-    if engine is not None:
-        raise ConfigError(
-            f"reference_offload={offload} under {engine}: the engine shards the reference "
-            "itself (use its own offload settings); set reference_offload=none"
-        )
     if mode in NO_COPY:
         raise ConfigError(
             f"reference_offload={offload}, but {NO_COPY[mode]} ({why}): nothing to offload; "
             "drop reference_offload"
+        )
+    if engine is not None:
+        raise ConfigError(
+            f"reference_offload={offload} under {engine}: the engine shards the reference "
+            "itself (use its own offload settings); set reference_offload=none"
         )
 
 

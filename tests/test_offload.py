@@ -18,10 +18,12 @@ from transformers import AutoModelForCausalLM
 
 from preftune.api import train, train_online
 from preftune.cli import main
+from preftune.errors import ConfigError
 from preftune.logps import hidden_at_targets, sequence_logps
 from preftune.train import offload
 from preftune.train import reference as reference_module
 from preftune.train.offload import named_blocks, offloaded_copy
+from preftune.validation import check_reference_offload
 from preftune.varlen_layout import build_varlen_batch
 
 
@@ -53,11 +55,8 @@ def resident_bytes(model: torch.nn.Module) -> int:
 def test_offloaded_copy_scores_as_the_resident_copy_and_holds_no_layer(tmp_path):
     policy = _model(attn="sdpa").float().train()
     frozen = copy.deepcopy(policy).eval().requires_grad_(False)
-    folder = tmp_path / ".reference_offload-0"
-    folder.mkdir()
-    (folder / "stale.dat").write_bytes(b"a killed run's file")  # replaced, not mixed in
+    folder = tmp_path / ".reference_offload-0-test"
     ref = offloaded_copy(policy, folder)
-    assert not (folder / "stale.dat").exists()
     layers = sum(p.numel() * 4 for _, b in named_blocks(policy) for p in b.parameters())
     assert resident_bytes(ref) == resident_bytes(frozen) - layers > 0
     batch = build_varlen_batch(PROMPTS, PAIRS)
@@ -94,7 +93,8 @@ def _same_runs(a, b, keys, copies):
         _final(a.run_dir).named_parameters(), _final(b.run_dir).named_parameters()
     ):
         assert torch.equal(x, y), n
-    assert copies == [b.run_dir / ".reference_offload-0"]  # the run with it, and only that one
+    assert len(copies) == 1 and copies[0].parent == b.run_dir  # the run with it, only that one
+    assert copies[0].name.startswith(".reference_offload-0-")
     assert not copies[0].exists()  # removed when the run ended
 
 
@@ -161,3 +161,43 @@ def test_reference_offload_refused_where_no_frozen_copy_is_held(tmp_path, tiny_d
     assert "log-probs are computed before training" in err[4] and "reference=auto" in err[4]
     assert "the LoRA model with its adapter off" in err[5]
     assert "loads no reference model" in err[6]
+
+
+def test_no_room_or_a_failed_write_is_one_line_and_leaves_nothing(
+    tiny_dir, tmp_path, monkeypatch, capsys
+):
+    """Free space is checked before writing (a memory-mapped write on a full disk would end the
+    process with SIGBUS); a write that fails anyway removes its folder; either way one line,
+    exit 2, and the run directory released."""
+    args = tiny_run_args(
+        tiny_dir, tmp_path, "x", loss="tdpo2", reference="frozen", reference_offload="disk"
+    )
+    cmd = ["train", *[f"{k}={v}" for k, v in args.items()]]
+    monkeypatch.setattr(offload, "_free_bytes", lambda path: 1 << 20)
+    assert main(cmd) == 2
+    monkeypatch.undo()
+
+    def full(index, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(offload, "save_offload_index", full)
+    assert main(cmd) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(
+        e.startswith("preftune: error: reference_offload=disk") for e in err
+    )
+    assert "need" in err[0] and "MiB free" in err[0]
+    assert "No space left on device" in err[1]
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_killed_runs_copies_are_swept_and_the_engine_refusal(tmp_path):
+    for name in (".reference_offload-0-dead", ".reference_offload-1-dead"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.dat").write_bytes(b"left by a killed run")
+    (tmp_path / "checkpoints").mkdir()
+    offload.sweep(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoints"]
+    with pytest.raises(ConfigError, match="reference_offload=disk under FSDP2: the engine shards"):
+        check_reference_offload("disk", "frozen", "reference=frozen", "FSDP2")
+    check_reference_offload("none", "precompute", "reference=auto", "FSDP2")  # nothing asked

@@ -156,7 +156,8 @@ class BaseTrainer:
         self.step = 0
 
     def _check_engine(self) -> None:
-        """What a trainer refuses under the launch's engine, before the model and data load."""
+        """What a trainer refuses under the launch's engine or its settings, before the model
+        and data load (inside the run directory's claim: a refusal releases it)."""
 
     def _setup_step(self, cfg: Config) -> None:
         """Optimizer, schedule, the prepared engine module and the step engine."""

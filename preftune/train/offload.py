@@ -14,10 +14,12 @@ folder from the policy's own tensors, before the first step changes them. Log-pr
 resident copy's exactly (tests/test_offload.py): the same weights, the same code, the same
 order of operations.
 
-The folder is the run directory's `.reference_offload-<process index>`: each process of a DDP
-run writes its own copy (the disk it needs: the layers' bytes, once per process), removed when
-the copy is garbage-collected or the process exits; a killed run leaves it, and the same run
-resumed replaces it (the initial weights again: the copy is made before a checkpoint loads).
+The folder is the run directory's `.reference_offload-<process index>-<token>`: each process of
+a DDP run writes its own copy (the disk it needs: the layers' bytes, once per process; free
+space is checked first), removed when the copy is garbage-collected or the process exits; a
+killed run leaves it, and when the run directory is next used (resumed) the main process
+sweeps such leftovers before any copy is written (`sweep`). A resumed run's copy is the
+initial weights again: it is made before a checkpoint loads.
 
 Only the reference's scoring reads it this way. Sampling from the reference (RSO's proposal,
 IPO-MD's mixture) would read every layer once per generated token, so those methods refuse it,
@@ -33,10 +35,13 @@ from pathlib import Path
 
 import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset, offload_state_dict
+from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+from accelerate.utils.offload import save_offload_index
 
 from preftune.compiling import decoder_blocks
 from preftune.errors import UserError
+
+PREFIX = ".reference_offload-"  # + process index and a token of the copy's own
 
 
 def named_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -46,8 +51,8 @@ def named_blocks(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 def offloaded_copy(policy: torch.nn.Module, folder: Path) -> torch.nn.Module:
-    """A frozen copy of `policy` whose decoder layers live in `folder` (replaced if it exists,
-    removed when the copy is garbage-collected or the process exits)."""
+    """A frozen copy of `policy` whose decoder layers live in `folder` (a new folder of this
+    copy's own, removed when the copy is garbage-collected or the process exits)."""
     blocks = named_blocks(policy)
     if not blocks:
         raise UserError(
@@ -77,17 +82,49 @@ def offloaded_copy(policy: torch.nn.Module, folder: Path) -> torch.nn.Module:
 
 
 def _write(folder: Path, values: dict[str, torch.Tensor]) -> None:
-    """The layers' tensors into `folder` (accelerate's format: one raw file per tensor and an
-    index, nothing that executes on load); a failed write leaves no partial folder."""
-    shutil.rmtree(folder, ignore_errors=True)  # a killed run's copy, replaced
+    """The layers' tensors into `folder`, in accelerate's offload format (one raw file per
+    tensor, bf16 as int16, and index.json: nothing that executes on load). Written with plain
+    file writes, not accelerate's `offload_weight`: its memory-mapped writes make sparse files,
+    which on a full disk end the process with SIGBUS instead of an error. The free space is
+    checked first; a failed write leaves no partial folder."""
+    need = sum(v.numel() * v.element_size() for v in values.values())
+    free = _free_bytes(folder.parent)
+    if free < need + (64 << 20):
+        raise UserError(
+            f"reference_offload=disk: the reference's layers need {_size(need)} in {folder.parent}"
+            f", which has {_size(free)} free; make room there, or set reference_offload=none"
+        )
+    index = {}
     try:
-        folder.mkdir(parents=True)
-        offload_state_dict(str(folder), values)
+        folder.mkdir()
+        for name, value in values.items():
+            array, dtype = value, str(value.dtype).removeprefix("torch.")
+            if value.dtype == torch.bfloat16:  # numpy has no bfloat16
+                array = value.view(torch.int16)
+            array = array.contiguous().numpy()
+            index[name] = {"dtype": dtype, "shape": list(value.shape)}
+            with open(folder / f"{name}.dat", "wb") as f:
+                array.reshape(-1).tofile(f)
+        save_offload_index(index, str(folder))
     except OSError as e:
         shutil.rmtree(folder, ignore_errors=True)
-        gib = sum(v.numel() * v.element_size() for v in values.values()) / 2**30
         raise UserError(
-            f"reference_offload=disk: could not write the reference's layers ({gib:.2f} GiB) to "
-            f"{folder}: {e.strerror or e}; free that much space there, or set "
+            f"reference_offload=disk: could not write the reference's layers ({_size(need)}) to "
+            f"{folder}: {e.strerror or e}; make room or fix that folder, or set "
             "reference_offload=none"
         ) from None
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def sweep(run_dir: Path) -> None:
+    """Remove the reference copies an earlier, killed process left in `run_dir` (the main
+    process, before any process writes its own)."""
+    for old in run_dir.glob(f"{PREFIX}*"):
+        shutil.rmtree(old, ignore_errors=True)

@@ -66,11 +66,6 @@ class OnlineTrainer(Trainer):
         if isinstance(judge, RewardModelJudge):
             judge.model.to(self.acc.device)
         self.judge = judge
-        if self.acc.num_processes > 1 and cfg.loss.beta_calibration:
-            raise ConfigError(
-                "beta_calibration in an online run needs one process: the number of pairs per "
-                "process changes every step, and the calibration gathers equal-sized batches"
-            )
         o = cfg.online
         self.sampling = SamplingConfig(
             temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, max_new_tokens=o.max_new_tokens
@@ -96,10 +91,15 @@ class OnlineTrainer(Trainer):
         return Datasets(ps.prompts, evald, problems, arithmetic.verify if task else None, ps.notes)
 
     def _check_engine(self) -> None:
-        """Under FSDP2 and DeepSpeed an online run reads its reference only in gathered phases
+        """beta_calibration needs one process. Under FSDP2 and DeepSpeed an online run reads its reference only in gathered phases
         (generation, the step's reference log-probs): a pairwise loss that reads the
         reference's distributions beside each policy forward (TDPO) is refused there."""
         super()._check_engine()
+        if self.acc.num_processes > 1 and self.cfg.loss.beta_calibration:
+            raise ConfigError(
+                "beta_calibration in an online run needs one process: the number of pairs per "
+                "process changes every step, and the calibration gathers equal-sized batches"
+            )
         if self.sharding.enabled and self.pairwise and self.spec.needs_seq_kl:
             raise TrainingError(
                 f"{self.method} with loss={self.cfg.loss.loss} reads the reference's "

@@ -10,6 +10,7 @@ examples, and metrics are gathered before they are averaged (train/base.py).
 from __future__ import annotations
 
 import functools
+import uuid
 
 import torch
 from accelerate.utils import broadcast_object_list
@@ -29,6 +30,7 @@ from preftune.logprob.plan import LayoutSettings, layout_settings
 from preftune.logps import sequence_logps, sequence_logps_and_kl
 from preftune.losses import PreferenceLogps, UnpairedLogps, compute
 from preftune.models import cache_dir, load_causal_lm
+from preftune.train import offload
 from preftune.train.base import BaseTrainer
 from preftune.train.batches import (
     example_lengths,
@@ -58,11 +60,15 @@ class Trainer(BaseTrainer):
         """BaseTrainer's setup, then the reference (inside the run directory's claim: a
         reference that cannot be built releases it)."""
         super()._setup(cfg)
+        if self.acc.is_main_process:  # reference copies a killed run left
+            offload.sweep(self.run_dir)
+        self.acc.wait_for_everyone()
         self.reference = self._build_reference()
 
     def _check_engine(self) -> None:
-        """The reference's mode settled before the model loads, and `reference_offload` checked
-        against it and the engine."""
+        """Also the reference's mode, settled before the model loads, and `reference_offload`
+        checked against it and the engine."""
+        super()._check_engine()
         mode, why = self._reference_mode()
         asked = self.cfg.train.reference
         where = f"reference={asked}" + ("" if asked == mode else f" chose {mode}: {why}")
@@ -103,10 +109,11 @@ class Trainer(BaseTrainer):
         `reference_offload=disk` the copy's layers in a folder of the run directory's."""
         folder = None
         if self.cfg.train.reference_offload == "disk":
-            folder = self.run_dir / f".reference_offload-{self.acc.process_index}"
+            token = uuid.uuid4().hex[:8]
+            folder = self.run_dir / f"{offload.PREFIX}{self.acc.process_index}-{token}"
             self.log_line(
                 f"reference_offload: the reference's decoder layers in {folder}, read back for "
-                "each of its forwards (removed when the run ends; replaced on resume)"
+                "each of its forwards (removed when the run ends)"
             )
         return ModelReference(self.policy, mode, self.cfg.train.chunk_size, folder)
 
