@@ -91,9 +91,10 @@ class OnlineTrainer(Trainer):
         return Datasets(ps.prompts, evald, problems, arithmetic.verify if task else None, ps.notes)
 
     def _check_engine(self) -> None:
-        """beta_calibration needs one process. Under FSDP2 and DeepSpeed an online run reads its reference only in gathered phases
-        (generation, the step's reference log-probs): a pairwise loss that reads the
-        reference's distributions beside each policy forward (TDPO) is refused there."""
+        """beta_calibration needs one process. Under FSDP2 and DeepSpeed an online run reads
+        its reference only in gathered phases (generation, the step's reference log-probs): a
+        pairwise loss that reads the reference's distributions beside each policy forward
+        (TDPO) is refused there."""
         super()._check_engine()
         if self.acc.num_processes > 1 and self.cfg.loss.beta_calibration:
             raise ConfigError(

@@ -60,7 +60,7 @@ class Trainer(BaseTrainer):
         """BaseTrainer's setup, then the reference (inside the run directory's claim: a
         reference that cannot be built releases it)."""
         super()._setup(cfg)
-        if self.acc.is_main_process:  # reference copies a killed run left
+        if self.acc.is_local_main_process:  # reference copies a killed run left on this node
             offload.sweep(self.run_dir)
         self.acc.wait_for_everyone()
         self.reference = self._build_reference()
