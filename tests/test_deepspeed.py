@@ -99,7 +99,7 @@ def zero_runs(tiny_dir, tmp_path_factory):
         todo.append({"kind": "train", "env": env, "args": _args(tiny_dir, out, f"z{stage}-full", **RESUMED)})  # fmt: skip
         run = subprocess.run(_launch(out, f"zero{stage}", todo), env=DS_ENV, capture_output=True,
                              text=True, timeout=600)  # fmt: skip
-        assert run.returncode == 0, run.stderr[-4000:]
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-12000:]
         (out / f"zero{stage}.log").write_text(run.stdout + run.stderr)
     return out
 
@@ -217,7 +217,7 @@ def zero_resumed(zero_runs, tiny_dir):
     resume.append({"kind": "train", "env": zero_env(3), "args": other_stage})
     done = subprocess.run(_launch(out, "resume", resume), env=DS_ENV, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-12000:]
     return out
 
 

@@ -144,7 +144,7 @@ def two_processes(tiny_dir, tmp_path_factory):
     jobs.append({**nan, "nan_on_rank": 1, "nan_from_call": 2})
     proc = subprocess.run(_launch(out, "jobs", jobs), env=ENV, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-12000:]
     return out
 
 
@@ -153,6 +153,9 @@ ENV = {
     **os.environ,
     "OMP_NUM_THREADS": "1",
     "ACCELERATE_USE_CPU": "true",
+    # a process that aborts (SIGABRT, SIGSEGV) prints every thread's Python stack to stderr,
+    # which the failing test shows: where it died, not only that it did
+    "PYTHONFAULTHANDLER": "1",
     "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
 }
 RESUMED = {"max_steps": 5, "save_every": 1, "num_train": 40}
@@ -251,7 +254,7 @@ def test_two_processes_killed_and_resumed_equal_uninterrupted(two_processes, tin
     resume = [{"kind": "train", "env": env, "args": {"resume": str(out / name)}}]
     done = subprocess.run(_launch(out, f"{name}-resume", resume), env=ENV, capture_output=True,
                           text=True, timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-12000:]
     a = load_file(out / full / "final" / "model.safetensors")
     b = load_file(out / name / "final" / "model.safetensors")
     for n in a:

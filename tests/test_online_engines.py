@@ -74,7 +74,7 @@ def _job(tiny_dir, out, run_name: str, env: dict, **extra) -> dict:
 def _run(out, name: str, jobs: list, env: dict) -> None:
     done = subprocess.run(_launch(out, name, jobs), env=env, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-12000:]
 
 
 @pytest.fixture(scope="module")
