@@ -227,6 +227,21 @@ def check_reference_offload(offload: str, mode: str, why: str, engine: str | Non
         )
 
 
+def check_reward_keys(cfg) -> None:
+    """`preftune reward` trains a scoring model against no reference: refuse the reference keys
+    rather than ignore them."""
+    t = cfg.train
+    for key, value, default in (
+        ("reference", t.reference, "auto"),
+        ("reference_offload", t.reference_offload, "none"),
+    ):
+        if value != default:
+            raise ConfigError(
+                f"{key}={value} with `preftune reward`: a reward model is trained against no "
+                f"reference; drop {key}"
+            )
+
+
 def set_online_keys(cfg) -> dict:
     """The online keys whose value differs from the default."""
     return {

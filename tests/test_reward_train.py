@@ -80,6 +80,20 @@ def test_cli_reward_writes_metrics_and_a_loadable_reward_model(tiny_dir, tmp_pat
     assert judge.score([prompt, prompt], answers) == pytest.approx(mine.tolist(), abs=1e-5)
 
 
+def test_reference_keys_refused_by_reward_in_one_line(tiny_dir, tmp_path, capsys):
+    """A reward model has no reference: `reference=` and `reference_offload=` are refused, not
+    ignored, before the model loads (no run directory)."""
+    for key, value in (("reference", "frozen"), ("reference_offload", "disk")):
+        args = reward_args(tiny_dir, tmp_path, **{key: value})
+        assert main(["reward", *[f"{k}={v}" for k, v in args.items()]]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == [
+            f"preftune: error: {key}={value} with `preftune reward`: a reward model is trained "
+            f"against no reference; drop {key}"
+        ]
+    assert not any(tmp_path.iterdir())
+
+
 def test_reward_is_read_at_the_last_real_token_with_pad_equal_to_eos(tiny_dir):
     model = load_reward_model(str(tiny_dir), pad_token_id=7).eval()
     eos = 7  # pad == eos: a completion ends with the pad id, which must still be scored

@@ -33,6 +33,7 @@ from preftune.train.trainer import Trainer
 from preftune.validation import (
     ONLINE_METHOD_NAMES,
     POLICY_GRADIENT_METHODS,
+    check_reward_keys,
     check_unused_online_keys,
     validate_online,
 )
@@ -75,6 +76,7 @@ def train_reward(config=None, overrides=None) -> TrainResult:
     final metrics."""
     cfg = resolve(config, overrides)
     check_unused_online_keys(cfg, None)
+    check_reward_keys(cfg)
     trainer = RewardTrainer(cfg)
     return _relabel(trainer, run(trainer), "reward", "bradley_terry")
 
